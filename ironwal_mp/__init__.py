@@ -1,0 +1,22 @@
+"""ironwal_mp: a durable, deterministic write-ahead log for Python, on ironwal 0.6's format.
+
+``Wal`` is the single-process multi-stream engine. See README.md and docs/ for the rest.
+"""
+
+from .engine.wal import TxnWriter, Wal
+from .errors import *  # noqa: F401,F403  (every error type is public)
+from .errors import __all__ as _error_names
+from .options import CompressionType, CorruptionPolicy, ReadStrategy, SyncMode, WalOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Wal",
+    "TxnWriter",
+    "WalOptions",
+    "SyncMode",
+    "CompressionType",
+    "ReadStrategy",
+    "CorruptionPolicy",
+    *_error_names,
+]

@@ -1,0 +1,197 @@
+"""Names and small index files of a stream directory (see docs/FORMAT.md, "Stream directory").
+
+Segment files are ``%020d.wal`` (the id of the segment's first entry). ``segments.idx`` lists the
+segment start ids as u64s; ``head.state`` names the active segment. Both are hints that make
+opening fast: the segment files themselves are the truth, and recovery rebuilds the hints from
+them when they disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from array import array
+from typing import List, Optional, Sequence
+
+from ..errors import InvalidStreamNameError
+
+SEGMENT_SUFFIX = ".wal"
+SEGMENT_NAME_LEN = 24
+SEGMENTS_IDX = "segments.idx"
+HEAD_STATE = "head.state"
+HEAD_STATE_VERSION = 1
+BROKEN_SUFFIX = ".broken"
+
+_SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
+_STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+MAX_STREAM_NAME = 200
+_RESERVED_NAMES = {SEGMENTS_IDX, HEAD_STATE}
+
+
+def segment_name(start_id: int) -> str:
+    return f"{start_id:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> Optional[int]:
+    match = _SEGMENT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def check_stream_name(name: object) -> str:
+    """Return ``name`` if it is safe, unchanged, as a single directory name; else raise."""
+    if not isinstance(name, str):
+        raise TypeError(f"stream name must be str, not {type(name).__name__}")
+    if not name:
+        reason = "empty"
+    elif len(name) > MAX_STREAM_NAME:
+        reason = f"longer than {MAX_STREAM_NAME} characters"
+    elif name in (".", ".."):
+        reason = "a relative directory reference"
+    elif "/" in name or "\\" in name or os.sep in name:
+        reason = "contains a path separator"
+    elif "\x00" in name:
+        reason = "contains NUL"
+    elif name.startswith("."):
+        reason = "starts with '.'"
+    elif not _STREAM_NAME_RE.match(name):
+        reason = "only ASCII letters, digits, '_', '-' and '.' are allowed"
+    elif name in _RESERVED_NAMES:
+        reason = "reserved file name"
+    else:
+        return name
+    raise InvalidStreamNameError(name, reason)
+
+
+def is_stream_name(name: str) -> bool:
+    try:
+        check_stream_name(name)
+    except (InvalidStreamNameError, TypeError):
+        return False
+    return True
+
+
+# --- durable small-file helpers ------------------------------------------------------------------
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, directory fsync."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# --- segments.idx --------------------------------------------------------------------------------
+
+
+def encode_segments_idx(starts: Sequence[int]) -> bytes:
+    return array("Q", starts).tobytes() if _LITTLE else struct.pack(f"<{len(starts)}Q", *starts)
+
+
+def decode_segments_idx(data: bytes) -> Optional[List[int]]:
+    """Start ids, or None when the file is not a valid ascending u64 array."""
+    if len(data) % 8:
+        return None
+    starts = list(struct.unpack(f"<{len(data) // 8}Q", data))
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        return None
+    return starts
+
+
+def read_segments_idx(stream_dir: str) -> Optional[List[int]]:
+    try:
+        with open(os.path.join(stream_dir, SEGMENTS_IDX), "rb") as fh:
+            return decode_segments_idx(fh.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_segments_idx(stream_dir: str, starts: Sequence[int]) -> None:
+    write_file_atomic(os.path.join(stream_dir, SEGMENTS_IDX), encode_segments_idx(starts))
+
+
+def append_segments_idx(stream_dir: str, start: int) -> None:
+    """Add one start id at the end (rotation), then fsync the file."""
+    fd = os.open(os.path.join(stream_dir, SEGMENTS_IDX), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        write_all(fd, struct.pack("<Q", start))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- head.state ----------------------------------------------------------------------------------
+
+
+def encode_head_state(active_start: int) -> bytes:
+    name = segment_name(active_start).encode("ascii")
+    return bytes([HEAD_STATE_VERSION, len(name)]) + name
+
+
+def decode_head_state(data: bytes) -> Optional[int]:
+    """The active segment's start id, or None when the file is not valid."""
+    if len(data) < 2 or data[0] != HEAD_STATE_VERSION or len(data) != 2 + data[1]:
+        return None
+    try:
+        return parse_segment_name(data[2:].decode("ascii"))
+    except UnicodeDecodeError:
+        return None
+
+
+def read_head_state(stream_dir: str) -> Optional[int]:
+    try:
+        with open(os.path.join(stream_dir, HEAD_STATE), "rb") as fh:
+            return decode_head_state(fh.read())
+    except FileNotFoundError:
+        return None
+
+
+def write_head_state(stream_dir: str, active_start: int) -> None:
+    write_file_atomic(os.path.join(stream_dir, HEAD_STATE), encode_head_state(active_start))
+
+
+def list_segments(stream_dir: str) -> List[int]:
+    """Start ids of the segment files present, ascending."""
+    starts = []
+    for name in os.listdir(stream_dir):
+        start = parse_segment_name(name)
+        if start is not None:
+            starts.append(start)
+    starts.sort()
+    return starts
+
+
+def side_file_path(path: str) -> str:
+    """A fresh ``<path>.broken`` (numbered if one exists) to keep bytes recovery cut off."""
+    candidate = path + BROKEN_SUFFIX
+    n = 1
+    while os.path.exists(candidate):
+        candidate = f"{path}{BROKEN_SUFFIX}.{n}"
+        n += 1
+    return candidate
+
+
+_LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1) and array("Q").itemsize == 8

@@ -1,0 +1,194 @@
+"""Reading entries back from a stream's segment files (``get`` and ``iter``).
+
+A reader works on a :class:`StreamView`: an immutable snapshot of where the stream's data ends,
+taken under the stream's lock by the writer (or computed by a read-only opener). Reads never go
+past the view, so a frame being written concurrently is never seen half-written. Reads do not
+hold the stream's lock, so they never stall appends.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from ..errors import CorruptionError, CrcMismatchError
+from ..options import ReadStrategy
+from . import layout
+from .caches import LruCache
+from .fdcache import FdCache
+from .frame import FrameError, FrameHeader, decode_entries, check_payload, raw_payload
+from .scanner import ReadFn, ScanError, scan_frames
+from .sparse_index import SparseIndex
+
+
+class StreamView(NamedTuple):
+    segments: Tuple[int, ...]  # start ids, ascending; the last is the active one
+    active_size: int  # readable bytes of the active segment
+    next_id: int  # ids below this (and at or above segments[0]) are readable
+    active_index: SparseIndex
+
+    @property
+    def first_id(self) -> Optional[int]:
+        return self.segments[0] if self.segments else None
+
+
+class SegmentReader:
+    """Shared by all streams of a Wal: descriptor cache, index cache and block cache."""
+
+    def __init__(
+        self,
+        fdcache: FdCache,
+        *,
+        strategy: ReadStrategy = ReadStrategy.STANDARD_IO,
+        chunk: int = 128 * 1024,
+        block_cache_size: Optional[int] = None,
+        index_cache_segments: int = 1024,
+    ) -> None:
+        self.fdcache = fdcache
+        self.strategy = strategy
+        self.chunk = chunk
+        self.indexes: LruCache[tuple[SparseIndex, int]] = LruCache(index_cache_segments)
+        self.blocks: Optional[LruCache[tuple[List[bytes], int]]] = (
+            LruCache(block_cache_size, cost=lambda v: v[1] + 64) if block_cache_size else None
+        )
+
+    # --- low level --------------------------------------------------------------------------
+
+    def read_fn(self, path: str) -> ReadFn:
+        cache = self.fdcache
+        if self.strategy is ReadStrategy.MMAP:
+
+            def read(offset: int, size: int) -> bytes:
+                entry = cache.acquire(path)
+                try:
+                    return entry.mapping(offset + size)[offset : offset + size]
+                finally:
+                    cache.release(entry)
+
+        else:
+
+            def read(offset: int, size: int) -> bytes:
+                entry = cache.acquire(path)
+                try:
+                    return os.pread(entry.fd, size, offset)
+                finally:
+                    cache.release(entry)
+
+        return read
+
+    def file_size(self, path: str) -> int:
+        entry = self.fdcache.acquire(path)
+        try:
+            return os.fstat(entry.fd).st_size
+        finally:
+            self.fdcache.release(entry)
+
+    def sealed_index(self, path: str, start: int) -> tuple[SparseIndex, int]:
+        """(index, valid size) of a sealed segment, built once by a header-only scan."""
+        cached = self.indexes.get(path)
+        if cached is not None:
+            return cached
+        size = self.file_size(path)
+        index = SparseIndex()
+        valid = 0
+        try:
+            for offset, header, _ in scan_frames(
+                self.read_fn(path), 0, start, end=size, chunk=self.chunk, verify=False
+            ):
+                index.add(header.start_id, offset)
+                valid = offset + header.frame_size
+        except ScanError:
+            valid = size  # let a read that reaches the bad bytes report them precisely
+        result = (index, valid)
+        self.indexes.put(path, result)
+        return result
+
+    def forget(self, path: str) -> None:
+        self.fdcache.forget(path)
+        self.indexes.discard_where(lambda key: key == path)
+        if self.blocks is not None:
+            self.blocks.discard_where(lambda key: key[0] == path)  # type: ignore[index]
+
+    def decode(self, path: str, offset: int, header: FrameHeader, stored: bytes) -> List[bytes]:
+        """A frame's entries, CRC-checked; from the block cache when enabled."""
+        blocks = self.blocks
+        if blocks is not None:
+            hit = blocks.get((path, offset))
+            if hit is not None:
+                return hit[0]
+        try:
+            check_payload(header, stored)
+            entries = decode_entries(raw_payload(header, stored), header.count)
+        except FrameError as exc:
+            if exc.is_crc:
+                raise CrcMismatchError(path, offset, exc.crc_expected, exc.crc_actual) from None
+            raise CorruptionError(path, offset, exc.reason) from None
+        if blocks is not None:
+            blocks.put((path, offset), (entries, header.uncompressed_size))
+        return entries
+
+    # --- frames of one segment ------------------------------------------------------------
+
+    def _frames(
+        self, view: StreamView, stream_dir: str, pos: int, from_id: int
+    ) -> Iterator[tuple[int, FrameHeader, List[bytes]]]:
+        """Decoded frames of segment ``view.segments[pos]``, from the one holding ``from_id``."""
+        start = view.segments[pos]
+        path = os.path.join(stream_dir, layout.segment_name(start))
+        if pos == len(view.segments) - 1:
+            index, end = view.active_index, view.active_size
+        else:
+            index, end = self.sealed_index(path, start)
+        try:
+            first_id, offset = index.floor(from_id) if from_id > start else (start, 0)
+        except KeyError:
+            first_id, offset = start, 0
+        try:
+            for off, header, stored in scan_frames(
+                self.read_fn(path), offset, first_id, end=end, chunk=self.chunk, verify=False
+            ):
+                if header.start_id + header.count > from_id:
+                    yield off, header, self.decode(path, off, header, stored)
+        except ScanError as exc:
+            raise CorruptionError(path, exc.offset, exc.error.reason) from None
+
+    # --- public reads -----------------------------------------------------------------------
+
+    def get(self, view: StreamView, stream_dir: str, seq_id: int) -> Optional[bytes]:
+        segments = view.segments
+        if not segments or seq_id < segments[0] or seq_id >= view.next_id:
+            return None
+        pos = bisect_right(segments, seq_id) - 1
+        try:
+            for _, header, entries in self._frames(view, stream_dir, pos, seq_id):
+                return entries[seq_id - header.start_id]
+        except FileNotFoundError:
+            return None  # truncated away meanwhile
+        return None
+
+    def iter(self, view: StreamView, stream_dir: str, start_id: int) -> Iterator[bytes]:
+        """Entries from ``start_id`` (or the first kept id, if that is later) to the view's end."""
+        segments = view.segments
+        if not segments:
+            return
+        start_id = max(start_id, segments[0])
+        end_id = view.next_id
+        if start_id >= end_id:
+            return
+        pos = bisect_right(segments, start_id) - 1
+        for p in range(pos, len(segments)):
+            try:
+                for _, header, entries in self._frames(view, stream_dir, p, start_id):
+                    first = start_id - header.start_id if header.start_id < start_id else 0
+                    stop = min(header.count, end_id - header.start_id)
+                    for k in range(first, stop):
+                        yield entries[k]
+                    if header.start_id + header.count >= end_id:
+                        return
+            except FileNotFoundError:
+                continue  # this segment was truncated away; go on from the next kept one
+
+
+def view_of(segments: Sequence[int], active_size: int, next_id: int, index: SparseIndex) -> StreamView:
+    return StreamView(tuple(segments), active_size, next_id, index)

@@ -1,0 +1,133 @@
+"""Opening a stream: find its segments and active tail, and repair what a crash left behind.
+
+The segment files are the truth. ``segments.idx`` and ``head.state`` are rebuilt from them when
+they are missing, unreadable or disagree. Only the active (last) segment is scanned: sealed
+segments were fsynced before the stream rotated past them. A torn or corrupt tail of the
+active segment is cut at the last valid frame; the cut bytes are first copied to a
+``<segment>.broken`` side file and fsynced, so nothing is silently deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..errors import CorruptionError
+from ..options import CorruptionPolicy
+from . import layout
+from .scanner import ScanError, scan_frames
+from .sparse_index import SparseIndex
+
+
+@dataclass
+class RecoveryReport:
+    """What opening a stream found and changed (empty ``actions``: nothing to repair)."""
+
+    stream_dir: str
+    actions: List[str] = field(default_factory=list)
+    cut_offset: Optional[int] = None
+    cut_bytes: int = 0
+    cut_reason: Optional[str] = None
+    side_file: Optional[str] = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+@dataclass
+class StreamTail:
+    """The state a writer resumes from."""
+
+    segments: List[int]  # start ids, ascending; the last is the active segment
+    active_size: int  # valid bytes in the active segment
+    next_id: int
+    index: SparseIndex  # sparse index of the active segment
+    active_frames: int = 0
+
+
+def recover_stream(
+    stream_dir: str,
+    policy: CorruptionPolicy = CorruptionPolicy.TRUNCATE,
+    *,
+    repair: bool = True,
+    chunk: int = 128 * 1024,
+) -> tuple[StreamTail, RecoveryReport]:
+    """Work out where ``stream_dir`` ends, repairing it unless ``repair`` is False.
+
+    With ``repair=False`` nothing is written; the report says what repair would do. With
+    ``CorruptionPolicy.ERROR`` a bad tail raises :class:`CorruptionError` instead.
+    """
+    report = RecoveryReport(stream_dir)
+    segments = layout.list_segments(stream_dir)
+    if not segments:
+        if layout.read_segments_idx(stream_dir):
+            report.actions.append("segments.idx lists segments but no segment file exists")
+        return StreamTail([], 0, 0, SparseIndex()), report
+
+    if layout.read_segments_idx(stream_dir) != segments:
+        report.actions.append("rebuilt segments.idx from the segment files")
+        if repair:
+            layout.write_segments_idx(stream_dir, segments)
+    active = segments[-1]
+    head = layout.read_head_state(stream_dir)
+    head_ok = head == active or (head is None and len(segments) == 1)
+    if not head_ok:
+        report.actions.append("rebuilt head.state from the segment files")
+        if repair:
+            layout.write_head_state(stream_dir, active)
+
+    path = os.path.join(stream_dir, layout.segment_name(active))
+    index = SparseIndex()
+    next_id = active
+    valid_end = 0
+    frames = 0
+    fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            for offset, header, _ in scan_frames(
+                lambda off, n: os.pread(fd, n, off), 0, active, end=size, chunk=chunk
+            ):
+                index.add(header.start_id, offset)
+                next_id = header.start_id + header.count
+                valid_end = offset + header.frame_size
+                frames += 1
+        except ScanError as exc:
+            if policy is CorruptionPolicy.ERROR:
+                raise CorruptionError(path, exc.offset, exc.error.reason) from None
+            report.cut_offset = exc.offset
+            report.cut_bytes = size - exc.offset
+            report.cut_reason = exc.error.reason
+            report.actions.append(
+                f"cut {size - exc.offset} bytes from {layout.segment_name(active)} at offset "
+                f"{exc.offset} ({exc.error.reason})"
+            )
+            if repair:
+                report.side_file = _keep_aside(fd, path, exc.offset, size)
+                os.ftruncate(fd, exc.offset)
+        if repair:
+            os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
+    finally:
+        os.close(fd)
+    return StreamTail(segments, valid_end, next_id, index, frames), report
+
+
+def _keep_aside(fd: int, path: str, offset: int, size: int) -> str:
+    """Copy bytes [offset, size) of ``fd`` to a new side file, durably; return its path."""
+    side = layout.side_file_path(path)
+    out = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        pos = offset
+        while pos < size:
+            data = os.pread(fd, min(1 << 20, size - pos), pos)
+            if not data:
+                break
+            layout.write_all(out, data)
+            pos += len(data)
+        os.fsync(out)
+    finally:
+        os.close(out)
+    layout.fsync_dir(os.path.dirname(path))
+    return side

@@ -1,0 +1,86 @@
+"""Walks the frames of one segment file, reading it in chunks.
+
+Recovery, index building and reads all go through :func:`scan_frames`, so "what is a valid
+frame" is decided in one place: a parseable header, the expected start id (ids are contiguous),
+a complete payload and a matching CRC.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Tuple
+
+from .frame import HEADER_SIZE, FrameError, FrameHeader, check_payload, parse_header
+
+#: read(offset, size) -> up to ``size`` bytes at ``offset`` (fewer at end of file)
+ReadFn = Callable[[int, int], bytes]
+
+
+class ScanError(Exception):
+    """Scanning stopped at ``offset`` because the bytes there are not a valid next frame."""
+
+    def __init__(self, offset: int, error: FrameError) -> None:
+        super().__init__(f"offset {offset}: {error.reason}")
+        self.offset = offset
+        self.error = error
+
+
+def scan_frames(
+    read: ReadFn,
+    offset: int,
+    expected_start: Optional[int],
+    *,
+    end: int,
+    chunk: int = 128 * 1024,
+    verify: bool = True,
+) -> Iterator[Tuple[int, FrameHeader, bytes]]:
+    """Yield ``(offset, header, stored_payload)`` for each valid frame from ``offset``.
+
+    Stops quietly at ``end`` (the file size, or a bound a reader must not pass; knowing it keeps
+    a garbage length from causing a huge read). Raises :class:`ScanError` at the first
+    bytes that are not a valid frame: a partial header or payload counts as invalid, so a torn
+    tail is reported, not skipped. ``expected_start`` (if given) is the id the first frame must
+    start at; later frames must continue without gaps. ``verify=False`` skips the CRC (used to
+    index headers of sealed segments; reads check it).
+    """
+    buf = b""
+    buf_off = offset  # file offset of buf[0]
+    pos = offset
+    expected = expected_start
+
+    def fill(need: int) -> bool:
+        """Make buf cover [pos, pos+need); False when the data ends sooner."""
+        nonlocal buf, buf_off
+        if buf_off + len(buf) - pos >= need:
+            return True
+        want = min(max(need, chunk), end - pos)
+        buf = read(pos, want) if want > 0 else b""
+        buf_off = pos
+        return len(buf) >= need
+
+    while pos < end:
+        if not fill(HEADER_SIZE):
+            if buf_off == pos and not buf:
+                return  # clean end of data
+            raise ScanError(pos, FrameError("partial header"))
+        rel = pos - buf_off
+        try:
+            header = parse_header(buf, rel)
+        except FrameError as exc:
+            raise ScanError(pos, exc) from None
+        if expected is not None and header.start_id != expected:
+            raise ScanError(
+                pos, FrameError(f"frame starts at id {header.start_id}, expected {expected}")
+            )
+        size = HEADER_SIZE + header.disk_size
+        if not fill(size):
+            raise ScanError(pos, FrameError("truncated payload"))
+        rel = pos - buf_off
+        stored = buf[rel + HEADER_SIZE : rel + size]
+        if verify:
+            try:
+                check_payload(header, stored)
+            except FrameError as exc:
+                raise ScanError(pos, exc) from None
+        yield pos, header, stored
+        pos += size
+        expected = header.start_id + header.count

@@ -1,0 +1,239 @@
+"""One stream's writer: ids, frames, rotation, group commit and truncation.
+
+Everything that changes a stream happens under its own lock, so streams never wait on each
+other. Durability is separate from writing: a writer appends its frame under the lock, then
+(outside it) asks for its ids to become durable; whoever holds the sync lock fsyncs once for
+every frame written so far, so concurrent STRICT appenders share fsyncs (group commit).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Optional
+
+from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalIOError
+from ..options import CompressionType, WalOptions
+from . import layout
+from .frame import HEADER, MAGIC, MAX_PAYLOAD, choose_payload, frame_crc
+from .reader import SegmentReader, StreamView
+from .recovery import StreamTail
+from .sparse_index import SparseIndex
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class Stream:
+    """Writer state of one stream directory. Created by :class:`~ironwal_mp.Wal`."""
+
+    def __init__(
+        self, name: str, stream_dir: str, opts: WalOptions, reader: SegmentReader, tail: StreamTail
+    ) -> None:
+        self.name = name
+        self.dir = stream_dir
+        self.reader = reader
+        self.lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._segments = list(tail.segments)
+        self._active_size = tail.active_size
+        self._next_id = tail.next_id
+        self._index = tail.index
+        self._synced_id = tail.next_id  # recovery left the tail durable
+        self._failed: Optional[BaseException] = None
+        self._max_segment_size = opts.max_segment_size
+        self._max_entries = opts.max_entries_per_segment
+        self._compress = opts.compression is CompressionType.LZ4
+        self._min_compression = opts.min_compression_size
+        self._active_path = self._path(self._segments[-1]) if self._segments else ""
+        self.fsyncs = 0
+        self.frames_written = 0
+        self.bytes_written = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _path(self, start: int) -> str:
+        return os.path.join(self.dir, layout.segment_name(start))
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    @property
+    def durable_id(self) -> int:
+        """Ids below this are known to be on stable storage."""
+        return self._synced_id
+
+    @property
+    def active_start(self) -> Optional[int]:
+        return self._segments[-1] if self._segments else None
+
+    def view(self) -> StreamView:
+        with self.lock:
+            return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index)
+
+    def _check_writable(self) -> None:
+        if self._failed is not None:
+            raise StreamFailedError(
+                f"stream {self.name!r} failed earlier and refuses writes: {self._failed}"
+            )
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def append_payload(self, payload: bytes, count: int) -> int:
+        """Write ``count`` batch-encoded entries as one frame; return the first id.
+
+        The frame reaches the OS before this returns (a crash of this process loses nothing);
+        call :meth:`make_durable` for stable storage.
+        """
+        ftype, stored = choose_payload(payload, self._compress, self._min_compression)
+        disk_size = len(stored)
+        if disk_size > MAX_PAYLOAD:
+            raise RecordTooLargeError(disk_size, MAX_PAYLOAD, "batch")
+        with self.lock:
+            self._check_writable()
+            start = self._next_id
+            frame = (
+                HEADER.pack(
+                    MAGIC, frame_crc(start, count, ftype, stored), start, count, ftype,
+                    disk_size, len(payload),
+                )
+                + stored
+            )
+            size = self._active_size
+            if not self._segments:
+                self._create_first_segment(start)
+                size = 0
+            elif size and (
+                size + len(frame) > self._max_segment_size
+                or (self._max_entries is not None and start - self._segments[-1] + count > self._max_entries)
+            ):
+                self._rotate(start)
+                size = 0
+            self._write(frame, size)
+            self._index.add(start, size)
+            self._active_size = size + len(frame)
+            self._next_id = start + count
+            self.frames_written += 1
+            self.bytes_written += len(frame)
+            return start
+
+    def _write(self, frame: bytes, size: int) -> None:
+        cache = self.reader.fdcache
+        entry = cache.acquire(self._active_path, True)
+        try:
+            layout.write_all(entry.fd, frame)
+        except OSError as exc:
+            # roll back a partial frame so the file ends at a frame boundary again
+            try:
+                os.ftruncate(entry.fd, size)
+            except OSError as exc2:
+                self._failed = exc2
+            raise _io_error(exc, self._active_path, "append") from exc
+        finally:
+            cache.release(entry)
+
+    def _create_first_segment(self, start: int) -> None:
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            fd = os.open(self._path(start), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.close(fd)
+            layout.write_segments_idx(self.dir, [start])  # also fsyncs the directory
+            layout.fsync_dir(os.path.dirname(self.dir))
+        except OSError as exc:
+            raise _io_error(exc, self.dir, "create stream") from exc
+        self._segments = [start]
+        self._active_path = self._path(start)
+        self._index = SparseIndex()
+
+    def _rotate(self, start: int) -> None:
+        """Seal the active segment (durably) and start a new one at ``start``."""
+        cache = self.reader.fdcache
+        entry = cache.acquire(self._active_path, True)
+        try:
+            _fdatasync(entry.fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            self._failed = exc
+            raise _io_error(exc, self._active_path, "fsync") from exc
+        finally:
+            cache.release(entry)
+        path = self._path(start)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.close(fd)
+            layout.fsync_dir(self.dir)
+            layout.append_segments_idx(self.dir, start)
+            layout.write_head_state(self.dir, start)
+        except OSError as exc:
+            # the new (empty) segment may exist; recovery treats it as the active one
+            self._failed = exc
+            raise _io_error(exc, path, "rotate") from exc
+        if self._synced_id < start:
+            self._synced_id = start  # everything in the sealed segment is now durable
+        self._segments.append(start)
+        self._active_path = path
+        self._active_size = 0
+        self._index = SparseIndex()
+
+    def make_durable(self, upto_id: int) -> None:
+        """Return once every id below ``upto_id`` is on stable storage (shared fsync)."""
+        if self._synced_id >= upto_id:
+            return
+        with self._sync_lock:
+            if self._synced_id >= upto_id:
+                return  # another caller's fsync covered us
+            with self.lock:
+                self._check_writable()
+                target = self._next_id
+                path = self._active_path
+            if not path:
+                return
+            cache = self.reader.fdcache
+            entry = cache.acquire(path, True)
+            try:
+                _fdatasync(entry.fd)
+                self.fsyncs += 1
+            except OSError as exc:
+                self._failed = exc
+                raise _io_error(exc, path, "fsync") from exc
+            finally:
+                cache.release(entry)
+            if target > self._synced_id:
+                self._synced_id = target
+
+    # --- truncation -------------------------------------------------------------------------
+
+    def truncate(self, safe_id: int) -> int:
+        """Delete sealed segments whose ids are all below ``safe_id``; return how many."""
+        with self.lock:
+            doomed = []
+            for i in range(len(self._segments) - 1):
+                if self._segments[i + 1] <= safe_id:
+                    doomed.append(self._segments[i])
+                else:
+                    break
+            if not doomed:
+                return 0
+            for start in doomed:  # oldest first: a crash leaves a contiguous suffix
+                path = self._path(start)
+                self.reader.forget(path)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._segments = self._segments[len(doomed) :]
+            layout.fsync_dir(self.dir)
+            layout.write_segments_idx(self.dir, self._segments)
+            return len(doomed)
+
+    def forget_files(self) -> None:
+        for start in self._segments:
+            self.reader.forget(self._path(start))
+
+
+def _io_error(exc: OSError, path: str, action: str) -> WalIOError:
+    message = f"{action} failed on {path}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DiskFullError(f"{message} (the disk is full; nothing of this call was kept)", exc.errno, path)
+    return WalIOError(message, exc.errno, path)

@@ -1,0 +1,299 @@
+"""The public single-process engine: :class:`Wal` and :class:`TxnWriter`."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, Iterable, Iterator, List, Optional
+
+from ..errors import WalClosedError, WalError
+from ..options import SyncMode, WalOptions
+from . import layout
+from .fdcache import FdCache
+from .frame import encode_entries, LENGTH
+from .reader import SegmentReader, StreamView
+from .recovery import RecoveryReport, StreamTail, recover_stream
+from .rootlock import RootLock
+from .sparse_index import SparseIndex
+from .stream import Stream
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_EMPTY_VIEW = StreamView((), 0, 0, SparseIndex())
+
+
+def _check_data(data: object) -> bytes:
+    if type(data) is bytes:
+        return data  # type: ignore[return-value]
+    if isinstance(data, _BYTES_LIKE):
+        return bytes(data)  # type: ignore[arg-type]
+    raise TypeError(f"entry data must be bytes, not {type(data).__name__}")
+
+
+class Wal:
+    """A durable multi-stream write-ahead log in one directory.
+
+    Thread-safe. Each stream is a subdirectory of ``opts.root_path`` named exactly as the
+    stream. A stream is recovered (torn tail cut, index files rebuilt) the first time this
+    process uses it; :meth:`recover_all` does all of them at once.
+
+    ``lock=False`` skips ``<root>/LOCK``: only for a process that owns its streams by other
+    means (a shard worker under a coordinator that holds the lock).
+    """
+
+    def __init__(self, opts: WalOptions, *, lock: bool = True) -> None:
+        if not isinstance(opts, WalOptions):
+            raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
+        self.options = opts
+        self.root = os.path.abspath(os.fspath(opts.root_path))
+        os.makedirs(self.root, exist_ok=True)
+        self._lock = RootLock(self.root).acquire() if lock else None
+        self._fdcache = FdCache(opts.max_open_segments)
+        self._reader = SegmentReader(
+            self._fdcache,
+            strategy=opts.read_strategy,
+            chunk=opts.read_buffer_size,
+            block_cache_size=opts.block_cache_size,
+        )
+        self._streams: Dict[str, Stream] = {}
+        self._open_lock = threading.Lock()  # guards _streams membership only
+        self._stream_locks: Dict[str, threading.Lock] = {}
+        self._closed = False
+        self._sync_single = opts.sync_mode is SyncMode.STRICT
+        self._sync_batch = opts.sync_mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
+        #: what recovery found and changed, per stream opened by this handle
+        self.recovery_reports: List[RecoveryReport] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> "Wal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Make everything durable, close files and release the directory. Idempotent."""
+        with self._open_lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams = list(self._streams.values())
+        try:
+            for stream in streams:
+                try:
+                    stream.make_durable(stream.next_id)
+                except WalError:
+                    pass  # a failed stream already reported its error to its writers
+        finally:
+            self._fdcache.close_all()
+            if self._lock is not None:
+                self._lock.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WalClosedError("the Wal is closed")
+
+    # --- streams --------------------------------------------------------------------------
+
+    def _stream(self, name: str, create: bool) -> Optional[Stream]:
+        stream = self._streams.get(name)
+        if stream is not None:
+            if self._closed:
+                raise WalClosedError("the Wal is closed")
+            return stream
+        self._check_open()
+        layout.check_stream_name(name)
+        with self._open_lock:
+            per_name = self._stream_locks.setdefault(name, threading.Lock())
+        with per_name:  # recover one stream without holding up the others
+            stream = self._streams.get(name)
+            if stream is not None:
+                return stream
+            stream_dir = os.path.join(self.root, name)
+            if not os.path.isdir(stream_dir):
+                if not create:
+                    return None
+                tail = StreamTail([], 0, 0, SparseIndex())
+            else:
+                tail, report = recover_stream(
+                    stream_dir, self.options.on_corruption, chunk=self.options.read_buffer_size
+                )
+                if report.changed:
+                    self.recovery_reports.append(report)
+            stream = Stream(name, stream_dir, self.options, self._reader, tail)
+            with self._open_lock:
+                self._check_open()
+                self._streams[name] = stream
+            return stream
+
+    def streams(self) -> List[str]:
+        """Names of the streams in the directory (written by this or an earlier process)."""
+        self._check_open()
+        names = set(self._streams)
+        for entry in os.scandir(self.root):
+            if entry.is_dir() and layout.is_stream_name(entry.name):
+                names.add(entry.name)
+        return sorted(names)
+
+    def recover_all(self) -> List[RecoveryReport]:
+        """Open (and so recover) every stream now; return the reports of those that changed."""
+        before = len(self.recovery_reports)
+        for name in self.streams():
+            self._stream(name, create=False)
+        return self.recovery_reports[before:]
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def append(self, stream: str, data: bytes) -> int:
+        """Append one entry; return its id (ids start at 0 per stream and are contiguous)."""
+        if type(data) is not bytes:
+            data = _check_data(data)
+        s = self._streams.get(stream) or self._stream(stream, True)
+        if self._closed:
+            raise WalClosedError("the Wal is closed")
+        seq = s.append_payload(LENGTH.pack(len(data)) + data, 1)  # type: ignore[union-attr]
+        if self._sync_single:
+            s.make_durable(seq + 1)  # type: ignore[union-attr]
+        return seq
+
+    def append_batch(self, stream: str, entries: Iterable[bytes]) -> range:
+        """Append entries atomically, as one frame: after a crash all of them or none survive."""
+        items = [_check_data(e) for e in entries]
+        s = self._stream(stream, True)
+        assert s is not None
+        if not items:
+            return range(s.next_id, s.next_id)
+        start = s.append_payload(encode_entries(items), len(items))
+        if self._sync_batch:
+            s.make_durable(start + len(items))
+        return range(start, start + len(items))
+
+    def writer(self, stream: str) -> "TxnWriter":
+        """A transaction: entries added to it are appended as one batch on commit."""
+        self._check_open()
+        layout.check_stream_name(stream)
+        return TxnWriter(self, stream)
+
+    def sync(self, stream: Optional[str] = None) -> None:
+        """Fsync one stream, or every stream this handle wrote, now (for ASYNC users)."""
+        self._check_open()
+        targets = [self._streams[stream]] if stream in self._streams else (
+            [] if stream is not None else list(self._streams.values())
+        )
+        for s in targets:
+            s.make_durable(s.next_id)
+
+    def truncate(self, stream: str, safe_id: int) -> int:
+        """Delete whole segments whose ids are all below ``safe_id`` (never the active one)."""
+        _check_id(safe_id, "safe_id")
+        s = self._stream(stream, False)
+        return 0 if s is None else s.truncate(safe_id)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _view(self, stream: str) -> tuple[StreamView, str]:
+        s = self._streams.get(stream) or self._stream(stream, False)
+        if self._closed:
+            raise WalClosedError("the Wal is closed")
+        if s is None:
+            return _EMPTY_VIEW, ""
+        return s.view(), s.dir
+
+    def get(self, stream: str, seq_id: int) -> Optional[bytes]:
+        """The entry with id ``seq_id``, or None if it is absent or truncated away."""
+        _check_id(seq_id, "seq_id")
+        view, stream_dir = self._view(stream)
+        return self._reader.get(view, stream_dir, seq_id)
+
+    def iter(self, stream: str, start_id: int = 0) -> Iterator[bytes]:
+        """Entries in id order from ``start_id`` (or the first kept one) to the current end."""
+        _check_id(start_id, "start_id")
+        view, stream_dir = self._view(stream)
+        return self._reader.iter(view, stream_dir, start_id)
+
+    def next_id(self, stream: str) -> int:
+        """The id the next append to ``stream`` will get (0 for a stream never written)."""
+        return self._view(stream)[0].next_id
+
+    def first_id(self, stream: str) -> Optional[int]:
+        """The first readable id (after truncation), or None for an empty stream."""
+        view = self._view(stream)[0]
+        return view.segments[0] if view.segments and view.next_id > view.segments[0] else None
+
+    def current_segment_start_id(self, stream: str) -> Optional[int]:
+        """Start id of the stream's active segment, or None for a stream never written."""
+        view = self._view(stream)[0]
+        return view.segments[-1] if view.segments else None
+
+    def durable_id(self, stream: str) -> int:
+        """Ids below this are known to be fsynced."""
+        s = self._streams.get(stream) or self._stream(stream, False)
+        return 0 if s is None else s.durable_id
+
+    def stream_stats(self, stream: str) -> Dict[str, int]:
+        s = self._stream(stream, False)
+        if s is None:
+            return {"next_id": 0, "durable_id": 0, "fsyncs": 0, "frames": 0, "bytes": 0}
+        return {
+            "next_id": s.next_id,
+            "durable_id": s.durable_id,
+            "fsyncs": s.fsyncs,
+            "frames": s.frames_written,
+            "bytes": s.bytes_written,
+        }
+
+
+def _check_id(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value}")
+
+
+class TxnWriter:
+    """Collects entries and appends them as one atomic batch.
+
+    As a context manager it commits on a clean exit and writes nothing if the block raises.
+    """
+
+    def __init__(self, wal: Wal, stream: str) -> None:
+        self._wal = wal
+        self.stream = stream
+        self._entries: List[bytes] = []
+        self._done = False
+
+    def add(self, data: bytes) -> None:
+        if self._done:
+            raise WalError("transaction already committed or rolled back")
+        self._entries.append(_check_data(data))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def commit(self) -> range:
+        """Append everything added, as one frame; return the ids."""
+        if self._done:
+            raise WalError("transaction already committed or rolled back")
+        self._done = True
+        entries, self._entries = self._entries, []
+        return self._wal.append_batch(self.stream, entries)
+
+    def rollback(self) -> None:
+        """Discard everything added; nothing is written."""
+        self._done = True
+        self._entries = []
+
+    def __enter__(self) -> "TxnWriter":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()

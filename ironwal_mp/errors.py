@@ -1,0 +1,162 @@
+"""Every error ironwal_mp raises on purpose.
+
+All of them derive from :class:`WalError`, so ``except WalError`` catches anything the library
+itself decided to refuse. Errors about a bad argument also derive from ``ValueError`` and errors
+about the machine (disk, shared memory) from ``OSError``, so generic handlers keep working.
+Wrong argument *types* raise the built-in ``TypeError``.
+"""
+
+from __future__ import annotations
+
+
+class WalError(Exception):
+    """Base class of every ironwal_mp error."""
+
+
+# --- configuration and arguments -------------------------------------------------------------
+
+
+class ConfigError(WalError, ValueError):
+    """An option has an invalid value; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid option {field!r}: {message}")
+        self.field = field
+
+
+class InvalidStreamNameError(WalError, ValueError):
+    """A stream name is not safe to use, unchanged, as one directory name."""
+
+    def __init__(self, name: object, reason: str) -> None:
+        super().__init__(f"invalid stream name {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class RecordTooLargeError(WalError, ValueError):
+    """An entry or batch is larger than the format (or a shard's ring) can hold."""
+
+    def __init__(self, size: int, limit: int, what: str = "record") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+class WalClosedError(WalError):
+    """The handle was closed (or its coordinator is gone) and cannot be used."""
+
+
+class WalLockedError(WalError):
+    """Another live process already owns this WAL directory."""
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+
+class CorruptionError(WalError):
+    """A log file holds bytes that are not a valid frame or record.
+
+    ``path`` and ``offset`` locate the first bad byte.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(f"corruption in {path} at offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class CrcMismatchError(CorruptionError):
+    """A frame's stored CRC32 does not match its contents; its bytes are never returned."""
+
+    def __init__(self, path: str, offset: int, expected: int, actual: int) -> None:
+        super().__init__(
+            path, offset, f"CRC32 mismatch (stored 0x{expected:08x}, computed 0x{actual:08x})"
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class WalIOError(WalError, OSError):
+    """The operating system refused a read, write or sync.
+
+    Nothing from the failed call was acknowledged; the log on disk is as before the call.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None, path: str | None = None) -> None:
+        OSError.__init__(self, errno_ if errno_ is not None else 0, message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class DiskFullError(WalIOError):
+    """The file system is out of space (ENOSPC/EDQUOT); the partial write was rolled back."""
+
+
+class StreamFailedError(WalError):
+    """A stream (or shard) hit an fsync error and refuses further writes.
+
+    After a failed fsync the kernel may have dropped dirty pages, so retrying cannot prove the
+    data durable. Reopen the WAL to recover from what is on disk.
+    """
+
+
+# --- sharded layer -----------------------------------------------------------------------------
+
+
+class ShardCountMismatchError(WalError, ValueError):
+    """A sharded directory was reopened with another shard count than its MANIFEST records."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(
+            f"shard count mismatch: the directory holds {found} shards, {expected} were requested"
+        )
+        self.expected = expected
+        self.found = found
+
+
+class ManifestError(WalError):
+    """MANIFEST is missing, unreadable or of an unknown format version or router."""
+
+
+class InvalidCheckpointIdError(WalError, ValueError):
+    """A checkpoint id is not non-empty bytes of at most 65535 bytes."""
+
+
+class CheckpointNotFoundError(WalError, KeyError):
+    """No checkpoint has the requested id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "checkpoint not found"
+
+
+class NoCheckpointsError(WalError):
+    """The WAL holds no checkpoint yet."""
+
+
+class CheckpointExistsError(WalError, ValueError):
+    """A checkpoint with this id already exists; ids are never silently reused."""
+
+
+class CheckpointCorruptedError(CorruptionError):
+    """The checkpoint log or HEAD holds a record that fails its checks."""
+
+
+class CheckpointAbortedError(WalError):
+    """A checkpoint's prepare phase failed or timed out; no record was written."""
+
+
+class WorkerFailedError(WalError):
+    """A shard's worker process died or failed and the request could not be served."""
+
+
+class SharedMemoryError(WalError, OSError):
+    """Shared memory or a POSIX IPC object could not be created (often /dev/shm is full)."""
+
+
+__all__ = [name for name, obj in dict(globals()).items() if isinstance(obj, type) and issubclass(obj, Exception)]
