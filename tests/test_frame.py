@@ -1,0 +1,113 @@
+import struct
+import zlib
+
+import lz4.frame
+import pytest
+from hypothesis import given, strategies as st
+
+from ironwal_mp.engine import frame as fr
+
+
+def test_header_layout_matches_the_format():
+    data = fr.frame_for_entries(7, [b"abc", b""])
+    magic, crc, start, count, ftype, disk, raw = struct.unpack_from("<IIQIBII", data)
+    assert data[:4] == b"LAWL" and magic == fr.MAGIC
+    assert (start, count, ftype) == (7, 2, fr.TYPE_RAW)
+    assert data[29:32] == b"\0\0\0"
+    payload = data[32:]
+    assert payload == b"\x03\0\0\0abc\0\0\0\0" and disk == raw == len(payload)
+    expected_crc = zlib.crc32(struct.pack("<QIBI", 7, 2, 0, len(payload)) + payload)
+    assert crc == expected_crc
+
+
+def test_crc_does_not_cover_magic_or_uncompressed_size():
+    data = bytearray(fr.frame_for_entries(0, [b"x" * 10]))
+    header, entries = fr.decode_frame_at(bytes(data))
+    assert entries == [b"x" * 10]
+    data[25] ^= 0xFF  # uncompressed size: not covered by the CRC, but checked for raw frames
+    with pytest.raises(fr.FrameError):
+        fr.decode_frame_at(bytes(data))
+
+
+@pytest.mark.parametrize("offset", [4, 8, 16, 20, 21, 32, 40])
+def test_any_covered_byte_flip_is_detected(offset):
+    data = bytearray(fr.frame_for_entries(3, [b"hello world", b"again"]))
+    data[offset] ^= 0x01
+    with pytest.raises(fr.FrameError):
+        fr.decode_frame_at(bytes(data))
+
+
+def test_lz4_is_used_only_when_large_enough_and_smaller():
+    small = [b"a" * 100]
+    assert fr.frame_for_entries(0, small, compress=True, min_compression_size=1024)[20] == fr.TYPE_RAW
+    big = [b"abcd" * 500]
+    data = fr.frame_for_entries(0, big, compress=True, min_compression_size=1024)
+    assert data[20] == fr.TYPE_LZ4 and len(data) < 2000
+    header, entries = fr.decode_frame_at(data)
+    assert entries == big and header.uncompressed_size == 2004
+    # the stored payload is a standard LZ4 frame
+    assert lz4.frame.decompress(data[32:]) == fr.encode_entries(big)
+    # incompressible data stays raw even above the threshold
+    noise = [bytes((i * 7919 + 13) % 251 for i in range(3000))]
+    assert fr.frame_for_entries(0, noise, compress=True, min_compression_size=10)[20] in (0, 1)
+    import os
+
+    rnd = [os.urandom(3000)]
+    assert fr.frame_for_entries(0, rnd, compress=True, min_compression_size=10)[20] == fr.TYPE_RAW
+
+
+def test_compression_disabled_means_raw():
+    data = fr.frame_for_entries(0, [b"a" * 5000], compress=False)
+    assert data[20] == fr.TYPE_RAW
+
+
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda b: b[:10], "partial header"),
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:20] + b"\x07" + b[21:], "unknown frame type"),
+        (lambda b: b[:16] + b"\0\0\0\0" + b[20:], "no entries"),
+    ],
+)
+def test_parse_header_rejects(mutate, reason):
+    data = fr.frame_for_entries(0, [b"abc"])
+    with pytest.raises(fr.FrameError, match=reason):
+        fr.parse_header(mutate(data))
+
+
+def test_truncated_payload_and_crc_reasons():
+    data = fr.frame_for_entries(0, [b"abcdef"])
+    header = fr.parse_header(data)
+    with pytest.raises(fr.FrameError, match="truncated"):
+        fr.check_payload(header, data[32:-1])
+    bad = bytearray(data[32:])
+    bad[-1] ^= 1
+    with pytest.raises(fr.FrameError) as info:
+        fr.check_payload(header, bytes(bad))
+    assert info.value.is_crc and info.value.crc_expected == header.crc
+
+
+def test_decode_entries_rejects_inconsistent_payloads():
+    payload = fr.encode_entries([b"ab", b"cde"])
+    assert fr.decode_entries(payload, 2) == [b"ab", b"cde"]
+    with pytest.raises(fr.FrameError):
+        fr.decode_entries(payload, 3)
+    with pytest.raises(fr.FrameError):
+        fr.decode_entries(payload, 1)  # trailing bytes
+    with pytest.raises(fr.FrameError):
+        fr.decode_entries(payload[:-1], 2)
+
+
+@given(
+    st.integers(0, 2**64 - 1 - 1000),
+    st.lists(st.binary(max_size=3000), min_size=1, max_size=20),
+    st.booleans(),
+    st.integers(0, 4096),
+)
+def test_round_trip(start, entries, compress, threshold):
+    data = fr.frame_for_entries(start, entries, compress=compress, min_compression_size=threshold)
+    header, decoded = fr.decode_frame_at(data)
+    assert decoded == entries
+    assert header.start_id == start and header.count == len(entries)
+    assert header.frame_size == len(data)
