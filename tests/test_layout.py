@@ -13,7 +13,7 @@ def test_safe_names_are_kept(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 201, "sp ace", "é", "a:b", "segments.idx", "head.state"],
+    ["", ".", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 201, "sp ace", "é", "a:b", "segments.idx", "head.state", "LOCK", "MANIFEST", "HEAD", "checkpoints.log"],
 )
 def test_unsafe_names_are_refused(name):
     with pytest.raises(InvalidStreamNameError):

@@ -50,7 +50,9 @@ class FdCache:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._files: "OrderedDict[Key, OpenFile]" = OrderedDict()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # threads blocked for a free slot
         self._closed = False
         self.opens = 0  # descriptors opened over the cache's life (for tests and stats)
 
@@ -60,7 +62,7 @@ class FdCache:
     def acquire(self, path: str, writable: bool = False) -> OpenFile:
         """Pin and return the open file for ``path``, opening it (append mode if writable)."""
         key = (path, writable)
-        with self._cond:
+        with self._lock:
             while True:
                 if self._closed:
                     raise ValueError("descriptor cache is closed")
@@ -71,7 +73,11 @@ class FdCache:
                     return entry
                 if len(self._files) < self.capacity or self._evict_one():
                     break
-                self._cond.wait()
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT if writable else os.O_RDONLY
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
             self.opens += 1
@@ -81,12 +87,13 @@ class FdCache:
             return entry
 
     def release(self, entry: OpenFile) -> None:
-        with self._cond:
+        with self._lock:
             entry.pins -= 1
             if entry.pins == 0:
                 if self._files.get(entry.key) is not entry:  # forgotten while pinned
                     entry.close()
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify()
 
     def forget(self, path: str) -> None:
         """Close (or, if pinned, close on release) every descriptor of ``path``."""

@@ -112,7 +112,13 @@ def frame_crc(start_id: int, count: int, ftype: int, stored: bytes) -> int:
 def choose_payload(raw: bytes, compress: bool, min_compression_size: int) -> tuple[int, bytes]:
     """(type, stored payload): LZ4 only when enabled, large enough, and actually smaller."""
     if compress and len(raw) >= min_compression_size:
-        packed = lz4.frame.compress(raw, block_size=lz4.frame.BLOCKSIZE_MAX64KB, content_checksum=False)
+        packed = lz4.frame.compress(
+            raw,
+            block_size=lz4.frame.BLOCKSIZE_MAX64KB,
+            block_linked=False,
+            content_checksum=False,
+            store_size=False,
+        )
         if len(packed) < len(raw):
             return TYPE_LZ4, packed
     return TYPE_RAW, raw

@@ -26,7 +26,8 @@ BROKEN_SUFFIX = ".broken"
 _SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
 _STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 MAX_STREAM_NAME = 200
-_RESERVED_NAMES = {SEGMENTS_IDX, HEAD_STATE}
+#: files of a WAL root or stream directory that a stream may not be named after
+_RESERVED_NAMES = {SEGMENTS_IDX, HEAD_STATE, "LOCK", "MANIFEST", "HEAD", "checkpoints.log"}
 
 
 def segment_name(start_id: int) -> str:

@@ -138,20 +138,34 @@ class SegmentReader:
         path = os.path.join(stream_dir, layout.segment_name(start))
         if pos == len(view.segments) - 1:
             index, end = view.active_index, view.active_size
+            end_id = view.next_id
         else:
             index, end = self.sealed_index(path, start)
+            end_id = view.segments[pos + 1]
         try:
             first_id, offset = index.floor(from_id) if from_id > start else (start, 0)
         except KeyError:
             first_id, offset = start, 0
+        reached, last = first_id, None
         try:
             for off, header, stored in scan_frames(
                 self.read_fn(path), offset, first_id, end=end, chunk=self.chunk, verify=False
             ):
-                if header.start_id + header.count > from_id:
+                reached, last = header.start_id + header.count, (off, header, stored)
+                if reached > from_id:
                     yield off, header, self.decode(path, off, header, stored)
         except ScanError as exc:
+            if last is not None:  # a gap in ids may be the previous frame's damaged count
+                self.decode(path, *last)
             raise CorruptionError(path, exc.offset, exc.error.reason) from None
+        if reached != end_id:
+            # frames must end exactly where the next segment (or the view) begins; the last
+            # frame's count is the likely culprit, and it is CRC-covered
+            if last is None:
+                raise CorruptionError(path, offset, f"no frame holds id {first_id}")
+            off, header, stored = last
+            self.decode(path, off, header, stored)
+            raise CorruptionError(path, off, f"frames end at id {reached}, expected {end_id}")
 
     # --- public reads -----------------------------------------------------------------------
 

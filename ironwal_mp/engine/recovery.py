@@ -66,17 +66,10 @@ def recover_stream(
             report.actions.append("segments.idx lists segments but no segment file exists")
         return StreamTail([], 0, 0, SparseIndex()), report
 
-    if layout.read_segments_idx(stream_dir) != segments:
-        report.actions.append("rebuilt segments.idx from the segment files")
-        if repair:
-            layout.write_segments_idx(stream_dir, segments)
     active = segments[-1]
+    rebuild_idx = layout.read_segments_idx(stream_dir) != segments
     head = layout.read_head_state(stream_dir)
-    head_ok = head == active or (head is None and len(segments) == 1)
-    if not head_ok:
-        report.actions.append("rebuilt head.state from the segment files")
-        if repair:
-            layout.write_head_state(stream_dir, active)
+    rebuild_head = not (head == active or (head is None and len(segments) == 1))
 
     path = os.path.join(stream_dir, layout.segment_name(active))
     index = SparseIndex()
@@ -86,6 +79,7 @@ def recover_stream(
     fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        problem = None
         try:
             for offset, header, _ in scan_frames(
                 lambda off, n: os.pread(fd, n, off), 0, active, end=size, chunk=chunk
@@ -95,18 +89,29 @@ def recover_stream(
                 valid_end = offset + header.frame_size
                 frames += 1
         except ScanError as exc:
-            if policy is CorruptionPolicy.ERROR:
-                raise CorruptionError(path, exc.offset, exc.error.reason) from None
-            report.cut_offset = exc.offset
-            report.cut_bytes = size - exc.offset
-            report.cut_reason = exc.error.reason
+            problem = exc
+        if problem is not None and policy is CorruptionPolicy.ERROR:
+            # refuse before touching anything
+            raise CorruptionError(path, problem.offset, problem.error.reason)
+        if rebuild_idx:
+            report.actions.append("rebuilt segments.idx from the segment files")
+            if repair:
+                layout.write_segments_idx(stream_dir, segments)
+        if rebuild_head:
+            report.actions.append("rebuilt head.state from the segment files")
+            if repair:
+                layout.write_head_state(stream_dir, active)
+        if problem is not None:
+            report.cut_offset = problem.offset
+            report.cut_bytes = size - problem.offset
+            report.cut_reason = problem.error.reason
             report.actions.append(
-                f"cut {size - exc.offset} bytes from {layout.segment_name(active)} at offset "
-                f"{exc.offset} ({exc.error.reason})"
+                f"cut {size - problem.offset} bytes from {layout.segment_name(active)} at offset "
+                f"{problem.offset} ({problem.error.reason})"
             )
             if repair:
-                report.side_file = _keep_aside(fd, path, exc.offset, size)
-                os.ftruncate(fd, exc.offset)
+                report.side_file = _keep_aside(fd, path, problem.offset, size)
+                os.ftruncate(fd, problem.offset)
         if repair:
             os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Tuple
 
-from .frame import HEADER_SIZE, FrameError, FrameHeader, check_payload, parse_header
+from .frame import HEADER_SIZE, TYPE_LZ4, FrameError, FrameHeader, check_payload, parse_header, raw_payload
 
 #: read(offset, size) -> up to ``size`` bytes at ``offset`` (fewer at end of file)
 ReadFn = Callable[[int, int], bytes]
@@ -39,8 +39,8 @@ def scan_frames(
     a garbage length from causing a huge read). Raises :class:`ScanError` at the first
     bytes that are not a valid frame: a partial header or payload counts as invalid, so a torn
     tail is reported, not skipped. ``expected_start`` (if given) is the id the first frame must
-    start at; later frames must continue without gaps. ``verify=False`` skips the CRC (used to
-    index headers of sealed segments; reads check it).
+    start at; later frames must continue without gaps. ``verify=False`` skips the CRC and LZ4
+    check (used to index headers of sealed segments; reads check what they decode).
     """
     buf = b""
     buf_off = offset  # file offset of buf[0]
@@ -79,6 +79,9 @@ def scan_frames(
         if verify:
             try:
                 check_payload(header, stored)
+                if header.type == TYPE_LZ4:
+                    # the uncompressed size is not CRC-covered: prove the frame decodes
+                    raw_payload(header, stored)
             except FrameError as exc:
                 raise ScanError(pos, exc) from None
         yield pos, header, stored

@@ -86,10 +86,10 @@ class Stream:
         The frame reaches the OS before this returns (a crash of this process loses nothing);
         call :meth:`make_durable` for stable storage.
         """
+        if len(payload) > MAX_PAYLOAD:  # both header size fields are u32
+            raise RecordTooLargeError(len(payload), MAX_PAYLOAD, "batch")
         ftype, stored = choose_payload(payload, self._compress, self._min_compression)
         disk_size = len(stored)
-        if disk_size > MAX_PAYLOAD:
-            raise RecordTooLargeError(disk_size, MAX_PAYLOAD, "batch")
         with self.lock:
             self._check_writable()
             start = self._next_id

@@ -1,0 +1,595 @@
+"""The sharded root's checkpoint records: ``checkpoints.log`` and ``HEAD``.
+
+Byte layout (ironwal 0.6 compatible, all integers little-endian)::
+
+    record  = b"CKPT" | crc32(payload) u32 | len(payload) u32 | payload
+    payload = version u8 (=1) | id length u16 | id | timestamp u64 (ns since the epoch)
+              | shard count u16 | one u64 per shard (the shard's next id at the checkpoint)
+    HEAD    = id length u16 | id
+
+The first half of this module is a pure codec (bytes in, values out, no I/O). The second half,
+:class:`CheckpointLog`, owns the two files of one root directory:
+
+* On open the log is scanned. A torn or corrupt tail is cut at the end of the last valid record;
+  the cut bytes are first copied to a ``checkpoints.log.broken`` side file and fsynced, so nothing
+  is deleted silently. With ``repair=False`` nothing is written: the problem is only reported,
+  and appends are refused while it stands (they would land behind the bad bytes).
+* ``HEAD`` is the commit point for :meth:`CheckpointLog.latest`. A missing or corrupt ``HEAD``,
+  or one naming an id that has no record, falls back to the last record in the log (and, when
+  repairing, ``HEAD`` is rewritten to say so).
+* Duplicate ids. This library never writes the same id twice (:meth:`CheckpointLog.append`
+  raises :class:`CheckpointExistsError`), but a log written by the Rust crate may hold one id
+  more than once, because the crate silently shadows the earlier record. Such a log is read as
+  it is, nothing is cut: :meth:`~CheckpointLog.get` (and ``latest()`` through ``HEAD``) returns
+  the *later* record, while :meth:`~CheckpointLog.list` and ``len()`` count every record,
+  shadowed ones included. The report lists the duplicated ids.
+* An empty id is not a valid checkpoint id here, so a record holding one is treated as
+  corrupt (the crate has no reason to write one; ``ShardedWal`` never does).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import (
+    CheckpointCorruptedError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    DiskFullError,
+    InvalidCheckpointIdError,
+    NoCheckpointsError,
+    WalIOError,
+)
+from . import layout
+
+CHECKPOINTS_LOG = "checkpoints.log"
+HEAD = "HEAD"
+
+RECORD_MAGIC = b"CKPT"
+RECORD_VERSION = 1
+RECORD_HEADER = struct.Struct("<4sII")  # magic, crc32(payload), payload length
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 12
+
+MAX_ID_LEN = 0xFFFF
+MAX_SHARDS = 0xFFFF
+MAX_U64 = 0xFFFFFFFFFFFFFFFF
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+_HEAD_LEN = _U16
+
+#: payload bytes besides the id and the offsets: version, id length, timestamp, shard count
+_PAYLOAD_FIXED = 1 + 2 + 8 + 2
+#: the largest payload a record can describe; a longer stated length is corruption, not a tear
+MAX_PAYLOAD = _PAYLOAD_FIXED + MAX_ID_LEN + 8 * MAX_SHARDS
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def check_checkpoint_id(user_id: object) -> bytes:
+    """Return ``user_id`` as ``bytes`` if it is a valid checkpoint id; else raise.
+
+    Accepts ``bytes``, ``bytearray`` and ``memoryview``. Anything else (``str`` included: encode
+    it yourself) raises ``TypeError``; empty ids and ids over 65535 bytes raise
+    :class:`InvalidCheckpointIdError`.
+    """
+    if isinstance(user_id, bytes):
+        value = user_id
+    elif isinstance(user_id, (bytearray, memoryview)):
+        value = bytes(user_id)
+    elif isinstance(user_id, str):
+        raise TypeError("checkpoint id must be bytes, not str (encode it, e.g. with .encode())")
+    else:
+        raise TypeError(f"checkpoint id must be bytes, not {type(user_id).__name__}")
+    if not value:
+        raise InvalidCheckpointIdError("checkpoint id must not be empty")
+    if len(value) > MAX_ID_LEN:
+        raise InvalidCheckpointIdError(
+            f"checkpoint id of {len(value)} bytes exceeds the limit of {MAX_ID_LEN} bytes"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class CheckpointData:
+    """One checkpoint record.
+
+    ``offsets[s]`` is shard ``s``'s next id at the checkpoint; ``shard_count`` must equal
+    ``len(offsets)``. ``user_id`` may be given as bytes-like and is stored as ``bytes``;
+    ``offsets`` may be any sequence and is stored as a tuple.
+    """
+
+    user_id: bytes
+    timestamp: int
+    shard_count: int
+    offsets: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "user_id", check_checkpoint_id(self.user_id))
+        offsets = tuple(self.offsets)
+        object.__setattr__(self, "offsets", offsets)
+        _check_uint("timestamp", self.timestamp, MAX_U64)
+        _check_uint("shard_count", self.shard_count, MAX_SHARDS)
+        if self.shard_count != len(offsets):
+            raise ValueError(
+                f"shard_count is {self.shard_count} but {len(offsets)} offsets were given"
+            )
+        for s, off in enumerate(offsets):
+            _check_uint(f"offsets[{s}]", off, MAX_U64)
+
+
+def _check_uint(name: str, value: object, limit: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name} must be in 0..{limit}, got {value}")
+
+
+# --- codec (pure) --------------------------------------------------------------------------------
+
+
+def encode_payload(data: CheckpointData) -> bytes:
+    uid = data.user_id
+    return b"".join(
+        (
+            _U8.pack(RECORD_VERSION),
+            _U16.pack(len(uid)),
+            uid,
+            _U64.pack(data.timestamp),
+            _U16.pack(data.shard_count),
+            struct.pack(f"<{data.shard_count}Q", *data.offsets),
+        )
+    )
+
+
+def encode_record(data: CheckpointData) -> bytes:
+    """The bytes of one ``checkpoints.log`` record for ``data``."""
+    payload = encode_payload(data)
+    return RECORD_HEADER.pack(RECORD_MAGIC, zlib.crc32(payload), len(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> CheckpointData:
+    """Parse one record payload; ``ValueError`` (with a reason) if it is not exactly one."""
+    n = len(payload)
+    if n < 1:
+        raise ValueError("empty payload")
+    version = payload[0]
+    if version != RECORD_VERSION:
+        raise ValueError(f"unknown record version {version}")
+    if n < 3:
+        raise ValueError("payload too short for the id length")
+    (id_len,) = _U16.unpack_from(payload, 1)
+    if id_len == 0:
+        raise ValueError("empty checkpoint id")
+    pos = 3 + id_len
+    if n < pos + 10:
+        raise ValueError("payload too short for its id, timestamp and shard count")
+    user_id = bytes(payload[3:pos])
+    (timestamp,) = _U64.unpack_from(payload, pos)
+    (shard_count,) = _U16.unpack_from(payload, pos + 8)
+    pos += 10
+    expected = pos + 8 * shard_count
+    if n != expected:
+        raise ValueError(
+            f"payload is {n} bytes but its id and {shard_count} shards make {expected}"
+        )
+    offsets = struct.unpack_from(f"<{shard_count}Q", payload, pos)
+    return CheckpointData(user_id, timestamp, shard_count, offsets)
+
+
+def decode_records(buf: bytes) -> Tuple[List[CheckpointData], int, Optional[str]]:
+    """Decode the records at the start of ``buf``.
+
+    Returns ``(records, valid_end, problem)``: every record before the first torn or invalid
+    one, the offset just past the last of them, and ``None`` if ``buf`` ends exactly there, or
+    else a short reason describing what is wrong at ``valid_end``.
+    """
+    view = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
+    size = len(view)
+    records: List[CheckpointData] = []
+    pos = 0
+    while pos < size:
+        if size - pos < RECORD_HEADER_SIZE:
+            n = min(size - pos, len(RECORD_MAGIC))
+            if bytes(view[pos : pos + n]) != RECORD_MAGIC[:n]:
+                return records, pos, f"bad record magic {bytes(view[pos : pos + n])!r}"
+            return records, pos, f"torn record header ({size - pos} of {RECORD_HEADER_SIZE} bytes)"
+        magic, crc, length = RECORD_HEADER.unpack_from(view, pos)
+        if magic != RECORD_MAGIC:
+            return records, pos, f"bad record magic {bytes(magic)!r}"
+        if length > MAX_PAYLOAD:
+            return records, pos, f"payload length {length} exceeds the maximum {MAX_PAYLOAD}"
+        start = pos + RECORD_HEADER_SIZE
+        if size - start < length:
+            return records, pos, f"torn record payload ({size - start} of {length} bytes)"
+        payload = bytes(view[start : start + length])
+        actual = zlib.crc32(payload)
+        if actual != crc:
+            return records, pos, f"CRC32 mismatch (stored 0x{crc:08x}, computed 0x{actual:08x})"
+        try:
+            records.append(decode_payload(payload))
+        except ValueError as exc:
+            return records, pos, f"invalid record payload: {exc}"
+        pos = start + length
+    return records, pos, None
+
+
+def encode_head(user_id: bytes) -> bytes:
+    """The bytes of a ``HEAD`` file naming ``user_id``."""
+    uid = check_checkpoint_id(user_id)
+    return _HEAD_LEN.pack(len(uid)) + uid
+
+
+def decode_head(buf: bytes) -> Optional[bytes]:
+    """The id ``HEAD`` names, or ``None`` if ``buf`` is not exactly one non-empty id."""
+    if len(buf) < 2:
+        return None
+    (n,) = _HEAD_LEN.unpack_from(buf, 0)
+    if n == 0 or len(buf) != 2 + n:
+        return None
+    return bytes(buf[2:])
+
+
+# --- the files -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointLogReport:
+    """What opening a checkpoint log found and changed (empty ``actions``: all was well)."""
+
+    log_path: str
+    records: int = 0
+    actions: List[str] = field(default_factory=list)
+    #: where the log was (or, with repair=False, would be) cut; None if nothing was cut
+    cut_offset: Optional[int] = None
+    cut_bytes: int = 0
+    cut_reason: Optional[str] = None
+    side_file: Optional[str] = None
+    #: complete, CRC-valid records found in the cut bytes (kept in the side file, not loaded)
+    stranded_records: int = 0
+    #: "ok", "missing", "corrupt" or "dangling" (names an id with no record)
+    head_status: str = "missing"
+    head_id: Optional[bytes] = None
+    duplicate_ids: List[bytes] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+class CheckpointLog:
+    """``<root>/checkpoints.log`` and ``<root>/HEAD``, loaded in memory, safe across threads.
+
+    See the module docstring for repair, ``HEAD`` fallback and duplicate-id rules.
+    """
+
+    def __init__(self, root: str, *, repair: bool = True) -> None:
+        if not os.path.isdir(root):
+            raise WalIOError(f"checkpoint root {root} is not a directory", errno.ENOENT, root)
+        self.root = root
+        self.log_path = os.path.join(root, CHECKPOINTS_LOG)
+        self.head_path = os.path.join(root, HEAD)
+        self.repair = repair
+        self._lock = threading.Lock()
+        self._records: List[CheckpointData] = []
+        self._by_id: Dict[bytes, CheckpointData] = {}
+        self._head: Optional[bytes] = None  # the id HEAD names on disk, if HEAD is valid
+        self._size = 0  # bytes of the log file on disk
+        self._bad_tail: Optional[Tuple[int, str]] = None  # unrepaired problem (repair=False)
+        self._failed: Optional[str] = None
+        self.report = CheckpointLogReport(self.log_path)
+        self._open()
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        report = self.report
+        if self.repair:
+            for leftover in (self.log_path + ".tmp", self.head_path + ".tmp"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+                    report.actions.append(f"removed {os.path.basename(leftover)} left by a crash")
+        buf = _read_file(self.log_path)
+        if buf is None:
+            buf = b""
+        records, valid_end, problem = decode_records(buf)
+        self._size = len(buf)
+        if problem is not None:
+            cut = len(buf) - valid_end
+            report.cut_offset = valid_end
+            report.cut_bytes = cut
+            report.cut_reason = problem
+            report.stranded_records = _count_stranded(buf, valid_end)
+            report.actions.append(
+                f"cut {cut} bytes from {CHECKPOINTS_LOG} at offset {valid_end} ({problem})"
+            )
+            if self.repair:
+                report.side_file = self._cut_tail(buf, valid_end)
+                self._size = valid_end
+            else:
+                self._bad_tail = (valid_end, problem)
+        self._set_records(records)
+        report.records = len(records)
+        report.duplicate_ids = _duplicates(records)
+
+        head_buf = _read_file(self.head_path)
+        head = decode_head(head_buf) if head_buf is not None else None
+        if head_buf is None:
+            report.head_status = "missing"
+        elif head is None:
+            report.head_status = "corrupt"
+        elif head not in self._by_id:
+            report.head_status = "dangling"
+        else:
+            report.head_status = "ok"
+        report.head_id = head
+        self._head = head if report.head_status == "ok" else None
+        if report.head_status != "ok" and self._records:
+            last = self._records[-1].user_id
+            report.actions.append(
+                f"HEAD is {report.head_status}; latest checkpoint falls back to the last record "
+                f"{last!r}" + ("; rewrote HEAD" if self.repair else "")
+            )
+            if self.repair:
+                self._write_head(last)
+                self._head = last
+
+    def _cut_tail(self, buf: bytes, valid_end: int) -> str:
+        """Copy ``buf[valid_end:]`` to a side file durably, then truncate the log there."""
+        side = layout.side_file_path(self.log_path)
+        try:
+            out = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                layout.write_all(out, buf[valid_end:])
+                os.fsync(out)
+            finally:
+                os.close(out)
+            layout.fsync_dir(self.root)
+            fd = os.open(self.log_path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, valid_end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _io_error(exc, self.log_path, "repairing") from exc
+        return side
+
+    def _set_records(self, records: Sequence[CheckpointData]) -> None:
+        self._records = list(records)
+        self._by_id = {}
+        for rec in self._records:
+            self._by_id[rec.user_id] = rec  # later records shadow earlier ones
+
+    def _write_head(self, user_id: bytes) -> None:
+        try:
+            layout.write_file_atomic(self.head_path, encode_head(user_id))
+        except OSError as exc:
+            _remove_quietly(self.head_path + ".tmp")
+            raise _io_error(exc, self.head_path, "writing") from exc
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def latest(self) -> CheckpointData:
+        """The checkpoint ``HEAD`` names, else the last record; :class:`NoCheckpointsError`."""
+        with self._lock:
+            if self._head is not None and self._head in self._by_id:
+                return self._by_id[self._head]
+            if self._records:
+                return self._records[-1]
+        raise NoCheckpointsError("no checkpoint has been created yet")
+
+    def get(self, user_id: bytes) -> CheckpointData:
+        """The (latest) record with this id; :class:`CheckpointNotFoundError` if none."""
+        uid = check_checkpoint_id(user_id)
+        with self._lock:
+            rec = self._by_id.get(uid)
+        if rec is None:
+            raise CheckpointNotFoundError(f"no checkpoint with id {uid!r}")
+        return rec
+
+    def __contains__(self, user_id: object) -> bool:
+        try:
+            uid = check_checkpoint_id(user_id)
+        except (TypeError, InvalidCheckpointIdError):
+            return False
+        with self._lock:
+            return uid in self._by_id
+
+    def list(self) -> List[Tuple[bytes, int]]:
+        """``(user_id, timestamp)`` of every record, oldest first (shadowed duplicates too)."""
+        with self._lock:
+            return [(r.user_id, r.timestamp) for r in self._records]
+
+    def records(self) -> List[CheckpointData]:
+        """Every record, oldest first."""
+        with self._lock:
+            return list(self._records)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    @property
+    def bytes_size(self) -> int:
+        """Size of ``checkpoints.log`` on disk (an unrepaired bad tail included)."""
+        with self._lock:
+            return self._size
+
+    @property
+    def head_id(self) -> Optional[bytes]:
+        """The id the ``HEAD`` file names, when it is valid and has a record."""
+        with self._lock:
+            return self._head
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._failed is not None:
+            raise WalIOError(
+                f"{self.log_path} refuses writes after an earlier failure: {self._failed}; "
+                "reopen to recover",
+                None,
+                self.log_path,
+            )
+        if self._bad_tail is not None:
+            offset, reason = self._bad_tail
+            raise CheckpointCorruptedError(
+                self.log_path,
+                offset,
+                f"{reason}; opened with repair=False, so it cannot be appended to",
+            )
+
+    def append(self, data: CheckpointData) -> None:
+        """Append ``data`` durably, then make ``HEAD`` name it.
+
+        :class:`CheckpointExistsError` if the id already has a record. If any step fails, the
+        log is truncated back to its previous length and :class:`WalIOError` (or
+        :class:`DiskFullError`) is raised: no part of the record stays in the log.
+        """
+        if not isinstance(data, CheckpointData):
+            raise TypeError(f"expected CheckpointData, not {type(data).__name__}")
+        record = encode_record(data)
+        with self._lock:
+            self._check_writable()
+            if data.user_id in self._by_id:
+                raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
+            prev = self._size
+            created = not os.path.exists(self.log_path)
+            try:
+                fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _io_error(exc, self.log_path, "opening") from exc
+            try:
+                try:
+                    os.lseek(fd, prev, os.SEEK_SET)
+                    layout.write_all(fd, record)
+                    os.fsync(fd)
+                    if created:
+                        layout.fsync_dir(self.root)
+                except OSError as exc:
+                    self._roll_back(fd, prev)
+                    raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
+                try:
+                    self._write_head(data.user_id)
+                except WalIOError:
+                    self._roll_back(fd, prev)
+                    raise
+            finally:
+                os.close(fd)
+            self._size = prev + len(record)
+            self._records.append(data)
+            self._by_id[data.user_id] = data
+            self._head = data.user_id
+
+    def _roll_back(self, fd: int, length: int) -> None:
+        try:
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        except OSError as exc:
+            self._failed = f"could not roll back a failed append: {exc}"
+
+    def compact(self, keep_latest_n: int) -> Tuple[int, int, int]:
+        """Rewrite the log atomically keeping the newest ``keep_latest_n`` records.
+
+        The record ``HEAD`` names is always kept, so ``latest()`` never changes; ``HEAD`` itself
+        is not touched. Returns ``(records_before, records_after, bytes_reclaimed)``.
+        """
+        if isinstance(keep_latest_n, bool) or not isinstance(keep_latest_n, int):
+            raise ValueError(f"keep_latest_n must be an int >= 1, got {keep_latest_n!r}")
+        if keep_latest_n < 1:
+            raise ValueError(f"keep_latest_n must be >= 1, got {keep_latest_n}")
+        with self._lock:
+            self._check_writable()
+            before = len(self._records)
+            if before <= keep_latest_n:
+                return before, before, 0
+            cut = before - keep_latest_n
+            kept = self._records[cut:]
+            head_rec = self._by_id.get(self._head) if self._head is not None else None
+            if head_rec is not None and not any(r is head_rec for r in kept):
+                kept.insert(0, head_rec)
+            data = b"".join(encode_record(r) for r in kept)
+            try:
+                layout.write_file_atomic(self.log_path, data)
+            except OSError as exc:
+                _remove_quietly(self.log_path + ".tmp")
+                raise _io_error(exc, self.log_path, "compacting") from exc
+            reclaimed = self._size - len(data)
+            self._size = len(data)
+            self._set_records(kept)
+            return before, len(kept), reclaimed
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _read_file(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _io_error(exc, path, "reading") from exc
+
+
+def _count_stranded(buf: bytes, start: int) -> int:
+    """How many complete valid records start somewhere in ``buf[start:]`` past a bad record."""
+    count = 0
+    pos = buf.find(RECORD_MAGIC, start + 1)
+    while pos != -1:
+        records, end, _ = decode_records(buf[pos:])
+        if records:
+            count += len(records)
+            pos = buf.find(RECORD_MAGIC, pos + end)
+        else:
+            pos = buf.find(RECORD_MAGIC, pos + 1)
+    return count
+
+
+def _duplicates(records: Sequence[CheckpointData]) -> List[bytes]:
+    seen: Dict[bytes, int] = {}
+    for r in records:
+        seen[r.user_id] = seen.get(r.user_id, 0) + 1
+    return [uid for uid, n in seen.items() if n > 1]
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _io_error(exc: OSError, path: str, action: str) -> WalIOError:
+    message = f"{action} {path} failed: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return DiskFullError(
+            f"{message} (the disk is full; nothing of this call was kept)", exc.errno, path
+        )
+    return WalIOError(message, exc.errno, path)
+
+
+__all__ = [
+    "CHECKPOINTS_LOG",
+    "HEAD",
+    "CheckpointData",
+    "CheckpointLog",
+    "CheckpointLogReport",
+    "check_checkpoint_id",
+    "decode_head",
+    "decode_payload",
+    "decode_records",
+    "encode_head",
+    "encode_payload",
+    "encode_record",
+]

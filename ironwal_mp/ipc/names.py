@@ -1,0 +1,112 @@
+"""Names of the POSIX IPC objects that belong to one WAL root, and their clean-up.
+
+Every object's name starts with a prefix derived from the root's real path, so two WALs never
+collide and a later open can find (and remove) what a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List
+
+import posix_ipc
+
+SHM_DIR = "/dev/shm"
+MQUEUE_DIR = "/dev/mqueue"
+
+
+def prefix_for(root: str) -> str:
+    digest = hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:12]
+    return f"/ironwal_{digest}"
+
+
+class Names:
+    """All object names of one root."""
+
+    def __init__(self, root: str) -> None:
+        self.prefix = prefix_for(root)
+
+    def ring(self, shard: int) -> str:
+        return f"{self.prefix}_ring{shard:03d}"
+
+    def ring_lock(self, shard: int) -> str:
+        return f"{self.prefix}_lock{shard:03d}"
+
+    def ring_repair(self, shard: int) -> str:
+        return f"{self.prefix}_fix{shard:03d}"
+
+    def data_ready(self, shard: int) -> str:
+        return f"{self.prefix}_data{shard:03d}"
+
+    def space_free(self, shard: int) -> str:
+        return f"{self.prefix}_space{shard:03d}"
+
+    def durable(self, shard: int) -> str:
+        return f"{self.prefix}_dur{shard:03d}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}_ctl"
+
+    @property
+    def coordinator_queue(self) -> str:
+        return f"{self.prefix}_coord"
+
+    @property
+    def worker_replies(self) -> str:
+        return f"{self.prefix}_wrep"
+
+    def worker_queue(self, worker: int) -> str:
+        return f"{self.prefix}_work{worker:03d}"
+
+    def client_queue(self, token: int) -> str:
+        return f"{self.prefix}_cli{token:x}"
+
+    def leftovers(self) -> List[str]:
+        """Objects with this prefix that exist now (shared memory, semaphores, queues)."""
+        stem = self.prefix.lstrip("/")
+        found = []
+        for directory, strip in ((SHM_DIR, ""), (SHM_DIR, "sem."), (MQUEUE_DIR, "")):
+            try:
+                entries = os.listdir(directory)
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry[len(strip):] if strip and entry.startswith(strip) else (None if strip else entry)
+                if name and name.startswith(stem):
+                    found.append(f"{directory}/{entry}")
+        return found
+
+    def remove_all(self) -> int:
+        """Unlink every object with this prefix; return how many were removed."""
+        stem = self.prefix.lstrip("/")
+        removed = 0
+        for entry in _listdir(SHM_DIR):
+            if entry.startswith("sem." + stem):
+                removed += _unlink(posix_ipc.unlink_semaphore, "/" + entry[4:])
+            elif entry.startswith(stem):
+                removed += _unlink(posix_ipc.unlink_shared_memory, "/" + entry)
+        if os.path.isdir(MQUEUE_DIR):
+            for entry in _listdir(MQUEUE_DIR):
+                if entry.startswith(stem):
+                    removed += _unlink(posix_ipc.unlink_message_queue, "/" + entry)
+        else:  # /dev/mqueue not mounted: remove the names we know of
+            for name in [self.coordinator_queue, self.worker_replies] + [self.worker_queue(w) for w in range(256)]:
+                removed += _unlink(posix_ipc.unlink_message_queue, name)
+        return removed
+
+
+def _listdir(path: str) -> List[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _unlink(fn, name: str) -> int:
+    try:
+        fn(name)
+        return 1
+    except posix_ipc.ExistentialError:
+        return 0

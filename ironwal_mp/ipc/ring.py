@@ -1,0 +1,447 @@
+"""A shard's ring in POSIX shared memory: producers publish records, the worker drains them.
+
+The byte layout and all position arithmetic live in :mod:`ring_layout`; this module maps the
+memory and implements the two sides of the protocol (docs/PROTOCOL.md, "Ring").
+
+Producers serialise on the ring lock (a named semaphore). The holder records its pid, so a
+producer killed while holding the lock can be detected and the lock repaired: a publish only
+becomes visible with its final GEN store, so a dead holder's half-copied bytes are simply never
+published. The worker is the single writer of the worker line; producers only read it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from typing import Callable, Optional
+
+import posix_ipc
+
+from ..errors import RecordTooLargeError, SharedMemoryError, WalClosedError, WorkerFailedError
+from . import ring_layout as L
+from .names import Names
+
+_LEN = struct.Struct("<I")
+_pack_len = _LEN.pack_into
+_unpack_len = _LEN.unpack_from
+
+#: how long one wait on a semaphore lasts before the waiter re-checks liveness
+POLL_S = 0.05
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still "exists"; treat it as dead
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().split(b") ", 1)[1][:1] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _open_sem(name: str, create: bool, initial: int) -> posix_ipc.Semaphore:
+    flags = posix_ipc.O_CREX if create else 0
+    try:
+        return posix_ipc.Semaphore(name, flags, initial_value=initial)
+    except posix_ipc.ExistentialError:
+        if create:  # stale object from a crashed run
+            posix_ipc.unlink_semaphore(name)
+            return posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=initial)
+        raise
+
+
+class Ring:
+    """One shard's ring, attached in this process (create=True: the coordinator creates it)."""
+
+    def __init__(self, names: Names, shard: int, *, capacity: int = 0, create: bool = False) -> None:
+        self.shard = shard
+        self.names = names
+        name = names.ring(shard)
+        if create:
+            L.check_capacity(capacity)
+            size = L.HEADER_BYTES + capacity
+            try:
+                try:
+                    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+                except posix_ipc.ExistentialError:
+                    posix_ipc.unlink_shared_memory(name)
+                    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+            except OSError as exc:
+                raise _shm_error(name, size, exc) from exc
+            try:
+                # touch every page now: a full /dev/shm shows up here, not as SIGBUS later
+                os.posix_fallocate(shm.fd, 0, size)
+            except OSError as exc:
+                shm.close_fd()
+                posix_ipc.unlink_shared_memory(name)
+                raise _shm_error(name, size, exc) from exc
+        else:
+            shm = posix_ipc.SharedMemory(name)
+            size = shm.size
+        self._mm = mmap.mmap(shm.fd, size)
+        shm.close_fd()
+        self._h = memoryview(self._mm)[: L.HEADER_BYTES].cast("Q")
+        self.data = memoryview(self._mm)[L.HEADER_BYTES :]
+        h = self._h
+        if create:
+            h[L.MAGIC] = L.RING_MAGIC
+            h[L.VERSION] = L.RING_VERSION
+            h[L.CAPACITY] = capacity
+            h[L.SHARD] = shard
+            h[L.SLOT0 + L.WRAP_POS] = L.WRAP_NONE
+            h[L.SLOT1 + L.WRAP_POS] = L.WRAP_NONE
+            h[L.STATE] = L.ST_NEW
+        elif h[L.MAGIC] != L.RING_MAGIC or h[L.VERSION] != L.RING_VERSION:
+            raise SharedMemoryError(f"{name} is not an ironwal_mp ring of version {L.RING_VERSION}")
+        self.capacity = h[L.CAPACITY]
+        self.mask = self.capacity - 1
+        self.lock = _open_sem(names.ring_lock(shard), create, 1)
+        self._repair = _open_sem(names.ring_repair(shard), create, 1)
+        self.data_ready = _open_sem(names.data_ready(shard), create, 0)
+        self.space_free = _open_sem(names.space_free(shard), create, 0)
+        self.durable_sem = _open_sem(names.durable(shard), create, 0)
+        self._pid = os.getpid()
+        #: called while waiting, to raise if the WAL is gone (set by the client)
+        self.liveness: Optional[Callable[[], None]] = None
+
+    @property
+    def header(self) -> memoryview:
+        return self._h
+
+    def close(self) -> None:
+        for sem in (self.lock, self._repair, self.data_ready, self.space_free, self.durable_sem):
+            try:
+                sem.close()
+            except posix_ipc.Error:
+                pass
+        try:
+            self._h.release()
+            self.data.release()
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass  # a view is still exported somewhere; the mapping goes with the process
+
+    def unlink(self) -> None:
+        n = self.names
+        for fn, name in (
+            (posix_ipc.unlink_shared_memory, n.ring(self.shard)),
+            (posix_ipc.unlink_semaphore, n.ring_lock(self.shard)),
+            (posix_ipc.unlink_semaphore, n.ring_repair(self.shard)),
+            (posix_ipc.unlink_semaphore, n.data_ready(self.shard)),
+            (posix_ipc.unlink_semaphore, n.space_free(self.shard)),
+            (posix_ipc.unlink_semaphore, n.durable(self.shard)),
+        ):
+            try:
+                fn(name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    # --- the ring lock ------------------------------------------------------------------
+
+    def acquire(self, timeout: float = 30.0) -> None:
+        """Take the ring lock; repair it if its holder died. Raises WorkerFailedError on timeout."""
+        lock = self.lock
+        try:
+            lock.acquire(0)
+        except posix_ipc.BusyError:
+            self._acquire_slow(timeout)
+        self._h[L.HOLDER] = self._pid
+
+    def release(self) -> None:
+        self._h[L.HOLDER] = 0
+        self.lock.release()
+
+    def _acquire_slow(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        h = self._h
+        while True:
+            try:
+                self.lock.acquire(POLL_S)
+                return
+            except posix_ipc.BusyError:
+                pass
+            holder = h[L.HOLDER]
+            if holder and not pid_alive(holder):
+                self.repair_lock(holder)
+            if self.liveness is not None:
+                self.liveness()
+            if time.monotonic() > deadline:
+                raise WorkerFailedError(
+                    f"shard {self.shard}: ring lock not obtained in {timeout:.0f}s "
+                    f"(holder pid {holder or 'unknown'})"
+                )
+
+    def repair_lock(self, dead_pid: int) -> bool:
+        """Release the lock on behalf of ``dead_pid`` if it still holds it (once, whoever asks)."""
+        self._repair.acquire()
+        try:
+            h = self._h
+            if h[L.HOLDER] != dead_pid or pid_alive(dead_pid):
+                return False
+            # the dead holder's unpublished bytes are ignored: GEN still selects the old slot
+            h[L.HOLDER] = 0
+            self.lock.release()
+            return True
+        finally:
+            self._repair.release()
+
+    # --- producer side --------------------------------------------------------------------
+
+    def publish(self, block: bytes, count: int, strict: bool = False, timeout: float = 30.0) -> int:
+        """Copy ``count`` encoded records into the ring and publish them; return the first id.
+
+        Blocks while the ring is full (backpressure). With ``strict``, registers as a durable
+        waiter in the same critical section (see :meth:`wait_durable`).
+        """
+        need = len(block)
+        cap = self.capacity
+        if need > cap:
+            raise RecordTooLargeError(need, cap, f"shard {self.shard} ring block")
+        h = self._h
+        deadline = 0.0
+        while True:
+            self.acquire(timeout)
+            try:
+                state = h[L.STATE]
+                if state != L.ST_OPEN:
+                    raise _state_error(self.shard, state)
+                gen = h[L.GEN]
+                base = L.SLOT1 if gen & 1 else L.SLOT0
+                tail = h[base]
+                off = tail & self.mask
+                free = cap - (tail - h[L.HEAD])
+                if need <= cap - off and need <= free:
+                    self.data[off : off + need] = block
+                    seq = h[base + 1]
+                    nb = L.SLOT0 if gen & 1 else L.SLOT1
+                    h[nb] = tail + need
+                    h[nb + 1] = seq + count
+                    h[nb + 2] = h[base + 2]
+                    h[nb + 3] = h[base + 3]
+                    if strict:
+                        h[L.DUR_WAITERS] += 1
+                    h[L.GEN] = gen + 1  # the publish: one aligned 8-byte store
+                    break
+                placed = L.place(tail, h[L.HEAD], cap, need)
+                if placed.skip and placed.skip <= free:
+                    # publish the wrap on its own; the block then goes at offset 0
+                    self._publish_wrap(gen, base, tail, placed.skip)
+                    continue
+                h[L.SPACE_WAITERS] += 1
+            finally:
+                h[L.HOLDER] = 0
+                self.lock.release()
+            # full: wait for the worker to free space
+            if not deadline:
+                deadline = time.monotonic() + timeout
+            self._wake_worker()
+            self._wait(self.space_free, deadline, "space in the ring")
+            self.acquire(timeout)
+            h[L.SPACE_WAITERS] -= 1
+            self.release()
+        if h[L.SLEEPING]:
+            self.data_ready.release()
+        return seq
+
+    def _publish_wrap(self, gen: int, base: int, tail: int, skip: int) -> None:
+        h = self._h
+        nb = L.SLOT0 if gen & 1 else L.SLOT1
+        h[nb] = tail + skip
+        h[nb + 1] = h[base + 1]
+        h[nb + 2] = tail
+        h[nb + 3] = h[base + 1]
+        h[L.GEN] = gen + 1
+
+    def append_one(self, data: bytes, strict: bool = False, timeout: float = 30.0) -> int:
+        """Hot path of a single record: the common case without building a block."""
+        n = len(data)
+        need = n + 4
+        h = self._h
+        lock = self.lock
+        try:
+            lock.acquire(0)
+        except posix_ipc.BusyError:
+            self._acquire_slow(timeout)
+        h[L.HOLDER] = self._pid
+        gen = h[L.GEN]
+        base = L.SLOT1 if gen & 1 else L.SLOT0
+        tail = h[base]
+        off = tail & self.mask
+        if (
+            h[L.STATE] == L.ST_OPEN
+            and need <= self.capacity - off
+            and need <= self.capacity - (tail - h[L.HEAD])
+        ):
+            _pack_len(self.data, off, n)
+            self.data[off + 4 : off + need] = data
+            seq = h[base + 1]
+            nb = L.SLOT0 if gen & 1 else L.SLOT1
+            h[nb] = tail + need
+            h[nb + 1] = seq + 1
+            h[nb + 2] = h[base + 2]
+            h[nb + 3] = h[base + 3]
+            if strict:
+                h[L.DUR_WAITERS] += 1
+            h[L.GEN] = gen + 1
+            h[L.HOLDER] = 0
+            lock.release()
+            if h[L.SLEEPING]:
+                self.data_ready.release()
+            return seq
+        h[L.HOLDER] = 0
+        lock.release()
+        return self.publish(_LEN.pack(n) + data, 1, strict, timeout)
+
+    def wait_durable(self, upto_seq: int, timeout: float = 30.0, registered: bool = True) -> None:
+        """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter."""
+        h = self._h
+        try:
+            if h[L.DURABLE_SEQ] >= upto_seq:
+                return
+            if not registered:
+                self.acquire(timeout)
+                h[L.DUR_WAITERS] += 1
+                self.release()
+                registered = True
+            deadline = time.monotonic() + timeout
+            self._wake_worker()
+            while h[L.DURABLE_SEQ] < upto_seq:
+                state = h[L.STATE]
+                if state == L.ST_FAILED:
+                    raise _state_error(self.shard, state)
+                self._wait(self.durable_sem, deadline, "durability")
+        finally:
+            if registered:
+                self.acquire(timeout)
+                h[L.DUR_WAITERS] -= 1
+                self.release()
+
+    def _wake_worker(self) -> None:
+        if self._h[L.SLEEPING]:
+            self.data_ready.release()
+
+    def _wait(self, sem: posix_ipc.Semaphore, deadline: float, what: str) -> None:
+        try:
+            sem.acquire(POLL_S)
+            return
+        except posix_ipc.BusyError:
+            pass
+        if self.liveness is not None:
+            self.liveness()
+        state = self._h[L.STATE]
+        if state in (L.ST_FAILED, L.ST_CLOSED):
+            raise _state_error(self.shard, state)
+        if time.monotonic() > deadline:
+            worker = self._h[L.WORKER_PID]
+            raise WorkerFailedError(
+                f"shard {self.shard}: no {what} before the timeout; its worker "
+                f"(pid {worker}) is {'alive but stalled' if pid_alive(worker) else 'gone'}"
+            )
+
+    # --- reading shared state ---------------------------------------------------------------
+
+    def published(self) -> tuple[int, int, int, int]:
+        """(tail, next_seq, wrap_pos, wrap_seq) as of the last publish (take the lock first)."""
+        h = self._h
+        base = L.slot_base(h[L.GEN])
+        return h[base], h[base + 1], h[base + 2], h[base + 3]
+
+    def next_seq_locked(self) -> int:
+        h = self._h
+        return h[L.slot_base(h[L.GEN]) + 1]
+
+    def read_view(self) -> tuple[int, int, int]:
+        """(active segment start, its readable size, durable id), consistently."""
+        h = self._h
+        for _ in range(1000):
+            v1 = h[L.VIEW_VER]
+            if v1 & 1:
+                time.sleep(0)
+                continue
+            seg, size, durable = h[L.VIEW_SEG], h[L.VIEW_SIZE], h[L.VIEW_DURABLE]
+            if h[L.VIEW_VER] == v1:
+                return seg, size, durable
+        raise WorkerFailedError(f"shard {self.shard}: read view kept changing")
+
+    # --- worker side -------------------------------------------------------------------------
+
+    def set_view(self, seg: int, size: int, durable: int) -> None:
+        """Publish where readers may read up to (worker only)."""
+        h = self._h
+        h[L.VIEW_VER] += 1
+        h[L.VIEW_SEG] = seg
+        h[L.VIEW_SIZE] = size
+        h[L.VIEW_DURABLE] = durable
+        h[L.VIEW_VER] += 1
+
+    def next_slice(self) -> Optional[L.Slice]:
+        """The next run of published records for the worker (None if nothing is pending)."""
+        h = self._h
+        self.acquire()
+        try:
+            tail, next_seq, wrap_pos, wrap_seq = self.published()
+        finally:
+            self.release()
+        return L.next_slice(h[L.HEAD], h[L.HEAD_SEQ], tail, next_seq, wrap_pos, wrap_seq, self.capacity)
+
+    def consume(self, s: L.Slice) -> None:
+        """Mark a slice as taken (its frame is written); wake producers waiting for space."""
+        h = self._h
+        h[L.HEAD_SEQ] = s.first_seq + s.count
+        h[L.HEAD] = s.new_head
+        if h[L.SPACE_WAITERS]:
+            self.space_free.release()
+
+    def skip_records(self, upto_seq: int) -> int:
+        """Consume records below ``upto_seq`` without writing them (they are on disk already)."""
+        h = self._h
+        skipped = 0
+        while h[L.HEAD_SEQ] < upto_seq:
+            s = self.next_slice()
+            if s is None:
+                raise WorkerFailedError(
+                    f"shard {self.shard}: disk holds ids up to {upto_seq} but the ring ends at {h[L.HEAD_SEQ]}"
+                )
+            if s.first_seq + s.count <= upto_seq:
+                self.consume(s)
+                skipped += s.count
+                continue
+            # cut inside the slice: walk record lengths up to upto_seq
+            pos, seq = s.offset, s.first_seq
+            while seq < upto_seq:
+                (n,) = _unpack_len(self.data, pos)
+                pos += 4 + n
+                seq += 1
+            skipped += seq - s.first_seq
+            h[L.HEAD_SEQ] = seq
+            h[L.HEAD] = h[L.HEAD] + (pos - s.offset)
+        return skipped
+
+    def wake_durable_waiters(self) -> None:
+        n = self._h[L.DUR_WAITERS]
+        for _ in range(min(n, 64)):
+            self.durable_sem.release()
+
+
+def _state_error(shard: int, state: int) -> Exception:
+    if state == L.ST_FAILED:
+        return WorkerFailedError(f"shard {shard}: its worker failed (see the coordinator's log)")
+    if state in (L.ST_CLOSING, L.ST_CLOSED):
+        return WalClosedError(f"shard {shard}: the sharded WAL is shutting down or closed")
+    return WorkerFailedError(f"shard {shard}: ring is not open (state {L.STATE_NAMES.get(state, state)})")
+
+
+def _shm_error(name: str, size: int, exc: OSError) -> SharedMemoryError:
+    return SharedMemoryError(
+        f"cannot create shared memory {name} of {size} bytes ({exc}); /dev/shm is probably full: "
+        "free space there or lower ring_size (or the shard count)"
+    )

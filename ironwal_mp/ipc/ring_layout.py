@@ -1,0 +1,109 @@
+"""Pure layout and arithmetic of a shard ring (no I/O; see docs/PROTOCOL.md, "Ring").
+
+Positions are monotonic byte counters (u64); a position's place in the data area is
+``pos & (capacity - 1)``. Records sit in the ring in the on-disk batch encoding (u32 length +
+bytes), so a contiguous run of published records is a frame payload as it stands. A block of
+records never straddles the end of the data area: when it does not fit before the end, the
+producer publishes a *wrap*, skipping to the next multiple of the capacity, and records where
+that skip began (``wrap_pos``) and the id of the record after it (``wrap_seq``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+RING_MAGIC = 0x49574D5052494E47  # "IWMPRING"
+RING_VERSION = 1
+HEADER_BYTES = 4096
+LENGTH_PREFIX = 4
+
+# u64 field indexes in the header. Fields are grouped by writer, one 64-byte line each.
+# line 0: static, written once by the coordinator when it creates the ring
+MAGIC, VERSION, CAPACITY, SHARD = 0, 1, 2, 3
+# line 1: producers, under the ring lock
+GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS, PUBLISHES = 8, 9, 10, 11, 12
+# lines 2 and 3: the two publish slots (tail, next_seq, wrap_pos, wrap_seq); GEN's parity
+# selects the current one, so a producer that dies mid-publish leaves the old state intact
+SLOT0, SLOT1 = 16, 24
+TAIL, NEXT_SEQ, WRAP_POS, WRAP_SEQ = 0, 1, 2, 3  # offsets inside a slot
+# line 4: the worker (single writer)
+HEAD, HEAD_SEQ, WRITTEN_SEQ, DURABLE_SEQ, WORKER_PID, STATE, SLEEPING, ERRNO = range(32, 40)
+# line 5: the read view, under a single-writer seqlock (odd VIEW_VER = being written)
+VIEW_VER, VIEW_SEG, VIEW_SIZE, VIEW_DURABLE = 40, 41, 42, 43
+# line 6: worker statistics
+FSYNCS, BYTES_WRITTEN, FRAMES, FSYNC_NS, LAST_FSYNC_NS, RESTARTS, ENTRIES = range(48, 55)
+FIELDS = 64
+#: WRAP_POS before any wrap: a position no live range ever contains
+WRAP_NONE = (1 << 64) - 1
+
+# ring states (STATE)
+ST_NEW, ST_OPEN, ST_CLOSING, ST_CLOSED, ST_FAILED = 0, 1, 2, 3, 4
+STATE_NAMES = {ST_NEW: "new", ST_OPEN: "open", ST_CLOSING: "closing", ST_CLOSED: "closed", ST_FAILED: "failed"}
+
+
+def slot_base(gen: int) -> int:
+    return SLOT1 if gen & 1 else SLOT0
+
+
+def check_capacity(capacity: int) -> None:
+    if capacity < 4096 or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two >= 4096, got {capacity}")
+
+
+def max_block(capacity: int) -> int:
+    """The largest block of encoded records one publish can carry."""
+    return capacity
+
+
+def wrap_end(pos: int, capacity: int) -> int:
+    """The next multiple of ``capacity`` at or after ``pos`` (where a wrap skip ends)."""
+    return (pos + capacity - 1) & ~(capacity - 1)
+
+
+class Placement(NamedTuple):
+    """Where a block of ``need`` bytes goes: ``offset`` in the data area after ``skip`` bytes
+    of wrap (0 if none), or ``fits=False`` when the ring lacks the free space now."""
+
+    fits: bool
+    skip: int
+    offset: int
+
+
+def place(tail: int, head: int, capacity: int, need: int) -> Placement:
+    """Decide where a block of ``need`` bytes is written (``need <= capacity``)."""
+    off = tail & (capacity - 1)
+    room_to_end = capacity - off
+    free = capacity - (tail - head)
+    if need <= room_to_end:
+        return Placement(need <= free, 0, off)
+    # wrap: skip the rest of the area, then write at offset 0
+    return Placement(room_to_end + need <= free, room_to_end, 0)
+
+
+class Slice(NamedTuple):
+    """A run of published records the worker takes: data area [offset, offset+length)
+    holding ids [first_seq, first_seq+count); afterwards head becomes ``new_head``."""
+
+    offset: int
+    length: int
+    first_seq: int
+    count: int
+    new_head: int
+
+
+def next_slice(
+    head: int, head_seq: int, tail: int, next_seq: int, wrap_pos: int, wrap_seq: int, capacity: int
+) -> Slice | None:
+    """The next contiguous run of records between ``head`` and ``tail`` (None if empty).
+
+    A wrap inside [head, tail) splits the pending records in two: the run before it is taken
+    first; the head then jumps over the skip. A run may have no records (only a skip).
+    """
+    if head >= tail:
+        return None
+    if head <= wrap_pos < tail:
+        # a wrap never starts at a boundary (there the whole area lies ahead), so its skip
+        # ends at the next multiple of the capacity
+        return Slice(head & (capacity - 1), wrap_pos - head, head_seq, wrap_seq - head_seq,
+                     wrap_end(wrap_pos, capacity))
+    return Slice(head & (capacity - 1), tail - head, head_seq, next_seq - head_seq, tail)
