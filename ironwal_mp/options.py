@@ -121,3 +121,20 @@ def _coerce_enum(kind: type[enum.Enum], value: object) -> Optional[enum.Enum]:
             if value.lower() in (member.name.lower(), str(member.value).lower()):
                 return member
     return None
+
+
+def options_to_dict(opts: WalOptions) -> dict:
+    """A JSON-safe form of ``opts`` (enums by value), to hand options to another process."""
+    out = {}
+    for f in fields(opts):
+        value = getattr(opts, f.name)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif f.name == "root_path":
+            value = os.fspath(value)
+        out[f.name] = value
+    return out
+
+
+def options_from_dict(data: dict) -> WalOptions:
+    return WalOptions(**data)  # enum fields accept their values as strings

@@ -130,6 +130,16 @@ class Wal:
                 self._streams[name] = stream
             return stream
 
+    def open_stream(self, name: str) -> Stream:
+        """The writer of stream ``name`` (recovered now if this handle has not used it yet).
+
+        For a shard worker, which writes ready-made batch payloads with
+        :meth:`Stream.append_payload` so that frames are encoded only here, by the engine.
+        """
+        stream = self._stream(name, True)
+        assert stream is not None
+        return stream
+
     def streams(self) -> List[str]:
         """Names of the streams in the directory (written by this or an earlier process)."""
         self._check_open()

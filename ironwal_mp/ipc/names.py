@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import List
+from typing import Iterable, List
 
 import posix_ipc
 
@@ -36,8 +36,9 @@ class Names:
     def ring_repair(self, shard: int) -> str:
         return f"{self.prefix}_fix{shard:03d}"
 
-    def data_ready(self, shard: int) -> str:
-        return f"{self.prefix}_data{shard:03d}"
+    def worker_wake(self, worker: int) -> str:
+        """Posted when a worker has something to do (data in any of its rings, a command)."""
+        return f"{self.prefix}_wake{worker:03d}"
 
     def space_free(self, shard: int) -> str:
         return f"{self.prefix}_space{shard:03d}"
@@ -78,14 +79,15 @@ class Names:
                     found.append(f"{directory}/{entry}")
         return found
 
-    def remove_all(self) -> int:
-        """Unlink every object with this prefix; return how many were removed."""
+    def remove_all(self, keep: Iterable[str] = ()) -> int:
+        """Unlink every object with this prefix but those in ``keep``; return how many."""
         stem = self.prefix.lstrip("/")
+        kept = set(keep)
         removed = 0
         for entry in _listdir(SHM_DIR):
-            if entry.startswith("sem." + stem):
+            if entry.startswith("sem." + stem) and "/" + entry[4:] not in kept:
                 removed += _unlink(posix_ipc.unlink_semaphore, "/" + entry[4:])
-            elif entry.startswith(stem):
+            elif entry.startswith(stem) and "/" + entry not in kept:
                 removed += _unlink(posix_ipc.unlink_shared_memory, "/" + entry)
         if os.path.isdir(MQUEUE_DIR):
             for entry in _listdir(MQUEUE_DIR):

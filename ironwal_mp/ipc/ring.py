@@ -62,7 +62,9 @@ def _open_sem(name: str, create: bool, initial: int) -> posix_ipc.Semaphore:
 class Ring:
     """One shard's ring, attached in this process (create=True: the coordinator creates it)."""
 
-    def __init__(self, names: Names, shard: int, *, capacity: int = 0, create: bool = False) -> None:
+    def __init__(
+        self, names: Names, shard: int, *, capacity: int = 0, worker: int = 0, create: bool = False
+    ) -> None:
         self.shard = shard
         self.names = names
         name = names.ring(shard)
@@ -97,6 +99,7 @@ class Ring:
             h[L.VERSION] = L.RING_VERSION
             h[L.CAPACITY] = capacity
             h[L.SHARD] = shard
+            h[L.WORKER_IDX] = worker
             h[L.SLOT0 + L.WRAP_POS] = L.WRAP_NONE
             h[L.SLOT1 + L.WRAP_POS] = L.WRAP_NONE
             h[L.STATE] = L.ST_NEW
@@ -106,7 +109,8 @@ class Ring:
         self.mask = self.capacity - 1
         self.lock = _open_sem(names.ring_lock(shard), create, 1)
         self._repair = _open_sem(names.ring_repair(shard), create, 1)
-        self.data_ready = _open_sem(names.data_ready(shard), create, 0)
+        # one wake-up semaphore per worker, shared by its rings (created by the coordinator)
+        self.data_ready = posix_ipc.Semaphore(names.worker_wake(h[L.WORKER_IDX]), posix_ipc.O_CREAT)
         self.space_free = _open_sem(names.space_free(shard), create, 0)
         self.durable_sem = _open_sem(names.durable(shard), create, 0)
         self._pid = os.getpid()
@@ -130,20 +134,23 @@ class Ring:
         except (BufferError, ValueError):
             pass  # a view is still exported somewhere; the mapping goes with the process
 
-    def unlink(self) -> None:
-        n = self.names
-        for fn, name in (
-            (posix_ipc.unlink_shared_memory, n.ring(self.shard)),
-            (posix_ipc.unlink_semaphore, n.ring_lock(self.shard)),
-            (posix_ipc.unlink_semaphore, n.ring_repair(self.shard)),
-            (posix_ipc.unlink_semaphore, n.data_ready(self.shard)),
-            (posix_ipc.unlink_semaphore, n.space_free(self.shard)),
-            (posix_ipc.unlink_semaphore, n.durable(self.shard)),
-        ):
+    @staticmethod
+    def object_names(names: Names, shard: int) -> list[str]:
+        """Names of the shared memory and semaphores of one shard's ring."""
+        return [names.ring(shard), names.ring_lock(shard), names.ring_repair(shard),
+                names.space_free(shard), names.durable(shard)]
+
+    @staticmethod
+    def unlink_names(names: Names, shard: int) -> None:
+        shm, *sems = Ring.object_names(names, shard)
+        for fn, name in [(posix_ipc.unlink_shared_memory, shm)] + [(posix_ipc.unlink_semaphore, s) for s in sems]:
             try:
                 fn(name)
             except posix_ipc.ExistentialError:
                 pass
+
+    def unlink(self) -> None:
+        Ring.unlink_names(self.names, self.shard)
 
     # --- the ring lock ------------------------------------------------------------------
 

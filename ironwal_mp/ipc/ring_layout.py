@@ -19,7 +19,7 @@ LENGTH_PREFIX = 4
 
 # u64 field indexes in the header. Fields are grouped by writer, one 64-byte line each.
 # line 0: static, written once by the coordinator when it creates the ring
-MAGIC, VERSION, CAPACITY, SHARD = 0, 1, 2, 3
+MAGIC, VERSION, CAPACITY, SHARD, WORKER_IDX = 0, 1, 2, 3, 4
 # line 1: producers, under the ring lock
 GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS, PUBLISHES = 8, 9, 10, 11, 12
 # lines 2 and 3: the two publish slots (tail, next_seq, wrap_pos, wrap_seq); GEN's parity

@@ -1,0 +1,5 @@
+import sys
+
+from .coordinator import main
+
+sys.exit(main())

@@ -1,0 +1,444 @@
+"""The coordinator's event loop: start-up, requests, checkpoints, supervision, shut-down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+from ironwal_mp import errors as E
+from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
+from ironwal_mp.engine.rootlock import RootLock
+from ironwal_mp.ipc import control as C
+from ironwal_mp.ipc import messages as M
+from ironwal_mp.ipc import ring_layout as L
+from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.queues import Queue
+from ironwal_mp.ipc.ring import Ring, pid_alive
+from ironwal_mp.options import options_from_dict
+from ironwal_mp.sharded.manifest import open_manifest
+
+from .barrier import Barrier
+from .supervisor import Supervisor, assign_shards
+
+log = logging.getLogger("ironwal_mp.coordinator")
+
+TICK_S = 0.05
+PREPARE_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
+
+
+class StartupError(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Coordinator:
+    def __init__(self, root: str, shard_count: int, workers: int, ring_size: int,
+                 opts_json: str, starter: int = 0) -> None:
+        self.root = root
+        self.shard_count = shard_count
+        self.names = Names(root)
+        self.opts = options_from_dict(json.loads(opts_json))
+        self.starter = starter
+        self.assignment = assign_shards(shard_count, workers)
+        self.worker_of = [0] * shard_count
+        for w, shards in enumerate(self.assignment):
+            for s in shards:
+                self.worker_of[s] = w
+        self.ring_size = ring_size
+        self.env = dict(os.environ, IRONWAL_MP_OPTIONS=opts_json)
+        self.lock = RootLock(root)
+        self.rings: List[Ring] = []
+        self.ctl: Optional[C.ControlBlock] = None
+        self.requests: Optional[Queue] = None
+        self.worker_replies: Optional[Queue] = None
+        self.worker_queues: List[Queue] = []
+        self.wakes: list = []
+        self.supervisor: Optional[Supervisor] = None
+        self.ckpt_log: Optional[CheckpointLog] = None
+        self.clients: Dict[int, int] = {}  # queue token -> pid
+        self.stopping = False
+        self._req = 0
+        self._last_check = 0.0
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            self.lock.acquire()
+            open_manifest(self.root, self.shard_count)
+            self.ckpt_log = CheckpointLog(self.root)
+        except (E.WalError, OSError, ValueError, TypeError) as exc:
+            raise StartupError(exc) from exc
+        try:
+            self._clear_leftovers()
+            self._create_ipc()
+        except (E.WalError, OSError) as exc:
+            raise StartupError(exc) from exc
+        self.supervisor = Supervisor(self.root, self.assignment, self.env)
+        self.supervisor.start_all()
+        self._wait_workers_open()
+        self._publish_workers()
+        self.ctl.f[C.STATE] = C.ST_READY
+
+    def _clear_leftovers(self) -> None:
+        """Wait out workers a crashed coordinator left draining, then drop its IPC objects.
+
+        Rings that still hold published records are kept: their workers resume from them.
+        """
+        old = C.ControlBlock.try_open(self.names)
+        if old is not None:
+            deadline = time.monotonic() + 15
+            for pid in old.worker_pids():
+                while pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if pid_alive(pid):
+                    log.warning("killing leftover worker %d", pid)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            for _pid, token in old.clients():
+                Queue.unlink_name(self.names.client_queue(token))
+            old.close()
+        self.kept: Dict[int, Ring] = {}
+        for shard in range(self.shard_count):
+            try:
+                ring = Ring(self.names, shard)
+            except Exception:
+                continue
+            h = ring.header
+            tail = ring.published()[0]
+            if h[L.STATE] != L.ST_NEW and h[L.HEAD] < tail:
+                log.warning("shard %d: keeping a ring with %d unwritten bytes from an earlier run", shard, tail - h[L.HEAD])
+                self.kept[shard] = ring
+            else:
+                ring.close()
+        removed = 0
+        stem = self.names.prefix
+        for shard in range(self.shard_count):
+            if shard not in self.kept:
+                Ring.unlink_names(self.names, shard)
+        removed += self.names.remove_all(keep=[r for s in self.kept for r in Ring.object_names(self.names, s)])
+        if removed:
+            log.info("removed %d stale IPC objects of %s", removed, stem)
+
+    def _create_ipc(self) -> None:
+        import posix_ipc
+
+        self.ctl = C.ControlBlock(self.names, create=True)
+        f = self.ctl.f
+        f[C.SHARD_COUNT] = self.shard_count
+        f[C.WORKERS] = len(self.assignment)
+        f[C.RING_CAPACITY] = self.ring_size
+        f[C.STARTED_NS] = time.time_ns()
+        f[C.STARTER_PID] = self.starter
+        f[C.SYNC_MODE] = C.SYNC_CODES[self.opts.sync_mode.value]
+        for s, w in enumerate(self.worker_of):
+            f[C.WORKER_OF_SHARD + s] = w
+        for w in range(len(self.assignment)):
+            self.wakes.append(posix_ipc.Semaphore(self.names.worker_wake(w), posix_ipc.O_CREAT, initial_value=0))
+        for shard in range(self.shard_count):
+            ring = self.kept.get(shard)
+            if ring is None:
+                ring = Ring(self.names, shard, capacity=self.ring_size, worker=self.worker_of[shard], create=True)
+            else:
+                ring.header[L.WORKER_IDX] = self.worker_of[shard]
+            self.rings.append(ring)
+        self.requests = Queue(self.names.coordinator_queue, create=True)
+        self.worker_replies = Queue(self.names.worker_replies, create=True)
+        self.worker_queues = [Queue(self.names.worker_queue(w), create=True) for w in range(len(self.assignment))]
+
+    def _wait_workers_open(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(r.header[L.STATE] == L.ST_OPEN for r in self.rings):
+            dead = self.supervisor.dead()
+            if dead:
+                raise StartupError(E.WorkerFailedError(
+                    f"worker {dead[0]} exited with status {self.supervisor.procs[dead[0]].returncode} while starting"))
+            if time.monotonic() > deadline:
+                raise StartupError(E.WorkerFailedError("workers did not start in time"))
+            time.sleep(0.005)
+
+    def _publish_workers(self) -> None:
+        for w, pid in enumerate(self.supervisor.pids()):
+            self.ctl.f[C.WORKER_PIDS + w] = pid
+
+    # --- loop -------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not self.stopping:
+            msg = self.requests.receive(TICK_S)
+            if msg is not None:
+                self._handle(msg)
+            self._supervise()
+
+    def _supervise(self) -> None:
+        for w in self.supervisor.dead():
+            if self.stopping:
+                return
+            self.supervisor.restart(w)
+            self._publish_workers()
+        now = time.monotonic()
+        if now - self._last_check < 0.25:
+            return
+        self._last_check = now
+        if self.starter and not pid_alive(self.starter):
+            log.warning("the process that started this WAL (%d) is gone: shutting down", self.starter)
+            self.stopping = True
+        gone = [t for t, pid in self.clients.items() if not pid_alive(pid)]
+        for token in gone:
+            del self.clients[token]
+            Queue.unlink_name(self.names.client_queue(token))
+        if gone:
+            self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+
+    def _reply(self, msg: M.Message, kind: int, body: dict) -> None:
+        token = msg.body.get("reply")
+        if token is None:
+            return
+        try:
+            q = Queue(self.names.client_queue(token))
+        except Exception:
+            return  # the client went away
+        try:
+            q.send(M.Message(kind, 0, msg.req_id, body), timeout=5.0)
+        except E.WalError:
+            log.warning("client queue %x is full; dropping a reply", token)
+        finally:
+            q.close()
+
+    def _error(self, msg: M.Message, exc: BaseException) -> None:
+        args = list(getattr(exc, "args", ()))
+        if isinstance(exc, E.ShardCountMismatchError):
+            args = [exc.expected, exc.found]
+        self._reply(msg, M.ERROR, {"type": type(exc).__name__, "message": str(exc),
+                                   "args": [a if isinstance(a, (int, str, bytes)) else str(a) for a in args]})
+
+    def _handle(self, msg: M.Message) -> None:
+        try:
+            if msg.kind == M.ATTACH:
+                self.clients[msg.body["reply"]] = msg.body["pid"]
+                self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+                self._reply(msg, M.OK, {"shard_count": self.shard_count})
+            elif msg.kind == M.DETACH:
+                self.clients.pop(msg.body.get("reply"), None)
+                self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+                self._reply(msg, M.OK, {})
+            elif msg.kind == M.PING:
+                self._reply(msg, M.OK, {"pid": os.getpid()})
+            elif msg.kind == M.CHECKPOINT:
+                self._reply(msg, M.OK, self.checkpoint(msg.body["id"]))
+            elif msg.kind == M.PRUNE:
+                self._reply(msg, M.OK, self.prune(msg.body["id"]))
+            elif msg.kind == M.COMPACT:
+                before, after, reclaimed = self.ckpt_log.compact(msg.body["keep"])
+                self._reply(msg, M.OK, {"before": before, "after": after, "reclaimed": reclaimed})
+            elif msg.kind == M.SHUTDOWN:
+                self.stopping = True
+                self._reply(msg, M.OK, {})
+            else:
+                raise E.WalError(f"unknown request kind {msg.kind}")
+        except (E.WalError, ValueError, TypeError, KeyError, OSError) as exc:
+            if not isinstance(exc, E.WalError):
+                log.exception("request %s failed", M.KIND_NAMES.get(msg.kind, msg.kind))
+            self._error(msg, exc)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def cut(self) -> List[int]:
+        """Every shard's next id at one instant: all ring locks held at once, in shard order."""
+        taken = []
+        try:
+            for ring in self.rings:
+                ring.acquire()
+                taken.append(ring)
+            return [ring.next_seq_locked() for ring in self.rings]
+        finally:
+            for ring in reversed(taken):
+                ring.release()
+
+    def _new_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    def _ask_workers(self, kind: int, per_worker: Dict[int, dict]) -> int:
+        req = self._new_req()
+        for w, body in per_worker.items():
+            self.worker_queues[w].send(M.Message(kind, 0, req, body))
+            self.wakes[w].release()
+        return req
+
+    def _await(self, on_reply, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            reply = self.worker_replies.receive(min(TICK_S, max(0.0, deadline - time.monotonic())))
+            if reply is not None:
+                on_reply(reply)
+                continue
+            for w in self.supervisor.dead():
+                on_reply(M.Message(M.FAILED, w, -1, {"died": True}))
+            if time.monotonic() > deadline:
+                on_reply(None)
+                return
+
+    def checkpoint(self, raw_id: bytes) -> dict:
+        user_id = check_checkpoint_id(raw_id)
+        if user_id in self.ckpt_log:
+            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
+        cuts = self.cut()
+        barrier = Barrier(self._req + 1, cuts, self.worker_of)
+        req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
+        assert req == barrier.req_id
+
+        def on_reply(reply: Optional[M.Message]) -> None:
+            if reply is None:
+                barrier.on_timeout()
+            elif reply.kind == M.PREPARED:
+                barrier.on_prepared(reply.sender, reply.req_id, {int(k): v for k, v in reply.body["durable"].items()})
+            elif reply.kind == M.FAILED:
+                if reply.body.get("died"):
+                    barrier.on_worker_died(reply.sender)
+                else:
+                    barrier.on_failed(reply.sender, reply.req_id, reply.body.get("error", "?"))
+
+        self._await(on_reply, lambda: barrier.done, PREPARE_TIMEOUT_S)
+        if not barrier.done:
+            barrier.on_timeout()
+        if barrier.error is not None:
+            self._ask_workers(M.ABORT, {w: {} for w in barrier.by_worker})
+            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: {barrier.error}")
+        data = CheckpointData(user_id, time.time_ns(), self.shard_count, tuple(barrier.offsets))
+        self.ckpt_log.append(data)
+        self._ask_workers(M.COMMIT, {w: {} for w in barrier.by_worker})
+        return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}
+
+    def prune(self, raw_id: bytes) -> dict:
+        data = self.ckpt_log.get(check_checkpoint_id(raw_id))
+        per_worker: Dict[int, dict] = {}
+        for shard, off in enumerate(data.offsets):
+            per_worker.setdefault(self.worker_of[shard], {"offsets": {}})["offsets"][shard] = off
+        req = self._ask_workers(M.TRUNCATE, per_worker)
+        waiting = set(per_worker)
+        deleted: Dict[int, int] = {}
+        errors: List[str] = []
+
+        def on_reply(reply: Optional[M.Message]) -> None:
+            if reply is None:
+                errors.append(f"workers {sorted(waiting)} did not answer")
+                waiting.clear()
+            elif reply.req_id == req and reply.kind == M.TRUNCATED:
+                deleted.update({int(k): v for k, v in reply.body["deleted"].items()})
+                waiting.discard(reply.sender)
+            elif reply.kind == M.FAILED and (reply.req_id == req or reply.body.get("died")):
+                errors.append(reply.body.get("error", f"worker {reply.sender} died"))
+                waiting.discard(reply.sender)
+
+        self._await(on_reply, lambda: not waiting, PREPARE_TIMEOUT_S)
+        if errors:
+            raise E.WorkerFailedError("prune failed: " + "; ".join(errors))
+        return {"shards_pruned": sum(1 for n in deleted.values() if n), "segments_deleted": sum(deleted.values())}
+
+    # --- shut-down ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if not self.lock.held:
+            return  # never touch the objects of a coordinator we did not replace
+        if self.ctl is not None:
+            self.ctl.f[C.STATE] = C.ST_CLOSING
+        if self.supervisor is not None:
+            for w, q in enumerate(self.worker_queues):
+                try:
+                    q.send(M.Message(M.STOP, 0, 0, {}), timeout=1.0)
+                    self.wakes[w].release()
+                except E.WalError:
+                    pass
+            self.supervisor.wait_all(STOP_TIMEOUT_S)
+        for ring in self.rings:
+            if ring.header[L.STATE] not in (L.ST_FAILED,):
+                ring.header[L.STATE] = L.ST_CLOSED
+            ring.wake_durable_waiters()
+        if self.ctl is not None:
+            self.ctl.f[C.STATE] = C.ST_CLOSED
+        self._remove_ipc()
+        self.lock.release()
+
+    def _remove_ipc(self) -> None:
+        for ring in self.rings:
+            ring.unlink()
+            ring.close()
+        for q in [self.requests, self.worker_replies, *self.worker_queues]:
+            if q is not None:
+                q.unlink()
+                q.close()
+        for token in self.clients:
+            Queue.unlink_name(self.names.client_queue(token))
+        for sem in self.wakes:
+            try:
+                sem.unlink()
+            except Exception:
+                pass
+        if self.ctl is not None:
+            self.ctl.unlink()
+        self.names.remove_all()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description="ironwal_mp coordinator")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--shards", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--ring-size", type=int, required=True)
+    parser.add_argument("--notify", type=lambda s: int(s, 16), default=None, help="client queue token to tell READY/ERROR")
+    parser.add_argument("--starter", type=int, default=0, help="pid whose exit shuts this WAL down")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("IRONWAL_MP_LOG", "WARNING"),
+                        format="coordinator [%(process)d] %(levelname)s %(message)s")
+    root = os.path.abspath(args.root)
+    workers = args.workers or min(args.shards, os.cpu_count() or 1)
+    coord = Coordinator(root, args.shards, workers, args.ring_size,
+                        os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter)
+    notify = M.Message(M.READY, 0, 0, {})
+
+    def tell(kind: int, body: dict) -> None:
+        if args.notify is None:
+            return
+        try:
+            q = Queue(coord.names.client_queue(args.notify))
+            q.send(M.Message(kind, 0, 0, body), timeout=5.0)
+            q.close()
+        except Exception:
+            pass
+
+    def on_signal(_sig, _frame):
+        coord.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        try:
+            coord.start()
+        except StartupError as exc:
+            err = exc.error
+            args_ = [err.expected, err.found] if isinstance(err, E.ShardCountMismatchError) else [str(err)]
+            tell(M.ERROR, {"type": type(err).__name__, "message": str(err), "args": args_})
+            return 1
+        tell(M.READY, {"shard_count": coord.shard_count, "workers": len(coord.assignment), "pid": os.getpid()})
+        del notify
+        coord.serve()
+        return 0
+    finally:
+        coord.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

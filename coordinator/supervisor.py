@@ -1,0 +1,90 @@
+"""Starting, watching and restarting worker processes (fresh interpreters, never forks)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+log = logging.getLogger("ironwal_mp.coordinator")
+
+
+def assign_shards(shard_count: int, workers: int) -> List[List[int]]:
+    """Whole shards per worker, in contiguous runs as even as possible."""
+    workers = max(1, min(workers, shard_count))
+    base, extra = divmod(shard_count, workers)
+    out, start = [], 0
+    for w in range(workers):
+        n = base + (1 if w < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def _project_path() -> str:
+    import workers
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(workers.__file__)))
+
+
+class Supervisor:
+    def __init__(self, root: str, assignment: List[List[int]], env: Dict[str, str]) -> None:
+        self.root = root
+        self.assignment = assignment
+        path = _project_path()
+        self.env = dict(env)
+        self.env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.procs: List[Optional[subprocess.Popen]] = [None] * len(assignment)
+        self.restarts = [0] * len(assignment)
+
+    def command(self, index: int) -> List[str]:
+        shards = ",".join(str(s) for s in self.assignment[index])
+        return [sys.executable, "-m", "workers", "--root", self.root, "--shards", shards, "--index", str(index)]
+
+    def start(self, index: int) -> subprocess.Popen:
+        proc = subprocess.Popen(self.command(index), env=self.env, stdin=subprocess.DEVNULL, close_fds=True)
+        self.procs[index] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for i in range(len(self.assignment)):
+            self.start(i)
+
+    def pids(self) -> List[int]:
+        return [p.pid if p is not None else 0 for p in self.procs]
+
+    def dead(self) -> List[int]:
+        """Indexes of workers that have exited (reaped)."""
+        return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is not None]
+
+    def restart(self, index: int) -> subprocess.Popen:
+        old = self.procs[index]
+        log.warning("worker %d (pid %s) exited with %s; restarting it", index, old.pid if old else "?", old.returncode if old else "?")
+        self.restarts[index] += 1
+        return self.start(index)
+
+    def wait_all(self, timeout: float) -> None:
+        """Wait for every worker to exit; kill those still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()

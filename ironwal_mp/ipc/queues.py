@@ -1,0 +1,78 @@
+"""POSIX message queues carrying control messages (never payloads)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import posix_ipc
+
+from ..errors import SharedMemoryError, WalClosedError
+from .messages import MAX_MESSAGE, Assembler, Message, encode
+
+DEPTH = 10  # the Linux default limit without CAP_SYS_RESOURCE
+
+
+class Queue:
+    def __init__(self, name: str, *, create: bool = False) -> None:
+        self.name = name
+        if create:
+            try:
+                self._q = posix_ipc.MessageQueue(
+                    name, posix_ipc.O_CREX, max_messages=DEPTH, max_message_size=MAX_MESSAGE
+                )
+            except posix_ipc.ExistentialError:
+                posix_ipc.unlink_message_queue(name)
+                self._q = posix_ipc.MessageQueue(
+                    name, posix_ipc.O_CREX, max_messages=DEPTH, max_message_size=MAX_MESSAGE
+                )
+            except OSError as exc:
+                raise SharedMemoryError(
+                    f"cannot create message queue {name}: {exc} (see /proc/sys/fs/mqueue/queues_max)"
+                ) from exc
+        else:
+            self._q = posix_ipc.MessageQueue(name)
+        self._assembler = Assembler()
+
+    def send(self, msg: Message, timeout: float = 10.0, alive: Optional[Callable[[], None]] = None) -> None:
+        """Send every part; ``alive`` is called while the queue is full, to give up on a dead peer."""
+        deadline = time.monotonic() + timeout
+        for part in encode(msg, MAX_MESSAGE):
+            while True:
+                try:
+                    self._q.send(part, 0.1)
+                    break
+                except posix_ipc.BusyError:
+                    if alive is not None:
+                        alive()
+                    if time.monotonic() > deadline:
+                        raise WalClosedError(f"control queue {self.name} stayed full for {timeout:.0f}s") from None
+
+    def receive(self, timeout: Optional[float]) -> Optional[Message]:
+        """The next whole message, or None if none arrives within ``timeout`` (0: don't wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw, _prio = self._q.receive(left)
+            except posix_ipc.BusyError:
+                return None
+            msg = self._assembler.feed(raw)
+            if msg is not None:
+                return msg
+
+    def close(self) -> None:
+        try:
+            self._q.close()
+        except posix_ipc.Error:
+            pass
+
+    def unlink(self) -> None:
+        Queue.unlink_name(self.name)
+
+    @staticmethod
+    def unlink_name(name: str) -> None:
+        try:
+            posix_ipc.unlink_message_queue(name)
+        except posix_ipc.ExistentialError:
+            pass

@@ -1,0 +1,575 @@
+"""``ShardedWal``: the handle every appending or reading process holds.
+
+It routes keys itself (the router is a pure function recorded in MANIFEST), copies payloads
+straight into the owning shard's shared-memory ring, and reads straight from segment files.
+Only control requests (checkpoints, pruning, compaction, attach/detach) go to the coordinator,
+over POSIX message queues.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from zlib import crc32
+
+from .. import errors as E
+from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
+from ..engine.frame import encode_entries
+from ..ipc import control as C
+from ..ipc import messages as M
+from ..ipc import ring_layout as L
+from ..ipc.names import Names
+from ..ipc.queues import Queue
+from ..ipc.ring import Ring, pid_alive
+from ..options import SyncMode, WalOptions, options_to_dict
+from .manifest import check_shard_count, read_manifest
+from .reads import ShardReader
+from .router import get_router
+
+import json
+
+#: default ring size per shard: 16 shards fit a 64 MiB /dev/shm several times over
+DEFAULT_RING_SIZE = 1 << 20
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class PruneStats:
+    shards_pruned: int
+    segments_deleted: int
+
+
+@dataclass(frozen=True)
+class CompactionStats:
+    checkpoints_before: int
+    checkpoints_after: int
+    bytes_reclaimed: int
+
+
+class _Attachment:
+    """This process's connection to one running WAL, shared by its handles."""
+
+    def __init__(self, root: str, names: Names, timeout: float) -> None:
+        self.root = root
+        self.names = names
+        self.timeout = timeout
+        self.ctl = C.ControlBlock(names)
+        self.coordinator_pid = self.ctl.coordinator_pid
+        self.shard_count = self.ctl.f[C.SHARD_COUNT]
+        self.rings = [Ring(names, s) for s in range(self.shard_count)]
+        for ring in self.rings:
+            ring.liveness = self.check_alive
+        self.requests = Queue(names.coordinator_queue)
+        self.token = secrets.randbits(63) or 1
+        self.replies = Queue(names.client_queue(self.token), create=True)
+        self.req_lock = threading.Lock()
+        self.req_id = 0
+        self.refs = 0
+        self.started: Optional[subprocess.Popen] = None
+        self.closed = False
+        self.reader: Optional[ShardReader] = None
+        self.reader_opts: Optional[WalOptions] = None
+
+    def check_alive(self) -> None:
+        if self.closed:
+            raise E.WalClosedError("this ShardedWal handle is closed")
+        state = self.ctl.f[C.STATE]
+        if state in (C.ST_CLOSING, C.ST_CLOSED) or not pid_alive(self.coordinator_pid):
+            raise E.WalClosedError(f"the coordinator of {self.root} has stopped")
+
+    def request(self, kind: int, body: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Send a control request to the coordinator and return its answer (or raise its error)."""
+        timeout = self.timeout if timeout is None else timeout
+        with self.req_lock:
+            self.check_alive()
+            self.req_id += 1
+            req = self.req_id
+            body = dict(body, reply=self.token)
+            self.requests.send(M.Message(kind, os.getpid(), req, body), timeout, alive=self.check_alive)
+            deadline = time.monotonic() + max(timeout, 120.0)
+            while True:
+                msg = self.replies.receive(0.1)
+                if msg is not None and msg.req_id == req:
+                    break
+                if msg is None:
+                    if kind != M.SHUTDOWN:
+                        self.check_alive()
+                    elif not pid_alive(self.coordinator_pid):
+                        return {}
+                    if time.monotonic() > deadline:
+                        raise E.WorkerFailedError(f"the coordinator did not answer in {deadline:.0f}s")
+        if msg.kind == M.ERROR:
+            raise _rebuild_error(msg.body)
+        return msg.body
+
+    def close_objects(self) -> None:
+        self.closed = True
+        if self.reader is not None:
+            self.reader.close()
+        for ring in self.rings:
+            ring.close()
+        self.requests.close()
+        self.replies.unlink()
+        self.replies.close()
+        self.ctl.close()
+
+
+_attachments: Dict[str, _Attachment] = {}
+_registry_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # the child shares the parent's queues and lock-holder identity; give it its own
+    pid = os.getpid()
+    for att in list(_attachments.values()):
+        for ring in att.rings:
+            ring._pid = pid
+        att.started = None
+        att.req_lock = threading.Lock()
+        try:
+            att.token = secrets.randbits(63) or 1
+            att.replies = Queue(att.names.client_queue(att.token), create=True)
+            att.request(M.ATTACH, {"pid": pid})
+        except Exception:
+            pass
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _rebuild_error(body: Dict[str, Any]) -> Exception:
+    cls = getattr(E, str(body.get("type")), None)
+    message = body.get("message", "coordinator error")
+    if not (isinstance(cls, type) and issubclass(cls, E.WalError)):
+        return E.WalError(message)
+    if cls is E.ShardCountMismatchError:
+        expected, found = body["args"]
+        return cls(expected, found)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    return err
+
+
+def _running(names: Names) -> Optional[C.ControlBlock]:
+    ctl = C.ControlBlock.try_open(names)
+    if ctl is None:
+        return None
+    if ctl.state == C.ST_READY and pid_alive(ctl.coordinator_pid):
+        return ctl
+    ctl.close()
+    return None
+
+
+def _attach(root: str, timeout: float) -> Optional[_Attachment]:
+    """Attach to the coordinator running for ``root`` (None if there is none)."""
+    att = _attachments.get(root)
+    if att is not None and not att.closed and _running(att.names) is not None:
+        return att
+    names = Names(root)
+    ctl = _running(names)
+    if ctl is None:
+        return None
+    ctl.close()
+    try:
+        att = _Attachment(root, names, timeout)
+        att.request(M.ATTACH, {"pid": os.getpid()})
+    except (E.WalError, OSError, ValueError) as exc:
+        if isinstance(exc, E.WalClosedError):
+            return None
+        raise
+    _attachments[root] = att
+    return att
+
+
+def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int], ring_size: int,
+           timeout: float) -> subprocess.Popen:
+    """Start a coordinator for ``root`` and wait until it is ready (or says why not)."""
+    names = Names(root)
+    token = secrets.randbits(63) or 1
+    notify = Queue(names.client_queue(token), create=True)
+    env = dict(os.environ, IRONWAL_MP_OPTIONS=json.dumps(options_to_dict(opts)))
+    import coordinator as _coordinator_pkg
+
+    project = os.path.dirname(os.path.dirname(os.path.abspath(_coordinator_pkg.__file__)))
+    env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "coordinator", "--root", root, "--shards", str(shard_count),
+           "--ring-size", str(ring_size), "--notify", f"{token:x}", "--starter", str(os.getpid())]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        deadline = time.monotonic() + max(timeout, 60.0)
+        while True:
+            msg = notify.receive(0.05)
+            if msg is not None:
+                break
+            if proc.poll() is not None:
+                raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise E.WorkerFailedError("the coordinator did not start in time")
+    finally:
+        notify.unlink()
+        notify.close()
+    if msg.kind == M.ERROR:
+        proc.wait()
+        raise _rebuild_error(msg.body)
+    return proc
+
+
+def _open(opts: WalOptions, shard_count: Optional[int], workers: Optional[int], ring_size: int,
+          timeout: float, start: bool) -> _Attachment:
+    root = os.path.abspath(os.fspath(opts.root_path))
+    with _registry_lock:
+        for attempt in range(3):
+            att = _attach(root, timeout)
+            if att is None and start:
+                try:
+                    proc = _start(root, opts, shard_count, workers, ring_size, timeout)
+                except E.WalLockedError:
+                    time.sleep(0.2 * (attempt + 1))  # another process is starting it: attach to that
+                    continue
+                att = _attach(root, timeout)
+                if att is None:
+                    raise E.WorkerFailedError(f"the coordinator for {root} stopped right after starting")
+                att.started = proc
+            if att is None:
+                raise E.WalClosedError(
+                    f"no coordinator is running for {root}: open it with ShardedWal(opts, shard_count) "
+                    "or run `ironwal-mp serve`"
+                )
+            if shard_count is not None and att.shard_count != shard_count:
+                raise E.ShardCountMismatchError(shard_count, att.shard_count)
+            att.refs += 1
+            return att
+        raise E.WalLockedError(f"{root} is held by a coordinator that does not answer")
+
+
+class ShardedWal:
+    """A sharded, multiprocess WAL: ``shard_count`` engine streams written by worker processes.
+
+    The first ``ShardedWal`` for a directory starts its coordinator (which starts the workers);
+    later ones, in this or other processes, attach to it. The handle is thread-safe and
+    picklable (it re-attaches where it is unpickled).
+    """
+
+    def __init__(
+        self,
+        opts: WalOptions,
+        shard_count: int,
+        *,
+        workers: Optional[int] = None,
+        ring_size: int = DEFAULT_RING_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        _start: bool = True,
+    ) -> None:
+        if not isinstance(opts, WalOptions):
+            raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
+        if shard_count is not None:
+            check_shard_count(shard_count)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise E.ConfigError("workers", f"must be a positive int, got {workers!r}")
+        try:
+            L.check_capacity(ring_size)
+        except (ValueError, TypeError) as exc:
+            raise E.ConfigError("ring_size", str(exc)) from None
+        self.options = opts
+        self.root = os.path.abspath(os.fspath(opts.root_path))
+        self._timeout = timeout
+        self._att = _open(opts, shard_count, workers, ring_size, timeout, _start)
+        self._closed = False
+        self._bind()
+
+    def _bind(self) -> None:
+        att = self._att
+        manifest = read_manifest(self.root)
+        self._route = get_router(manifest.router if manifest else "crc32-v1")
+        self._n = att.shard_count
+        self._rings = att.rings
+        mode = self.options.sync_mode
+        self._strict = mode is SyncMode.STRICT
+        self._sync_batches = mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
+        self._crc_route = self._route.__name__ == "_crc32_v1"
+        if att.reader is None:
+            att.reader = ShardReader(self.root, att.rings, self.options)
+        self._reader = att.reader
+        weakref.finalize(self, _release, att)
+
+    # --- pickling: re-attach in the receiving process ----------------------------------------
+
+    def __reduce__(self):
+        return (_reconnect, (options_to_dict(self.options), self._timeout))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> "ShardedWal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach; the last handle of the process that started the WAL shuts it down cleanly."""
+        if self._closed:
+            return
+        self._closed = True
+        _release(self._att)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check(self) -> None:
+        if self._closed:
+            raise E.WalClosedError("this ShardedWal handle is closed")
+
+    # --- appends ----------------------------------------------------------------------------
+
+    @property
+    def shard_count(self) -> int:
+        return self._n
+
+    def shard_for(self, key: bytes) -> int:
+        """The shard ``key`` routes to (stable across processes and runs)."""
+        return self._route(_as_bytes(key, "key"), self._n)
+
+    def append(self, key: bytes, value: bytes) -> Tuple[int, int]:
+        """Append ``value`` to the shard ``key`` routes to; return ``(shard_id, seq_id)``."""
+        if type(key) is not bytes:
+            key = _as_bytes(key, "key")
+        if type(value) is not bytes:
+            value = _as_bytes(value, "value")
+        if self._closed:
+            raise E.WalClosedError("this ShardedWal handle is closed")
+        shard = crc32(key) % self._n if self._crc_route else self._route(key, self._n)
+        ring = self._rings[shard]
+        if self._strict:
+            seq = ring.append_one(value, True, self._timeout)
+            ring.wait_durable(seq + 1, self._timeout)
+        else:
+            seq = ring.append_one(value, False, self._timeout)
+        return shard, seq
+
+    def append_batch_for_key(self, key: bytes, values: Iterable[bytes]) -> List[Tuple[int, int]]:
+        """Append ``values`` atomically (one frame) to ``key``'s shard."""
+        self._check()
+        shard = self.shard_for(key)
+        items = [_as_bytes(v, "value") for v in values]
+        if not items:
+            return []
+        seq = self._publish(shard, items)
+        return [(shard, seq + i) for i in range(len(items))]
+
+    def append_batch(self, items: Iterable[Tuple[bytes, bytes]]) -> List[Tuple[int, int]]:
+        """Append ``(key, value)`` pairs; return ``(shard, seq)`` for each, in input order.
+
+        Each shard's part of the batch is one frame (atomic on that shard).
+        """
+        self._check()
+        groups: Dict[int, List[int]] = {}
+        values: List[bytes] = []
+        for i, item in enumerate(items):
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                raise TypeError("append_batch takes (key, value) pairs") from None
+            values.append(_as_bytes(value, "value"))
+            groups.setdefault(self.shard_for(key), []).append(i)
+        out: List[Tuple[int, int]] = [(0, 0)] * len(values)
+        for shard, positions in groups.items():
+            first = self._publish(shard, [values[i] for i in positions])
+            for k, i in enumerate(positions):
+                out[i] = (shard, first + k)
+        return out
+
+    def _publish(self, shard: int, values: Sequence[bytes]) -> int:
+        ring = self._rings[shard]
+        block = encode_entries(values)
+        if self._sync_batches:
+            seq = ring.publish(block, len(values), True, self._timeout)
+            ring.wait_durable(seq + len(values), self._timeout)
+        else:
+            seq = ring.publish(block, len(values), False, self._timeout)
+        return seq
+
+    def sync(self) -> None:
+        """Return once everything appended so far (by anyone) is durable on every shard."""
+        self._check()
+        for ring in self._rings:
+            ring.acquire(self._timeout)
+            target = ring.next_seq_locked()
+            ring.release()
+            ring.wait_durable(target, self._timeout, registered=False)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def _check_shard(self, shard_id: int) -> None:
+        if isinstance(shard_id, bool) or not isinstance(shard_id, int):
+            raise TypeError(f"shard_id must be an int, not {type(shard_id).__name__}")
+        if not 0 <= shard_id < self._n:
+            raise ValueError(f"shard_id {shard_id} is out of range (0..{self._n - 1})")
+
+    def get(self, shard_id: int, seq_id: int) -> Optional[bytes]:
+        """The durable entry ``seq_id`` of a shard, or None (absent, not yet durable, pruned)."""
+        self._check()
+        self._check_shard(shard_id)
+        _check_seq(seq_id)
+        return self._reader.get(shard_id, seq_id)
+
+    def iter_shard(self, shard_id: int, start_id: int = 0) -> Iterator[bytes]:
+        """A shard's durable entries from ``start_id`` (or the first kept one) on."""
+        self._check()
+        self._check_shard(shard_id)
+        _check_seq(start_id)
+        return self._reader.iter(shard_id, start_id)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def create_checkpoint(self, checkpoint_id: bytes) -> CheckpointData:
+        """A consistent cut across all shards, durable when this returns, under ``checkpoint_id``."""
+        self._check()
+        user_id = check_checkpoint_id(checkpoint_id)
+        body = self._att.request(M.CHECKPOINT, {"id": user_id})
+        return CheckpointData(body["id"], body["timestamp"], self._n, tuple(body["offsets"]))
+
+    def _log(self) -> CheckpointLog:
+        return CheckpointLog(self.root, repair=False)
+
+    def load_latest_checkpoint(self) -> Tuple[bytes, CheckpointData]:
+        self._check()
+        data = self._log().latest()
+        return data.user_id, data
+
+    def load_checkpoint(self, checkpoint_id: bytes) -> CheckpointData:
+        self._check()
+        return self._log().get(check_checkpoint_id(checkpoint_id))
+
+    def list_checkpoints(self) -> List[Tuple[bytes, int]]:
+        self._check()
+        return self._log().list()
+
+    @property
+    def checkpoint_count(self) -> int:
+        self._check()
+        return len(self._log())
+
+    def prune_before_checkpoint(self, checkpoint_id: bytes) -> PruneStats:
+        """Delete whole segments below the checkpoint's offsets on every shard."""
+        self._check()
+        body = self._att.request(M.PRUNE, {"id": check_checkpoint_id(checkpoint_id)})
+        return PruneStats(body["shards_pruned"], body["segments_deleted"])
+
+    def compact_checkpoints(self, keep_latest_n: int = 10) -> CompactionStats:
+        """Rewrite checkpoints.log keeping the newest ``keep_latest_n`` records."""
+        self._check()
+        if isinstance(keep_latest_n, bool) or not isinstance(keep_latest_n, int):
+            raise TypeError("keep_latest_n must be an int")
+        if keep_latest_n < 1:
+            raise ValueError("keep_latest_n must be at least 1")
+        body = self._att.request(M.COMPACT, {"keep": keep_latest_n})
+        return CompactionStats(body["before"], body["after"], body["reclaimed"])
+
+    # --- observation ------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """Per-shard ids, ring fill and worker counters, read from shared memory."""
+        self._check()
+        att = self._att
+        shards = []
+        for ring in self._rings:
+            h = ring.header
+            base = L.slot_base(h[L.GEN])
+            tail, next_seq = h[base + L.TAIL], h[base + L.NEXT_SEQ]
+            fsyncs = h[L.FSYNCS]
+            shards.append({
+                "shard": ring.shard,
+                "next_id": next_seq,
+                "written_id": h[L.WRITTEN_SEQ],
+                "durable_id": h[L.DURABLE_SEQ],
+                "ring_used": max(0, tail - h[L.HEAD]),
+                "ring_capacity": ring.capacity,
+                "fsyncs": fsyncs,
+                "fsync_avg_us": (h[L.FSYNC_NS] / fsyncs / 1000) if fsyncs else 0.0,
+                "last_fsync_us": h[L.LAST_FSYNC_NS] / 1000,
+                "frames": h[L.FRAMES],
+                "entries": h[L.ENTRIES],
+                "bytes": h[L.BYTES_WRITTEN],
+                "worker_pid": h[L.WORKER_PID],
+                "worker_restarts": max(0, h[L.RESTARTS]),
+                "state": L.STATE_NAMES.get(h[L.STATE], str(h[L.STATE])),
+            })
+        return {
+            "root": self.root,
+            "shard_count": self._n,
+            "coordinator_pid": att.coordinator_pid,
+            "worker_pids": att.ctl.worker_pids(),
+            "state": {C.ST_STARTING: "starting", C.ST_READY: "ready", C.ST_CLOSING: "closing",
+                      C.ST_CLOSED: "closed"}.get(att.ctl.state, "unknown"),
+            "shards": shards,
+        }
+
+
+def _release(att: _Attachment) -> None:
+    with _registry_lock:
+        att.refs -= 1
+        if att.refs > 0 or att.closed:
+            return
+        try:
+            if att.started is not None:
+                try:
+                    att.request(M.SHUTDOWN, {})
+                except E.WalError:
+                    pass
+                try:
+                    att.started.wait(120)
+                except subprocess.TimeoutExpired:
+                    att.started.kill()
+                    att.started.wait()
+            else:
+                try:
+                    att.request(M.DETACH, {}, timeout=5.0)
+                except E.WalError:
+                    pass
+        finally:
+            att.close_objects()
+            if _attachments.get(att.root) is att:
+                del _attachments[att.root]
+
+
+def _reconnect(opts_dict: dict, timeout: float) -> ShardedWal:
+    from ..options import options_from_dict
+
+    return ShardedWal(options_from_dict(opts_dict), None, timeout=timeout, _start=False)  # type: ignore[arg-type]
+
+
+def connect(root_path: "str | os.PathLike[str]", *, sync_mode: SyncMode = SyncMode.STRICT,
+            timeout: float = DEFAULT_TIMEOUT) -> ShardedWal:
+    """Attach to the WAL a running coordinator serves at ``root_path`` (WalClosedError if none)."""
+    return ShardedWal(WalOptions(root_path=root_path, sync_mode=sync_mode), None,  # type: ignore[arg-type]
+                      timeout=timeout, _start=False)
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if type(value) is bytes:
+        return value  # type: ignore[return-value]
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
+
+
+def _check_seq(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ids must be int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"ids must not be negative, got {value}")

@@ -1,0 +1,98 @@
+"""``<root>/MANIFEST``: what a sharded directory is (format version, shard count, router).
+
+A small JSON document, replaced atomically. A directory written by the Rust crate has no
+MANIFEST; it is adopted (shard count taken from its ``shard_NN`` directories) and given one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..engine.layout import write_file_atomic
+from ..errors import ManifestError, ShardCountMismatchError
+from .router import DEFAULT_ROUTER, get_router
+
+MANIFEST = "MANIFEST"
+FORMAT = "ironwal_mp.sharded"
+FORMAT_VERSION = 1
+MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
+_SHARD_DIR = re.compile(r"^shard_(\d{2,3})$")
+
+
+def shard_stream(shard: int) -> str:
+    return f"shard_{shard:02d}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shard_count: int
+    router: str = DEFAULT_ROUTER
+    version: int = FORMAT_VERSION
+    adopted: bool = False
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, "version": self.version, "shard_count": self.shard_count, "router": self.router}
+        if self.adopted:
+            doc["adopted_from"] = "ironwal 0.6 (no MANIFEST; routing of earlier keys was the crate's)"
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def check_shard_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"shard_count must be an int, not {type(value).__name__}")
+    if not 1 <= value <= MAX_SHARDS:
+        raise ValueError(f"shard_count must be between 1 and {MAX_SHARDS}, got {value}")
+    return value
+
+
+def read_manifest(root: str) -> Optional[Manifest]:
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != FORMAT:
+            raise ManifestError(f"{path}: not an ironwal_mp MANIFEST")
+        if doc.get("version") != FORMAT_VERSION:
+            raise ManifestError(f"{path}: format version {doc.get('version')} is not supported")
+        get_router(doc["router"])
+        return Manifest(check_shard_count(doc["shard_count"]), doc["router"], doc["version"], "adopted_from" in doc)
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ManifestError):
+            raise
+        raise ManifestError(f"{path} is unreadable: {exc}") from None
+
+
+def existing_shard_dirs(root: str) -> list[int]:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_SHARD_DIR.match, names) if m)
+
+
+def open_manifest(root: str, shard_count: int) -> Manifest:
+    """The directory's manifest, created (or adopted) if absent; checks the shard count."""
+    check_shard_count(shard_count)
+    manifest = read_manifest(root)
+    if manifest is None:
+        shards = existing_shard_dirs(root)
+        if shards:
+            found = max(shards) + 1
+            if found != shard_count:
+                raise ShardCountMismatchError(shard_count, found)
+            manifest = Manifest(shard_count, adopted=True)
+        else:
+            manifest = Manifest(shard_count)
+        os.makedirs(root, exist_ok=True)
+        write_file_atomic(os.path.join(root, MANIFEST), manifest.to_json())
+    elif manifest.shard_count != shard_count:
+        raise ShardCountMismatchError(shard_count, manifest.shard_count)
+    return manifest

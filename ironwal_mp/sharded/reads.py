@@ -1,0 +1,95 @@
+"""Reading shards directly from their segment files, in any process.
+
+A reader never passes a shard's durable id: the worker publishes (active segment, readable
+size, durable id) in the ring header under a seqlock, and every read works on a view built
+from that triple, so it can neither see a frame being written nor one that is not yet durable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from ..engine import layout
+from ..engine.fdcache import FdCache
+from ..engine.reader import SegmentReader, StreamView
+from ..engine.scanner import ScanError, scan_frames
+from ..engine.sparse_index import SparseIndex
+from ..ipc.ring import Ring
+from ..options import WalOptions
+from .manifest import shard_stream
+
+
+class _ActiveIndex:
+    """An index of the shard's active segment, extended as the segment grows."""
+
+    __slots__ = ("seg", "index", "scanned", "next_id")
+
+    def __init__(self, seg: int) -> None:
+        self.seg = seg
+        self.index = SparseIndex()
+        self.scanned = 0
+        self.next_id = seg
+
+
+class ShardReader:
+    def __init__(self, root: str, rings: List[Ring], opts: WalOptions) -> None:
+        self.root = root
+        self.rings = rings
+        self.fdcache = FdCache(opts.max_open_segments)
+        self.reader = SegmentReader(
+            self.fdcache,
+            strategy=opts.read_strategy,
+            chunk=opts.read_buffer_size,
+            block_cache_size=opts.block_cache_size,
+        )
+        self._lock = threading.Lock()
+        self._segments: Dict[int, List[int]] = {}
+        self._active: Dict[int, _ActiveIndex] = {}
+
+    def shard_dir(self, shard: int) -> str:
+        return os.path.join(self.root, shard_stream(shard))
+
+    def view(self, shard: int, refresh: bool = False) -> Tuple[StreamView, str]:
+        seg, size, durable = self.rings[shard].read_view()
+        stream_dir = self.shard_dir(shard)
+        with self._lock:
+            segments = self._segments.get(shard)
+            if refresh or not segments or segments[-1] != seg:
+                try:
+                    segments = [s for s in layout.list_segments(stream_dir) if s <= seg]
+                except FileNotFoundError:
+                    segments = []
+                self._segments[shard] = segments
+            if not segments or segments[-1] != seg or durable <= segments[0]:
+                return StreamView(tuple(segments), 0, durable if segments else 0, SparseIndex()), stream_dir
+            active = self._active.get(shard)
+            if active is None or active.seg != seg:
+                active = self._active[shard] = _ActiveIndex(seg)
+            if active.scanned < size:
+                self._extend(stream_dir, active, size)
+            return StreamView(tuple(segments), size, durable, active.index), stream_dir
+
+    def _extend(self, stream_dir: str, active: _ActiveIndex, size: int) -> None:
+        path = os.path.join(stream_dir, layout.segment_name(active.seg))
+        try:
+            for off, header, _ in scan_frames(
+                self.reader.read_fn(path), active.scanned, active.next_id, end=size, verify=False
+            ):
+                active.index.add(header.start_id, off)
+                active.scanned = off + header.frame_size
+                active.next_id = header.end_id
+        except ScanError:
+            pass  # reads that reach the bad bytes report them with their offset
+
+    def get(self, shard: int, seq_id: int) -> Optional[bytes]:
+        view, stream_dir = self.view(shard)
+        return self.reader.get(view, stream_dir, seq_id)
+
+    def iter(self, shard: int, start_id: int) -> Iterator[bytes]:
+        view, stream_dir = self.view(shard, refresh=True)
+        return self.reader.iter(view, stream_dir, start_id)
+
+    def close(self) -> None:
+        self.fdcache.close_all()

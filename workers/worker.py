@@ -1,0 +1,332 @@
+"""The shard worker: ring -> engine frames -> fsync (group commit) -> watermarks.
+
+One process owns whole shards. For each it opens the shard's engine stream (recovering its
+tail), resumes the ring where the disk ends, then loops: take each run of published records as
+one frame payload, write it through the engine, and fsync when somebody waits for durability
+(or the flush interval passes), publishing the durable id and waking the waiters. Control
+messages from the coordinator (prepare, truncate, stop) are served between passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+from ironwal_mp.engine.stream import Stream
+from ironwal_mp.engine.wal import Wal
+from ironwal_mp.errors import WalError
+from ironwal_mp.ipc import messages as M
+from ironwal_mp.ipc import ring_layout as L
+from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.queues import Queue
+from ironwal_mp.ipc.ring import Ring
+from ironwal_mp.options import options_from_dict
+from ironwal_mp.sharded.manifest import shard_stream
+
+log = logging.getLogger("ironwal_mp.worker")
+
+#: longest sleep when idle: bounds how late a coordinator's death or a flush is noticed
+IDLE_WAIT_S = 0.05
+#: written-but-not-durable entries are fsynced at most this long after they were written
+FLUSH_INTERVAL_S = 0.1
+#: after a small pass, wait this long for more records so frames grow (fewer, larger writes)
+GATHER_S = 0.0005
+
+
+class ShardState:
+    """One owned shard: its ring and its engine stream."""
+
+    def __init__(self, shard: int, ring: Ring, stream: Stream) -> None:
+        self.shard = shard
+        self.ring = ring
+        self.h = ring.header
+        self.stream = stream
+        self.dirty_since = 0.0  # monotonic time of the oldest written-but-not-durable frame
+
+
+class Worker:
+    def __init__(self, root: str, shards: List[int], index: int, opts_dict: dict) -> None:
+        self.root = root
+        self.index = index
+        self.names = Names(root)
+        self.opts = options_from_dict(opts_dict)
+        self.parent = os.getppid()
+        self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
+        self.shards: Dict[int, ShardState] = {}
+        for shard in shards:
+            ring = Ring(self.names, shard)
+            stream = self.wal.open_stream(shard_stream(shard))
+            self.shards[shard] = ShardState(shard, ring, stream)
+        self.commands = Queue(self.names.worker_queue(index))
+        self.replies = Queue(self.names.worker_replies)
+        self.wake = next(iter(self.shards.values())).ring.data_ready
+        self.pool = ThreadPoolExecutor(max_workers=min(8, len(shards))) if len(shards) > 1 else None
+        self.stopping = False
+        self.gather = self.opts.write_buffer_size
+
+    # --- start --------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Line each ring up with what the disk holds, then open it for producers."""
+        for st in self.shards.values():
+            h, ring, on_disk = st.h, st.ring, st.stream.next_id
+            h[L.WORKER_PID] = os.getpid()
+            ring.acquire()
+            try:
+                tail, next_seq, _, _ = ring.published()
+                fresh = h[L.STATE] == L.ST_NEW or not (h[L.HEAD_SEQ] <= on_disk <= next_seq)
+                if fresh:
+                    if h[L.STATE] != L.ST_NEW:
+                        log.warning("shard %d: ring ids %d..%d do not fit the disk's %d; starting the ring afresh",
+                                    st.shard, h[L.HEAD_SEQ], next_seq, on_disk)
+                    base = L.slot_base(h[L.GEN])
+                    h[base + L.NEXT_SEQ] = on_disk
+                    h[L.HEAD] = tail
+                    h[L.HEAD_SEQ] = on_disk
+            finally:
+                ring.release()
+            if not fresh:
+                skipped = ring.skip_records(on_disk)
+                h[L.RESTARTS] += 1
+                log.info("shard %d: resumed at id %d (skipped %d records already on disk)", st.shard, on_disk, skipped)
+            h[L.WRITTEN_SEQ] = on_disk
+            self._publish_durable(st, st.stream.view())
+            h[L.ERRNO] = 0
+            h[L.STATE] = L.ST_OPEN
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.resume()
+        while not self.stopping:
+            wrote = 0
+            for st in self.shards.values():
+                wrote += self._drain(st)
+            self._sync_if_needed()
+            self._serve_commands()
+            if os.getppid() != self.parent:
+                log.warning("coordinator %d is gone: draining and stopping", self.parent)
+                self.stop()
+                break
+            if wrote == 0:
+                self._sleep()
+            elif wrote < self.gather and not self._durable_waiters():
+                time.sleep(GATHER_S)
+        return 0
+
+    def _drain(self, st: ShardState) -> int:
+        """Write every published run of records of one shard; return the bytes written."""
+        ring, h, stream = st.ring, st.h, st.stream
+        if h[L.STATE] == L.ST_FAILED:
+            return 0
+        written = 0
+        while True:
+            s = ring.next_slice()
+            if s is None:
+                return written
+            if s.count:
+                payload = bytes(ring.data[s.offset : s.offset + s.length])
+                try:
+                    first = stream.append_payload(payload, s.count)
+                except (WalError, OSError) as exc:
+                    self._fail(st, exc)
+                    return written
+                if first != s.first_seq:
+                    self._fail(st, WalError(f"ring id {s.first_seq} was written as id {first}"))
+                    return written
+                h[L.FRAMES] += 1
+                h[L.ENTRIES] += s.count
+                h[L.BYTES_WRITTEN] += s.length
+                written += s.length
+                if not st.dirty_since:
+                    st.dirty_since = time.monotonic()
+            ring.consume(s)
+            h[L.WRITTEN_SEQ] = s.first_seq + s.count
+
+    def _durable_waiters(self) -> bool:
+        return any(st.h[L.DUR_WAITERS] for st in self.shards.values())
+
+    def _sync_if_needed(self, force: bool = False) -> None:
+        now = time.monotonic()
+        due = [
+            st for st in self.shards.values()
+            if st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED
+            and (force or st.h[L.DUR_WAITERS] or now - st.dirty_since >= FLUSH_INTERVAL_S)
+        ]
+        if due:
+            self.sync(due)
+
+    def sync(self, states: List[ShardState]) -> None:
+        """Fsync the given shards (in parallel threads), then publish their durable ids."""
+        views = [st.stream.view() for st in states]
+        started = time.perf_counter_ns()
+
+        def one(i: int) -> Optional[BaseException]:
+            try:
+                states[i].stream.make_durable(views[i].next_id)
+                return None
+            except (WalError, OSError) as exc:
+                return exc
+
+        results = list(self.pool.map(one, range(len(states)))) if self.pool and len(states) > 1 else [one(0)] if len(states) == 1 else []
+        elapsed = time.perf_counter_ns() - started
+        for st, view, err in zip(states, views, results):
+            if err is not None:
+                self._fail(st, err)
+                continue
+            st.h[L.FSYNCS] += 1
+            st.h[L.FSYNC_NS] += elapsed
+            st.h[L.LAST_FSYNC_NS] = elapsed
+            st.dirty_since = 0.0
+            self._publish_durable(st, view)
+
+    def _publish_durable(self, st: ShardState, view) -> None:
+        seg = view.segments[-1] if view.segments else view.next_id
+        st.ring.set_view(seg, view.active_size, view.next_id)
+        st.h[L.DURABLE_SEQ] = view.next_id
+        st.ring.wake_durable_waiters()
+
+    def _fail(self, st: ShardState, exc: BaseException) -> None:
+        log.error("shard %d failed: %s", st.shard, exc)
+        st.h[L.ERRNO] = getattr(exc, "errno", 0) or 5
+        st.h[L.STATE] = L.ST_FAILED
+        st.ring.wake_durable_waiters()
+        for _ in range(8):
+            st.ring.space_free.release()
+
+    def _sleep(self) -> None:
+        for st in self.shards.values():
+            st.h[L.SLEEPING] = 1
+        try:
+            # re-check after raising the flag, or a publish in between would go unnoticed
+            if any(st.ring.next_slice() is not None for st in self.shards.values()):
+                return
+            try:
+                self.wake.acquire(IDLE_WAIT_S)
+            except Exception:  # posix_ipc.BusyError: the timeout
+                pass
+        finally:
+            for st in self.shards.values():
+                st.h[L.SLEEPING] = 0
+
+    # --- commands -----------------------------------------------------------------------
+
+    def _serve_commands(self) -> None:
+        while True:
+            msg = self.commands.receive(0)
+            if msg is None:
+                return
+            self._handle(msg)
+
+    def _reply(self, kind: int, req_id: int, body: dict) -> None:
+        self.replies.send(M.Message(kind, self.index, req_id, body), alive=self._coordinator_alive)
+
+    def _coordinator_alive(self) -> None:
+        if os.getppid() != self.parent:
+            raise WalError("coordinator is gone")
+
+    def _handle(self, msg: M.Message) -> None:
+        if msg.kind == M.PREPARE:
+            cuts = {int(k): v for k, v in msg.body["cuts"].items()}
+            try:
+                durable = self.prepare(cuts)
+            except (WalError, OSError) as exc:
+                self._reply(M.FAILED, msg.req_id, {"error": str(exc)})
+                return
+            self._reply(M.PREPARED, msg.req_id, {"durable": durable})
+        elif msg.kind == M.TRUNCATE:
+            deleted = {}
+            try:
+                for shard, below in msg.body["offsets"].items():
+                    deleted[int(shard)] = self.shards[int(shard)].stream.truncate(below)
+            except (WalError, OSError) as exc:
+                self._reply(M.FAILED, msg.req_id, {"error": str(exc)})
+                return
+            self._reply(M.TRUNCATED, msg.req_id, {"deleted": deleted})
+        elif msg.kind == M.STOP:
+            self.stop()
+            self._reply(M.STOPPED, msg.req_id, {})
+        # COMMIT and ABORT need no action: prepare only made data durable, which stays true
+
+    def prepare(self, cuts: Dict[int, int]) -> Dict[int, int]:
+        """Make every id below each shard's cut durable; return the durable ids."""
+        for shard, cut in cuts.items():
+            st = self.shards[shard]
+            while st.h[L.WRITTEN_SEQ] < cut:
+                if st.h[L.STATE] == L.ST_FAILED:
+                    raise WalError(f"shard {shard} has failed")
+                if not self._drain(st):
+                    time.sleep(0)
+        due = [self.shards[s] for s, cut in cuts.items() if self.shards[s].h[L.DURABLE_SEQ] < cut]
+        if due:
+            self.sync(due)
+        out = {}
+        for shard, cut in cuts.items():
+            h = self.shards[shard].h
+            if h[L.STATE] == L.ST_FAILED or h[L.DURABLE_SEQ] < cut:
+                raise WalError(f"shard {shard} could not be made durable up to id {cut}")
+            out[shard] = h[L.DURABLE_SEQ]
+        return out
+
+    def stop(self) -> None:
+        """Close the rings to producers, drain what they published, fsync, and mark closed."""
+        self.stopping = True
+        for st in self.shards.values():
+            st.ring.acquire()
+            if st.h[L.STATE] == L.ST_OPEN:
+                st.h[L.STATE] = L.ST_CLOSING
+            st.ring.release()
+        for st in self.shards.values():
+            self._drain(st)
+        self._sync_if_needed(force=True)
+        for st in self.shards.values():
+            if st.h[L.STATE] != L.ST_FAILED:
+                st.h[L.STATE] = L.ST_CLOSED
+            st.ring.wake_durable_waiters()
+            for _ in range(8):
+                st.ring.space_free.release()
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+        self.wal.close()
+        for st in self.shards.values():
+            st.ring.close()
+        self.commands.close()
+        self.replies.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="ironwal_mp shard worker")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--shards", required=True, help="comma-separated shard numbers")
+    parser.add_argument("--index", type=int, required=True, help="this worker's number")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("IRONWAL_MP_LOG", "WARNING"),
+                        format=f"worker {args.index} [%(process)d] %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator decides
+    opts = json.loads(os.environ["IRONWAL_MP_OPTIONS"])
+    worker = Worker(os.path.abspath(args.root), [int(s) for s in args.shards.split(",")], args.index, opts)
+
+    def on_term(_sig, _frame):
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        worker.run()
+        if worker.stopping:
+            worker.stop()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
