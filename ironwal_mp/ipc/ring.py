@@ -195,6 +195,7 @@ class Ring:
             if h[L.HOLDER] != dead_pid or pid_alive(dead_pid):
                 return False
             # the dead holder's unpublished bytes are ignored: GEN still selects the old slot
+            self._restore_wrap_invariant()
             h[L.HOLDER] = 0
             self.lock.release()
             return True
@@ -260,6 +261,12 @@ class Ring:
         return seq
 
     def _publish_wrap(self, gen: int, base: int, tail: int, skip: int) -> None:
+        """Publish a skip to the next boundary, then copy the wrap fields into the other slot.
+
+        Invariant (outside the lock): both slots hold the same wrap fields, so an ordinary
+        publish need not copy them. A holder that dies between the two steps breaks it;
+        :meth:`repair_lock` restores it.
+        """
         h = self._h
         nb = L.SLOT0 if gen & 1 else L.SLOT1
         h[nb] = tail + skip
@@ -267,46 +274,72 @@ class Ring:
         h[nb + 2] = tail
         h[nb + 3] = h[base + 1]
         h[L.GEN] = gen + 1
+        h[base + 2] = tail
+        h[base + 3] = h[nb + 3]
+
+    def _restore_wrap_invariant(self) -> None:
+        h = self._h
+        gen = h[L.GEN]
+        cur, other = (L.SLOT1, L.SLOT0) if gen & 1 else (L.SLOT0, L.SLOT1)
+        h[other + 2] = h[cur + 2]
+        h[other + 3] = h[cur + 3]
+
+    def make_appender(self) -> Callable[[bytes, bool, float], int]:
+        """The hot path for one record, with every lookup bound once.
+
+        Field indexes are literals (checked against ring_layout below) because each global or
+        attribute lookup costs as much as a shared-memory store here.
+        """
+        h = self._h
+        data = self.data
+        lock = self.lock
+        acquire, release = lock.acquire, lock.release
+        cap, mask = self.capacity, self.mask
+        pack = _pack_len
+        wake = self.data_ready.release
+        busy = posix_ipc.BusyError
+        slow_lock = self._acquire_slow
+        slow = self.publish
+        ring = self
+
+        def append(value: bytes, strict: bool = False, timeout: float = 30.0) -> int:
+            n = len(value)
+            need = n + 4
+            try:
+                acquire(0)
+            except busy:
+                slow_lock(timeout)
+            h[9] = ring._pid  # HOLDER
+            gen = h[8]  # GEN
+            if gen & 1:
+                base, nb = 24, 16  # SLOT1 current, SLOT0 next
+            else:
+                base, nb = 16, 24
+            tail = h[base]
+            off = tail & mask
+            if h[37] == 1 and need <= cap - off and tail + need - h[32] <= cap:  # STATE open, HEAD
+                pack(data, off, n)
+                data[off + 4 : off + need] = value
+                seq = h[base + 1]
+                h[nb] = tail + need
+                h[nb + 1] = seq + 1  # (the wrap fields are equal in both slots: see _publish_wrap)
+                if strict:
+                    h[11] += 1  # DUR_WAITERS
+                h[8] = gen + 1  # the publish
+                h[9] = 0
+                release()
+                if h[38]:  # SLEEPING
+                    wake()
+                return seq
+            h[9] = 0
+            release()
+            return slow(_LEN.pack(n) + value, 1, strict, timeout)
+
+        return append
 
     def append_one(self, data: bytes, strict: bool = False, timeout: float = 30.0) -> int:
-        """Hot path of a single record: the common case without building a block."""
-        n = len(data)
-        need = n + 4
-        h = self._h
-        lock = self.lock
-        try:
-            lock.acquire(0)
-        except posix_ipc.BusyError:
-            self._acquire_slow(timeout)
-        h[L.HOLDER] = self._pid
-        gen = h[L.GEN]
-        base = L.SLOT1 if gen & 1 else L.SLOT0
-        tail = h[base]
-        off = tail & self.mask
-        if (
-            h[L.STATE] == L.ST_OPEN
-            and need <= self.capacity - off
-            and need <= self.capacity - (tail - h[L.HEAD])
-        ):
-            _pack_len(self.data, off, n)
-            self.data[off + 4 : off + need] = data
-            seq = h[base + 1]
-            nb = L.SLOT0 if gen & 1 else L.SLOT1
-            h[nb] = tail + need
-            h[nb + 1] = seq + 1
-            h[nb + 2] = h[base + 2]
-            h[nb + 3] = h[base + 3]
-            if strict:
-                h[L.DUR_WAITERS] += 1
-            h[L.GEN] = gen + 1
-            h[L.HOLDER] = 0
-            lock.release()
-            if h[L.SLEEPING]:
-                self.data_ready.release()
-            return seq
-        h[L.HOLDER] = 0
-        lock.release()
-        return self.publish(_LEN.pack(n) + data, 1, strict, timeout)
+        """Publish one record (see :meth:`make_appender` for the bound fast version)."""
+        return self.make_appender()(data, strict, timeout)
 
     def wait_durable(self, upto_seq: int, timeout: float = 30.0, registered: bool = True) -> None:
         """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter."""
@@ -437,6 +470,11 @@ class Ring:
         n = self._h[L.DUR_WAITERS]
         for _ in range(min(n, 64)):
             self.durable_sem.release()
+
+
+assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.STATE, L.ST_OPEN, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (
+    9, 8, 16, 24, 37, 1, 32, 38, 11
+), "make_appender's literal field indexes are out of date"
 
 
 def _state_error(shard: int, state: int) -> Exception:

@@ -297,6 +297,7 @@ class ShardedWal:
         self._route = get_router(manifest.router if manifest else "crc32-v1")
         self._n = att.shard_count
         self._rings = att.rings
+        self._appenders = [ring.make_appender() for ring in att.rings]
         mode = self.options.sync_mode
         self._strict = mode is SyncMode.STRICT
         self._sync_batches = mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
@@ -353,13 +354,11 @@ class ShardedWal:
         if self._closed:
             raise E.WalClosedError("this ShardedWal handle is closed")
         shard = crc32(key) % self._n if self._crc_route else self._route(key, self._n)
-        ring = self._rings[shard]
         if self._strict:
-            seq = ring.append_one(value, True, self._timeout)
-            ring.wait_durable(seq + 1, self._timeout)
-        else:
-            seq = ring.append_one(value, False, self._timeout)
-        return shard, seq
+            seq = self._appenders[shard](value, True, self._timeout)
+            self._rings[shard].wait_durable(seq + 1, self._timeout)
+            return shard, seq
+        return shard, self._appenders[shard](value, False, self._timeout)
 
     def append_batch_for_key(self, key: bytes, values: Iterable[bytes]) -> List[Tuple[int, int]]:
         """Append ``values`` atomically (one frame) to ``key``'s shard."""
