@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m ironwal_mp.demo --root ./wal_data
+	$(PY) -m ironwal_mp ingest --root ./wal_data --checkpoint-every 250000
+	$(PY) -m ironwal_mp verify ./wal_data
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Optional
 
-from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalIOError
+from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalError, WalIOError
 from ..options import CompressionType, WalOptions
 from . import layout
 from .frame import HEADER, MAGIC, MAX_PAYLOAD, choose_payload, frame_crc
@@ -46,6 +46,7 @@ class Stream:
         self._compress = opts.compression is CompressionType.LZ4
         self._min_compression = opts.min_compression_size
         self._active_path = self._path(self._segments[-1]) if self._segments else ""
+        self.read_only = False
         self.fsyncs = 0
         self.frames_written = 0
         self.bytes_written = 0
@@ -73,6 +74,8 @@ class Stream:
             return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index)
 
     def _check_writable(self) -> None:
+        if self.read_only:
+            raise WalError(f"stream {self.name!r} was opened read-only")
         if self._failed is not None:
             raise StreamFailedError(
                 f"stream {self.name!r} failed earlier and refuses writes: {self._failed}"
@@ -207,6 +210,7 @@ class Stream:
     def truncate(self, safe_id: int) -> int:
         """Delete sealed segments whose ids are all below ``safe_id``; return how many."""
         with self.lock:
+            self._check_writable()
             doomed = []
             for i in range(len(self._segments) - 1):
                 if self._segments[i + 1] <= safe_id:

@@ -6,7 +6,9 @@ import os
 import threading
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from ..errors import WalClosedError, WalError
+import errno
+
+from ..errors import WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -37,16 +39,23 @@ class Wal:
     process uses it; :meth:`recover_all` does all of them at once.
 
     ``lock=False`` skips ``<root>/LOCK``: only for a process that owns its streams by other
-    means (a shard worker under a coordinator that holds the lock).
+    means (a shard worker under a coordinator that holds the lock). ``read_only=True`` takes
+    no lock, repairs nothing (a torn tail is left as it is and not read) and refuses writes:
+    for looking at a directory another process may own.
     """
 
-    def __init__(self, opts: WalOptions, *, lock: bool = True) -> None:
+    def __init__(self, opts: WalOptions, *, lock: bool = True, read_only: bool = False) -> None:
         if not isinstance(opts, WalOptions):
             raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
-        os.makedirs(self.root, exist_ok=True)
-        self._lock = RootLock(self.root).acquire() if lock else None
+        self.read_only = read_only
+        if read_only:
+            if not os.path.isdir(self.root):
+                raise WalIOError(f"{self.root} is not a directory", errno.ENOENT, self.root)
+        else:
+            os.makedirs(self.root, exist_ok=True)
+        self._lock = RootLock(self.root).acquire() if lock and not read_only else None
         self._fdcache = FdCache(opts.max_open_segments)
         self._reader = SegmentReader(
             self._fdcache,
@@ -114,17 +123,23 @@ class Wal:
             if stream is not None:
                 return stream
             stream_dir = os.path.join(self.root, name)
+            if create and self.read_only:
+                raise WalError("this Wal was opened read-only")
             if not os.path.isdir(stream_dir):
                 if not create:
                     return None
                 tail = StreamTail([], 0, 0, SparseIndex())
             else:
                 tail, report = recover_stream(
-                    stream_dir, self.options.on_corruption, chunk=self.options.read_buffer_size
+                    stream_dir,
+                    self.options.on_corruption,
+                    repair=not self.read_only,
+                    chunk=self.options.read_buffer_size,
                 )
                 if report.changed:
                     self.recovery_reports.append(report)
             stream = Stream(name, stream_dir, self.options, self._reader, tail)
+            stream.read_only = self.read_only
             with self._open_lock:
                 self._check_open()
                 self._streams[name] = stream

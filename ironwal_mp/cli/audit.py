@@ -1,0 +1,155 @@
+"""``inspect``, ``verify`` and ``repair``: what is on disk, is it sound, and mend it offline."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+from .. import Wal, WalOptions
+from ..engine.audit import StreamAudit, audit_stream
+from ..engine.checkpoint_log import CheckpointLog
+from ..engine.rootlock import lock_holder
+from ..errors import WalError
+from .locate import Target, locate
+from .output import EXIT_FINDING, EXIT_OK, Progress, UsageError, emit_json, size, table
+
+
+def _checkpoints(target: Target) -> Dict[str, Any]:
+    if target.kind != "sharded":
+        return {}
+    log = CheckpointLog(target.root, repair=False)
+    records = log.records()
+    latest = None
+    try:
+        latest = log.latest().user_id
+    except WalError:
+        pass
+    return {
+        "count": len(records),
+        "latest": latest,
+        "bytes": log.bytes_size,
+        "problems": [] if not log.report.changed else list(log.report.actions),
+        "list": [{"id": r.user_id, "timestamp": r.timestamp, "offsets": list(r.offsets)} for r in records],
+    }
+
+
+def _stream_doc(a: StreamAudit) -> Dict[str, Any]:
+    return {
+        "name": a.name,
+        "segments": len(a.segments),
+        "first_id": a.first_id,
+        "next_id": a.next_id,
+        "entries": a.entries,
+        "frames": a.frames,
+        "lz4_frames": sum(s.lz4_frames for s in a.segments),
+        "raw_bytes": a.raw_bytes,
+        "disk_bytes": a.disk_bytes,
+        "side_files": a.side_files,
+        "problems": [{"path": p.path, "offset": p.offset, "reason": p.reason} for p in a.problems],
+        "segment_list": [
+            {"start_id": s.start_id, "end_id": s.end_id, "frames": s.frames, "bytes": s.size} for s in a.segments
+        ],
+    }
+
+
+def _audit_all(target: Target, show_progress: bool) -> List[StreamAudit]:
+    total = 0
+    for name in target.streams:
+        d = os.path.join(target.root, name)
+        if os.path.isdir(d):
+            total += sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d) if n.endswith(".wal"))
+    progress = Progress("verify", total, unit="bytes") if show_progress and total > (8 << 20) else None
+    audits = []
+    for name in target.streams:
+        d = os.path.join(target.root, name)
+        if os.path.isdir(d):
+            audits.append(audit_stream(d, progress=(lambda n: progress.update(n)) if progress else None))
+        else:
+            audits.append(StreamAudit(name, d))
+    if progress:
+        progress.done()
+    return audits
+
+
+def inspect(args) -> int:
+    target = locate(args.path)
+    audits = _audit_all(target, False)
+    doc = {"path": os.path.abspath(args.path), "kind": target.kind, "root": target.root,
+           "streams": [_stream_doc(a) for a in audits], "checkpoints": _checkpoints(target)}
+    if target.kind == "sharded":
+        doc["shard_count"] = target.shard_count
+    if args.json:
+        emit_json(doc)
+        return EXIT_OK
+    what = {"sharded": f"sharded WAL, {target.shard_count} shards", "engine": f"engine WAL, {len(audits)} streams",
+            "stream": "one stream"}[target.kind]
+    print(f"{doc['path']}: {what}")
+    rows = []
+    for a in audits:
+        ids = f"{a.first_id}..{a.next_id - 1}" if a.entries else "-"
+        ratio = f"{a.raw_bytes / a.disk_bytes:.2f}x" if a.disk_bytes else "-"
+        rows.append([a.name, len(a.segments), ids, f"{a.entries:,}", f"{a.frames:,}", size(a.raw_bytes),
+                     size(a.disk_bytes), ratio, len(a.problems)])
+    table(rows, header=["stream", "segments", "ids", "entries", "frames", "raw", "on disk", "ratio", "problems"])
+    ck = doc["checkpoints"]
+    if ck:
+        latest = ck["latest"].decode(errors="replace") if ck["latest"] else "-"
+        print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {latest}")
+        for rec in ck["list"][-5:]:
+            print(f"  {rec['id'].decode(errors='replace')}  offsets {rec['offsets']}")
+    return EXIT_OK
+
+
+def verify(args) -> int:
+    target = locate(args.path)
+    audits = _audit_all(target, not args.json)
+    problems = [{"path": p.path, "offset": p.offset, "reason": p.reason} for a in audits for p in a.problems]
+    ck = _checkpoints(target)
+    for action in ck.get("problems", []):
+        problems.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": None, "reason": action})
+    entries = sum(a.entries for a in audits)
+    frames = sum(a.frames for a in audits)
+    if args.json:
+        emit_json({"path": os.path.abspath(args.path), "ok": not problems, "streams": len(audits),
+                   "frames": frames, "entries": entries, "problems": problems})
+    else:
+        for p in problems:
+            where = p["path"] + (f" at offset {p['offset']}" if p["offset"] is not None else "")
+            print(f"PROBLEM {where}: {p['reason']}")
+        verdict = "OK" if not problems else f"{len(problems)} problem(s)"
+        print(f"verify {os.path.abspath(args.path)}: {len(audits)} streams, {frames:,} frames, "
+              f"{entries:,} entries, every CRC checked: {verdict}")
+    return EXIT_FINDING if problems else EXIT_OK
+
+
+def repair(args) -> int:
+    target = locate(args.path)
+    holder = lock_holder(target.root)
+    if holder is not None:
+        print(f"refusing to repair {target.root}: it is held by a running process (pid {holder}); stop it first")
+        return EXIT_FINDING
+    changes: List[str] = []
+    with Wal(WalOptions(root_path=target.root)) as wal:
+        for name in target.streams:
+            if os.path.isdir(os.path.join(target.root, name)):
+                wal.next_id(name)  # the first use of a stream recovers it
+        for report in wal.recovery_reports:
+            for action in report.actions:
+                side = f" (cut bytes kept in {report.side_file})" if report.side_file and action.startswith("cut") else ""
+                changes.append(f"{os.path.basename(report.stream_dir)}: {action}{side}")
+        if target.kind == "sharded":
+            log = CheckpointLog(target.root)
+            for action in log.report.actions:
+                changes.append(f"checkpoints.log: {action}")
+    remaining = [p for name in target.streams if os.path.isdir(os.path.join(target.root, name))
+                 for p in audit_stream(os.path.join(target.root, name)).problems]
+    if args.json:
+        emit_json({"root": target.root, "changes": changes, "remaining_problems": [str(p) for p in remaining]})
+    else:
+        for c in changes:
+            print(f"repaired {c}")
+        if not changes:
+            print(f"nothing to repair in {target.root}")
+        for p in remaining:
+            print(f"NOT REPAIRED {p} (damage inside a sealed segment; the frame is kept as it is)")
+    return EXIT_FINDING if remaining else EXIT_OK

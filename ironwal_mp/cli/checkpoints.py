@@ -1,0 +1,80 @@
+"""``ironwal-mp checkpoint create|list|show|prune|compact`` on a running or stopped WAL.
+
+Reads (list, show) go straight to checkpoints.log. Changes go through the coordinator: the
+running one, or, for a stopped WAL, one started for the call and stopped after it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict
+
+from ..engine.checkpoint_log import CheckpointData, CheckpointLog
+from ..errors import WalError
+from .locate import locate, open_sharded
+from .output import EXIT_OK, UsageError, emit_json, table
+
+
+def _doc(data: CheckpointData) -> Dict[str, Any]:
+    return {"id": data.user_id, "timestamp_ns": data.timestamp, "shard_count": data.shard_count,
+            "offsets": list(data.offsets), "entries": sum(data.offsets)}
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+
+
+def _sharded_root(path: str) -> str:
+    target = locate(path)
+    if target.kind != "sharded":
+        raise UsageError(f"{target.root} is not a sharded WAL")
+    return target.root
+
+
+def run(args) -> int:
+    root = _sharded_root(args.root)
+    if args.action == "list":
+        log = CheckpointLog(root, repair=False)
+        docs = [_doc(r) for r in log.records()]
+        if args.json:
+            emit_json(docs)
+        elif not docs:
+            print(f"no checkpoints in {root}")
+        else:
+            table([[d["id"].decode(errors="replace"), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for d in docs],
+                  header=["checkpoint", "created (UTC)", "entries before it"])
+        return EXIT_OK
+    if args.action == "show":
+        log = CheckpointLog(root, repair=False)
+        data = log.latest() if args.id == "latest" else log.get(args.id.encode())
+        doc = _doc(data)
+        if args.json:
+            emit_json(doc)
+        else:
+            print(f"checkpoint {data.user_id.decode(errors='replace')}, created {_when(data.timestamp)}, "
+                  f"{data.shard_count} shards, {doc['entries']:,} entries before it")
+            table([[s, f"{off:,}"] for s, off in enumerate(data.offsets)], header=["shard", "next id"])
+        return EXIT_OK
+    with open_sharded(root) as wal:
+        if args.action == "create":
+            data = wal.create_checkpoint(args.id.encode())
+            doc = _doc(data)
+            text = f"created checkpoint {args.id}: offsets {list(data.offsets)}"
+        elif args.action == "prune":
+            stats = wal.prune_before_checkpoint(args.id.encode())
+            doc = {"shards_pruned": stats.shards_pruned, "segments_deleted": stats.segments_deleted}
+            text = f"pruned before {args.id}: {stats.segments_deleted} segments deleted on {stats.shards_pruned} shards"
+        elif args.action == "compact":
+            stats = wal.compact_checkpoints(args.keep)
+            doc = {"checkpoints_before": stats.checkpoints_before, "checkpoints_after": stats.checkpoints_after,
+                   "bytes_reclaimed": stats.bytes_reclaimed}
+            text = (f"compacted checkpoints.log: {stats.checkpoints_before} -> {stats.checkpoints_after} records, "
+                    f"{stats.bytes_reclaimed} bytes reclaimed")
+        else:  # pragma: no cover - argparse restricts the choices
+            raise UsageError(f"unknown action {args.action}")
+    if args.json:
+        emit_json(doc)
+    else:
+        print(text)
+    return EXIT_OK

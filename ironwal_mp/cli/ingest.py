@@ -1,0 +1,143 @@
+"""``ironwal-mp ingest``: append records to a sharded WAL, checkpointing as it goes.
+
+Ctrl-C stops after the batch in hand: it is appended, a checkpoint is written, and the summary
+says how far the job got; nothing acknowledged is lost. A second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+from .. import ShardedWal, SyncMode, WalOptions
+from ..engine import layout
+from ..sharded.manifest import shard_stream
+from .output import Progress, UsageError, emit_json, rate, size, table
+from .sources import Record, open_source, synthetic_ledger
+
+DEFAULT_RECORDS = 1_000_000
+
+
+def _dir_bytes(root: str, shards: int) -> Tuple[int, int]:
+    """(segment bytes on disk, segment files) over all shards."""
+    total = files = 0
+    for s in range(shards):
+        d = os.path.join(root, shard_stream(s))
+        for name in os.listdir(d) if os.path.isdir(d) else ():
+            if layout.parse_segment_name(name) is not None:
+                total += os.path.getsize(os.path.join(d, name))
+                files += 1
+    return total, files
+
+
+def run(args) -> int:
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError("--checkpoint-every must be at least 1")
+    total: Optional[int] = None
+    if args.input is None:
+        records = synthetic_ledger(args.records)
+        described = f"synthetic ledger events ({args.records:,} records, key 'account')"
+        total = args.records
+    else:
+        records, described = open_source(args.input, args.format, args.key)
+        total = None
+    root = os.path.abspath(args.root)
+    opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
+    stop = {"requested": False}
+
+    def on_sigint(_sig, _frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        sys.stderr.write("\ninterrupt: finishing the current batch, then a checkpoint (Ctrl-C again to abort)\n")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    per_shard: Dict[int, int] = {}
+    checkpoints: List[bytes] = []
+    count = raw_bytes = 0
+    progress = Progress("ingest", total)
+    try:
+        with ShardedWal(opts, args.shards, workers=args.workers) as wal:
+            if not args.json:
+                print(f"ingesting {described} into {root}: {wal.shard_count} shards, "
+                      f"sync {opts.sync_mode.value}, batch {args.batch}")
+            next_ckpt = args.checkpoint_every
+            batch: List[Record] = []
+
+            def flush() -> None:
+                nonlocal count, raw_bytes
+                if not batch:
+                    return
+                acks = [wal.append(*batch[0])] if len(batch) == 1 else wal.append_batch(batch)
+                for shard, _seq in acks:
+                    per_shard[shard] = per_shard.get(shard, 0) + 1
+                nbytes = sum(len(v) for _, v in batch)
+                count += len(batch)
+                raw_bytes += nbytes
+                progress.update(len(batch), nbytes)
+                batch.clear()
+
+            def checkpoint(label: str) -> None:
+                cid = f"ingest-{run_id}-{label}".encode()
+                wal.create_checkpoint(cid)
+                checkpoints.append(cid)
+
+            for record in records:
+                batch.append(record)
+                if len(batch) >= args.batch:
+                    flush()
+                    if next_ckpt is not None and count >= next_ckpt:
+                        checkpoint(str(count))
+                        next_ckpt = (count // args.checkpoint_every + 1) * args.checkpoint_every
+                    if stop["requested"]:
+                        break
+            flush()
+            if stop["requested"] or not checkpoints or not checkpoints[-1].endswith(b"-%d" % count):
+                checkpoint("interrupted" if stop["requested"] else "end")
+            progress.done()
+            stats = wal.stats()
+        elapsed = progress.elapsed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    disk, files = _dir_bytes(root, len(stats["shards"]))
+    summary = {
+        "root": root,
+        "records": count,
+        "bytes_ingested": raw_bytes,
+        "bytes_on_disk": disk,
+        "segment_files": files,
+        "compression_ratio": (raw_bytes / disk) if disk else None,
+        "per_shard": {str(s): per_shard.get(s, 0) for s in range(len(stats["shards"]))},
+        "shard_next_ids": [s["next_id"] for s in stats["shards"]],
+        "checkpoints": [c.decode() for c in checkpoints],
+        "elapsed_s": round(elapsed, 3),
+        "records_per_s": round(count / elapsed) if elapsed > 0 else None,
+        "interrupted": stop["requested"],
+    }
+    if args.json:
+        emit_json(summary)
+    else:
+        if stop["requested"]:
+            print(f"interrupted: {count:,} records were appended and acknowledged before stopping; "
+                  f"checkpoint {checkpoints[-1].decode()} marks the spot")
+        ratio = f"{raw_bytes / disk:.2f}x" if disk else "-"
+        table([
+            ["records", f"{count:,}"],
+            ["bytes ingested", size(raw_bytes)],
+            ["bytes on disk (all segments)", f"{size(disk)} in {files} segment files"],
+            ["compression ratio", ratio],
+            ["checkpoints", f"{len(checkpoints)} (last {checkpoints[-1].decode()})"],
+            ["elapsed", f"{elapsed:.2f} s"],
+            ["rate", f"{rate(count / elapsed) if elapsed else '-'} records/s, {raw_bytes / elapsed / 1048576:.1f} MB/s"],
+        ], header=["ingest summary", ""])
+        print()
+        table([[s, f"{per_shard.get(s, 0):,}", f"{st['next_id']:,}"] for s, st in enumerate(stats["shards"])],
+              header=["shard", "this run", "total entries"])
+    return 130 if stop["requested"] else 0
+

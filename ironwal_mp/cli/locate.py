@@ -1,0 +1,51 @@
+"""What a path is (sharded root, engine root, single stream) and how to reach a WAL there."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .. import ShardedWal, SyncMode, WalOptions, connect
+from ..engine import layout
+from ..engine.audit import is_stream_dir
+from ..engine.checkpoint_log import CHECKPOINTS_LOG
+from ..errors import WalClosedError
+from ..sharded.manifest import MANIFEST, existing_shard_dirs, read_manifest, shard_stream
+from .output import UsageError
+
+
+@dataclass
+class Target:
+    kind: str  # "sharded", "engine" or "stream"
+    root: str  # the WAL root (for a single stream: its parent)
+    streams: List[str]
+    shard_count: Optional[int] = None
+
+
+def locate(path: str) -> Target:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is not a directory")
+    manifest = read_manifest(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
+    shards = existing_shard_dirs(path)
+    if manifest is not None or shards or os.path.exists(os.path.join(path, CHECKPOINTS_LOG)):
+        count = manifest.shard_count if manifest else (max(shards) + 1 if shards else 0)
+        return Target("sharded", path, [shard_stream(s) for s in range(count)], count)
+    if is_stream_dir(path):
+        return Target("stream", os.path.dirname(path), [os.path.basename(path)])
+    streams = sorted(n for n in os.listdir(path) if layout.is_stream_name(n) and is_stream_dir(os.path.join(path, n)))
+    return Target("engine", path, streams)
+
+
+def open_sharded(root: str, sync_mode: SyncMode = SyncMode.STRICT, start: bool = True) -> ShardedWal:
+    """Attach to the running coordinator of ``root``, or (``start``) start one for a stopped WAL."""
+    try:
+        return connect(root, sync_mode=sync_mode)
+    except WalClosedError:
+        if not start:
+            raise
+    target = locate(root)
+    if target.kind != "sharded" or not target.shard_count:
+        raise UsageError(f"{root} is not a sharded WAL (no MANIFEST or shard directories)")
+    return ShardedWal(WalOptions(root_path=root, sync_mode=sync_mode), target.shard_count)

@@ -1,0 +1,129 @@
+"""Argument parsing and dispatch for ``ironwal-mp``; maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .. import errors as E
+from .output import EXIT_FINDING, EXIT_USAGE, UsageError
+
+SYNC_CHOICES = ["strict", "batch_only", "async"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ironwal-mp", description="ironwal_mp: a durable, sharded write-ahead log")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ingest", help="append records to a sharded WAL (the main job)",
+                       description="Append JSON lines, CSV or raw lines (or a synthetic ledger stream when no "
+                                   "input is given) to a sharded WAL, with periodic checkpoints.")
+    s.add_argument("input", nargs="?", help="input file, '-' for stdin; none: a synthetic ledger event stream")
+    s.add_argument("--root", default="./wal_data", help="WAL directory (default ./wal_data)")
+    s.add_argument("--format", choices=["jsonl", "csv", "raw"], help="input format (default: from the file name)")
+    s.add_argument("--key", help="JSON field or CSV column to route by (raw lines route by the whole line)")
+    s.add_argument("--shards", type=int, default=16, help="shard count (default 16)")
+    s.add_argument("--workers", type=int, help="worker processes (default min(shards, cpus))")
+    s.add_argument("--sync", choices=SYNC_CHOICES, default="async", help="sync mode (default async)")
+    s.add_argument("--batch", type=int, default=1000, help="records per append_batch call (default 1000)")
+    s.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N records")
+    s.add_argument("--records", type=int, default=None, help="synthetic records to generate (default 1,000,000)")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    s = sub.add_parser("serve", help="run the coordinator in the foreground for connect()ing jobs")
+    s.add_argument("--root", required=True)
+    s.add_argument("--shards", type=int, required=True)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--sync", choices=SYNC_CHOICES, default="strict")
+    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (power of two)")
+
+    s = sub.add_parser("checkpoint", help="create, list, show, prune before, or compact checkpoints")
+    csub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_ in (("create", "create a checkpoint"), ("show", "show one checkpoint ('latest' for the newest)"),
+                        ("prune", "delete segments below a checkpoint's offsets")):
+        c = csub.add_parser(name, help=help_)
+        c.add_argument("id")
+        c.add_argument("--root", default="./wal_data")
+        c.add_argument("--json", action="store_true")
+    c = csub.add_parser("list", help="list checkpoints, oldest first")
+    c.add_argument("--root", default="./wal_data")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("compact", help="keep only the newest checkpoints in checkpoints.log")
+    c.add_argument("--keep", type=int, default=10)
+    c.add_argument("--root", default="./wal_data")
+    c.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("replay", help="write entries to stdout")
+    s.add_argument("--root", default="./wal_data")
+    s.add_argument("--from-checkpoint", metavar="ID", help="start after checkpoint ID ('latest' for the newest)")
+    s.add_argument("--shard", type=int, help="only this shard")
+    s.add_argument("--json", action="store_true", help="one JSON object per entry, with shard and id")
+
+    for name, help_ in (("inspect", "describe what is on disk"), ("verify", "check every frame, CRC and index file"),
+                        ("repair", "run recovery offline and report what changed")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("path", nargs="?", default="./wal_data")
+        s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("stats", help="live per-shard statistics of a running WAL")
+    s.add_argument("--root", default="./wal_data")
+    s.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ingest":
+            from . import ingest
+
+            if args.records is None:
+                args.records = ingest.DEFAULT_RECORDS
+            elif args.input is not None:
+                raise UsageError("--records only applies to the synthetic stream (no input file)")
+            return ingest.run(args)
+        if args.command == "serve":
+            from . import serve
+
+            return serve.run(args)
+        if args.command == "checkpoint":
+            from . import checkpoints
+
+            return checkpoints.run(args)
+        if args.command == "replay":
+            from . import replay
+
+            return replay.run(args)
+        if args.command in ("inspect", "verify", "repair"):
+            from . import audit
+
+            return getattr(audit, args.command)(args)
+        if args.command == "stats":
+            from . import stats
+
+            return stats.run(args)
+    except UsageError as exc:
+        print(f"ironwal-mp {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (E.ShardCountMismatchError, E.InvalidCheckpointIdError, E.ConfigError, E.ManifestError) as exc:
+        print(f"ironwal-mp {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (E.CheckpointNotFoundError, E.NoCheckpointsError, E.CheckpointExistsError) as exc:
+        print(f"ironwal-mp {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FINDING
+    except E.WalError as exc:
+        print(f"ironwal-mp {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FINDING
+    except KeyboardInterrupt:
+        print(f"ironwal-mp {args.command}: aborted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``ironwal-mp serve``: run the coordinator in the foreground for jobs that ``connect()``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .. import WalOptions
+from ..options import SyncMode, options_to_dict
+from ..sharded.client import DEFAULT_RING_SIZE
+from ..sharded.manifest import open_manifest
+from .output import EXIT_OK
+
+
+def run(args) -> int:
+    root = os.path.abspath(args.root)
+    opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
+    open_manifest(root, args.shards)  # a shard-count mismatch is a usage error, said before starting
+    os.environ["IRONWAL_MP_OPTIONS"] = json.dumps(options_to_dict(opts))
+    from coordinator.coordinator import main as coordinator_main
+
+    print(f"serving {root} with {args.shards} shards (pid {os.getpid()}); "
+          f"jobs attach with ironwal_mp.connect({root!r}); Ctrl-C or SIGTERM stops it", flush=True)
+    argv = ["--root", root, "--shards", str(args.shards), "--ring-size", str(args.ring_size or DEFAULT_RING_SIZE)]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
+    code = coordinator_main(argv)
+    print("stopped: rings drained, files fsynced, IPC objects removed", flush=True)
+    return EXIT_OK if code == 0 else code
