@@ -98,6 +98,13 @@ class DiskFullError(WalIOError):
     """The file system is out of space (ENOSPC/EDQUOT); the partial write was rolled back."""
 
 
+class ConcurrentTruncationError(WalError):
+    """An iteration was overtaken by a truncation that deleted entries it had yet to yield.
+
+    Raised instead of silently skipping ids; iterate again from the first kept id.
+    """
+
+
 class StreamFailedError(WalError):
     """A stream (or shard) hit an fsync error and refuses further writes.
 

@@ -12,7 +12,7 @@ import os
 from bisect import bisect_right
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..errors import CorruptionError, CrcMismatchError
+from ..errors import ConcurrentTruncationError, CorruptionError, CrcMismatchError
 from ..options import ReadStrategy
 from . import layout
 from .caches import LruCache
@@ -191,17 +191,24 @@ class SegmentReader:
         if start_id >= end_id:
             return
         pos = bisect_right(segments, start_id) - 1
+        next_id = start_id  # the id the caller expects next
         for p in range(pos, len(segments)):
             try:
-                for _, header, entries in self._frames(view, stream_dir, p, start_id):
-                    first = start_id - header.start_id if header.start_id < start_id else 0
+                for _, header, entries in self._frames(view, stream_dir, p, next_id):
+                    first = next_id - header.start_id if header.start_id < next_id else 0
                     stop = min(header.count, end_id - header.start_id)
                     for k in range(first, stop):
                         yield entries[k]
-                    if header.start_id + header.count >= end_id:
+                    next_id = header.start_id + stop
+                    if next_id >= end_id:
                         return
             except FileNotFoundError:
-                continue  # this segment was truncated away; go on from the next kept one
+                if next_id == start_id:
+                    continue  # truncated before we began: start at the first kept segment
+                raise ConcurrentTruncationError(
+                    f"{stream_dir}: ids from {next_id} were truncated away while this iteration "
+                    f"was reading them; restart it (the first kept id is now later)"
+                ) from None
 
 
 def view_of(segments: Sequence[int], active_size: int, next_id: int, index: SparseIndex) -> StreamView:
