@@ -29,56 +29,45 @@ This is a measurement, not a test: nothing here checks any figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import shutil
 import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
+from _common import (  # bench/_common.py: helpers shared with bench_sharded.py
+    ENTRY_SIZE,
+    FRAME_HEADER,
+    LENGTH_PREFIX,
+    Config,
+    fmt_rate,
+    fmt_ratio,
+    machine_info,
+    measure,
+    median_of,
+    paired_ratio,
+    round_robin,
+    scratch_dir,
+    spread,
+)
+from _common import OPEN_FLAGS as _OPEN_FLAGS
+from _common import fdatasync as _fdatasync
 from ironwal_mp import CompressionType, SyncMode, Wal, WalOptions
 
-ENTRY_SIZE = 100
 BATCH_SIZES = (1, 100, 1000)
 MODES = (SyncMode.ASYNC, SyncMode.BATCH_ONLY, SyncMode.STRICT)
 POOL_SIZE = 1000
 STREAM = "bench"
-FRAME_HEADER = 32  # engine frame header
-LENGTH_PREFIX = 4  # engine per-entry length prefix
-
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
 # --- configurations ------------------------------------------------------------------------------
 #
-# A configuration knows how to set itself up in a fresh directory and returns (chunk, teardown):
-# ``chunk()`` performs ``ops_per_chunk`` operations; the timing loop calls it until the budget is
-# spent. An "op" is one call: one append / one batch / one write / one commit.
-
-
-class Config:
-    def __init__(
-        self,
-        key: str,
-        label: str,
-        entries_per_op: int,
-        ops_per_chunk: int,
-        max_ops: int,
-        setup: Callable[[str], Tuple[Callable[[], None], Callable[[], None]]],
-    ) -> None:
-        self.key = key
-        self.label = label
-        self.entries_per_op = entries_per_op
-        self.ops_per_chunk = ops_per_chunk
-        self.max_ops = max_ops
-        self.setup = setup
+# A configuration (``_common.Config``) knows how to set itself up in a fresh directory and returns
+# (chunk, teardown): ``chunk()`` performs ``ops_per_chunk`` operations; the timing loop calls it
+# until the budget is spent. An "op" is one call: one append / one batch / one write / one commit.
 
 
 def make_configs(pool: List[bytes], compression: CompressionType) -> List[Config]:
@@ -209,105 +198,12 @@ def make_configs(pool: List[bytes], compression: CompressionType) -> List[Config
 # --- timing ------------------------------------------------------------------------------------
 
 
-def measure(cfg: Config, parent: str, budget: float) -> Dict[str, float]:
-    d = tempfile.mkdtemp(prefix=cfg.key.replace(":", "_") + "-", dir=parent)
-    try:
-        chunk, teardown = cfg.setup(d)
-        try:
-            chunk()  # warm-up, untimed
-            gc.collect()
-            gc.disable()
-            try:
-                per_chunk = cfg.ops_per_chunk
-                ops = 0
-                perf = time.perf_counter
-                t0 = perf()
-                deadline = t0 + budget
-                while True:
-                    chunk()
-                    ops += per_chunk
-                    t1 = perf()
-                    if t1 >= deadline or ops >= cfg.max_ops:
-                        break
-            finally:
-                gc.enable()
-        finally:
-            teardown()
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    elapsed = t1 - t0
-    return {"ops": ops, "seconds": elapsed, "ops_per_s": ops / elapsed, "entries_per_s": ops * cfg.entries_per_op / elapsed}
-
-
 def run_all(configs: List[Config], parent: str, budget: float, repeats: int, progress: bool) -> Dict[str, List[Dict[str, float]]]:
-    samples: Dict[str, List[Dict[str, float]]] = {c.key: [] for c in configs}
-    n = len(configs)
-    for r in range(repeats):
-        if progress:
-            print(f"  round {r + 1}/{repeats} ...", file=sys.stderr, flush=True)
-        shift = (r * max(1, n // repeats + 1)) % n  # rotate the order from round to round
-        for i in range(n):
-            cfg = configs[(i + shift) % n]
-            samples[cfg.key].append(measure(cfg, parent, budget))
-    return samples
+    by_key = {c.key: c for c in configs}
+    return round_robin([c.key for c in configs], repeats, lambda key: measure(by_key[key], parent, budget), progress)
 
 
 # --- reporting ---------------------------------------------------------------------------------
-
-
-def machine_info(path: str) -> Dict[str, object]:
-    info: Dict[str, object] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "sqlite": sqlite3.sqlite_version,
-        "dir": path,
-    }
-    try:
-        st = os.statvfs(path)
-        info["free_gb"] = round(st.f_bavail * st.f_frsize / 1e9, 1)
-    except OSError:
-        pass
-    fs = None
-    try:
-        out = subprocess.run(["df", "-PT", path], capture_output=True, text=True, timeout=5).stdout.splitlines()
-        if len(out) >= 2:
-            cols = out[1].split()
-            fs = {"device": cols[0], "type": cols[1], "mount": cols[-1]}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if fs is None:  # fall back on the longest mount point that holds the path
-        try:
-            best = ("", "", "")
-            real = os.path.realpath(path)
-            with open("/proc/mounts") as f:
-                for line in f:
-                    dev, mnt, typ = line.split()[:3]
-                    if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[1]):
-                        best = (dev, mnt, typ)
-            if best[1]:
-                fs = {"device": best[0], "type": best[2], "mount": best[1]}
-        except OSError:
-            pass
-    info["filesystem"] = fs
-    return info
-
-
-def median_of(samples: List[Dict[str, float]], field: str) -> float:
-    return statistics.median(s[field] for s in samples)
-
-
-def paired_ratio(samples: Dict[str, List[Dict[str, float]]], key: str, ref: str, field: str, ref_field: str) -> float:
-    """Median over the rounds of (this round's figure / this round's reference)."""
-    return statistics.median(a[field] / b[ref_field] for a, b in zip(samples[key], samples[ref]))
-
-
-def spread(samples: List[Dict[str, float]], field: str) -> float:
-    """(max - min) / median, a rough noise gauge."""
-    values = [s[field] for s in samples]
-    return (max(values) - min(values)) / statistics.median(values)
 
 
 def analyse(configs: List[Config], samples: Dict[str, List[Dict[str, float]]]) -> Dict[str, object]:
@@ -355,14 +251,6 @@ def analyse(configs: List[Config], samples: Dict[str, List[Dict[str, float]]]) -
                 row["peer_ratio"] = paired_ratio(samples, key, peer, "entries_per_s", "entries_per_s")
             engine.append(row)
     return {"references": refs, "engine": engine}
-
-
-def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def fmt_ratio(x: float) -> str:
-    return f"{x:.3f}x" if x < 10 else f"{x:.1f}x"
 
 
 def print_report(info: Dict[str, object], settings: Dict[str, object], result: Dict[str, object]) -> None:
@@ -473,11 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     budget = args.budget or (0.2 if args.quick else 0.5)
     compression = CompressionType.LZ4 if args.compression == "lz4" else CompressionType.NONE
 
-    parent = os.path.abspath(args.dir or os.path.join(here, "out"))
-    created_parent = not os.path.exists(parent)
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="bench_engine-", dir=parent)
-    try:
+    with scratch_dir(args.dir, here, "bench_engine-") as scratch:
         if args.profile:
             profile_appends(scratch, args.profile, compression)
             return 0
@@ -498,14 +382,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print_report(info, settings, result)
             print(f"\n(wall time {wall:.1f} s)")
         return 0
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if created_parent:
-            try:
-                os.rmdir(parent)
-            except OSError:
-                pass
-
 
 if __name__ == "__main__":
     sys.exit(main())

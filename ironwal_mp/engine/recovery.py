@@ -69,7 +69,9 @@ def recover_stream(
     active = segments[-1]
     rebuild_idx = layout.read_segments_idx(stream_dir) != segments
     head = layout.read_head_state(stream_dir)
-    rebuild_head = not (head == active or (head is None and len(segments) == 1))
+    head_present = os.path.exists(os.path.join(stream_dir, layout.HEAD_STATE))
+    # absent is fine before the first rotation (the crate writes it on rotation); unreadable is not
+    rebuild_head = head != active and (head_present or len(segments) > 1)
 
     path = os.path.join(stream_dir, layout.segment_name(active))
     index = SparseIndex()

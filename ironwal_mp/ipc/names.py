@@ -13,7 +13,25 @@ from typing import Iterable, List
 import posix_ipc
 
 SHM_DIR = "/dev/shm"
-MQUEUE_DIR = "/dev/mqueue"
+
+
+def _mqueue_dir() -> str:
+    """Where the mqueue file system is mounted: /dev/mqueue by convention, else per the mount table
+    (containers and sandboxes mount it elsewhere, and without it leaked queues go unseen)."""
+    if os.path.isdir("/dev/mqueue"):
+        return "/dev/mqueue"
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "mqueue":
+                    return parts[1].replace("\\040", " ")
+    except OSError:
+        pass
+    return "/dev/mqueue"
+
+
+MQUEUE_DIR = _mqueue_dir()
 
 
 def prefix_for(root: str) -> str:
