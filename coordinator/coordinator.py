@@ -42,12 +42,13 @@ class StartupError(Exception):
 
 class Coordinator:
     def __init__(self, root: str, shard_count: int, workers: int, ring_size: int,
-                 opts_json: str, starter: int = 0) -> None:
+                 opts_json: str, starter: int = 0, notify: Optional[int] = None) -> None:
         self.root = root
         self.shard_count = shard_count
         self.names = Names(root)
         self.opts = options_from_dict(json.loads(opts_json))
         self.starter = starter
+        self.notify = notify  # the starting client's queue token: never removed as stale
         self.assignment = assign_shards(shard_count, workers)
         self.worker_of = [0] * shard_count
         for w, shards in enumerate(self.assignment):
@@ -86,8 +87,8 @@ class Coordinator:
             raise StartupError(exc) from exc
         self.supervisor = Supervisor(self.root, self.assignment, self.env)
         self.supervisor.start_all()
+        self._publish_workers()  # at once: a successor must find them even if we die starting
         self._wait_workers_open()
-        self._publish_workers()
         self.ctl.f[C.STATE] = C.ST_READY
 
     def _clear_leftovers(self) -> None:
@@ -117,9 +118,18 @@ class Coordinator:
             except Exception:
                 continue
             h = ring.header
-            tail = ring.published()[0]
-            if h[L.STATE] != L.ST_NEW and h[L.HEAD] < tail:
-                log.warning("shard %d: keeping a ring with %d unwritten bytes from an earlier run", shard, tail - h[L.HEAD])
+            # close it to producers still holding the old mapping, under its lock (repaired if
+            # a dead process holds it), so nothing is published after the decision below
+            ring.acquire()
+            try:
+                tail = ring.published()[0]
+                head, _ = ring.restore_head()
+                if h[L.STATE] != L.ST_NEW:
+                    h[L.STATE] = L.ST_CLOSED
+            finally:
+                ring.release()
+            if h[L.STATE] != L.ST_NEW and head < tail:
+                log.warning("shard %d: keeping a ring with %d unwritten bytes from an earlier run", shard, tail - head)
                 self.kept[shard] = ring
             else:
                 ring.close()
@@ -128,7 +138,10 @@ class Coordinator:
         for shard in range(self.shard_count):
             if shard not in self.kept:
                 Ring.unlink_names(self.names, shard)
-        removed += self.names.remove_all(keep=[r for s in self.kept for r in Ring.object_names(self.names, s)])
+        keep = [r for s in self.kept for r in Ring.object_names(self.names, s)]
+        if self.notify is not None:
+            keep.append(self.names.client_queue(self.notify))
+        removed += self.names.remove_all(keep=keep)
         if removed:
             log.info("removed %d stale IPC objects of %s", removed, stem)
 
@@ -177,7 +190,11 @@ class Coordinator:
 
     def serve(self) -> None:
         while not self.stopping:
-            msg = self.requests.receive(TICK_S)
+            try:
+                msg = self.requests.receive(TICK_S)
+            except ValueError as exc:  # a malformed message must not stop the WAL
+                log.warning("dropped a control message: %s", exc)
+                msg = None
             if msg is not None:
                 self._handle(msg)
             self._supervise()
@@ -225,10 +242,12 @@ class Coordinator:
                                    "args": [a if isinstance(a, (int, str, bytes)) else str(a) for a in args]})
 
     def _handle(self, msg: M.Message) -> None:
+        token, pid = msg.body.get("reply"), msg.body.get("pid")
+        if token is not None and pid and msg.kind != M.DETACH and self.clients.get(token) != pid:
+            self.clients[token] = pid  # any request registers its reply queue for clean-up
+            self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
         try:
             if msg.kind == M.ATTACH:
-                self.clients[msg.body["reply"]] = msg.body["pid"]
-                self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
                 self._reply(msg, M.OK, {"shard_count": self.shard_count})
             elif msg.kind == M.DETACH:
                 self.clients.pop(msg.body.get("reply"), None)
@@ -319,7 +338,10 @@ class Coordinator:
             raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: {barrier.error}")
         data = CheckpointData(user_id, time.time_ns(), self.shard_count, tuple(barrier.offsets))
         self.ckpt_log.append(data)
-        self._ask_workers(M.COMMIT, {w: {} for w in barrier.by_worker})
+        try:
+            self._ask_workers(M.COMMIT, {w: {} for w in barrier.by_worker})
+        except E.WalError as exc:  # the checkpoint is durable already; COMMIT is a notification
+            log.warning("checkpoint %r committed, but telling the workers failed: %s", user_id, exc)
         return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}
 
     def prune(self, raw_id: bytes) -> dict:
@@ -363,9 +385,20 @@ class Coordinator:
                 except E.WalError:
                     pass
             self.supervisor.wait_all(STOP_TIMEOUT_S)
+        self.kept = {}
         for ring in self.rings:
-            if ring.header[L.STATE] not in (L.ST_FAILED,):
-                ring.header[L.STATE] = L.ST_CLOSED
+            ring.acquire()
+            try:
+                if ring.header[L.STATE] not in (L.ST_FAILED,):
+                    ring.header[L.STATE] = L.ST_CLOSED
+                tail = ring.published()[0]
+            finally:
+                ring.release()
+            head, _ = ring.restore_head()
+            if head < tail:  # a worker died before draining: keep its records for the next open
+                log.error("shard %d: %d bytes of acknowledged records are not on disk yet; their ring is "
+                          "kept and the next open writes them", ring.shard, tail - head)
+                self.kept[ring.shard] = ring
             ring.wake_durable_waiters()
         if self.ctl is not None:
             self.ctl.f[C.STATE] = C.ST_CLOSED
@@ -374,7 +407,8 @@ class Coordinator:
 
     def _remove_ipc(self) -> None:
         for ring in self.rings:
-            ring.unlink()
+            if ring.shard not in self.kept:
+                ring.unlink()
             ring.close()
         for q in [self.requests, self.worker_replies, *self.worker_queues]:
             if q is not None:
@@ -389,7 +423,7 @@ class Coordinator:
                 pass
         if self.ctl is not None:
             self.ctl.unlink()
-        self.names.remove_all()
+        self.names.remove_all(keep=[r for s in self.kept for r in Ring.object_names(self.names, s)])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -406,7 +440,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = os.path.abspath(args.root)
     workers = args.workers or min(args.shards, os.cpu_count() or 1)
     coord = Coordinator(root, args.shards, workers, args.ring_size,
-                        os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter)
+                        os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter,
+                        args.notify)
     notify = M.Message(M.READY, 0, 0, {})
 
     def tell(kind: int, body: dict) -> None:

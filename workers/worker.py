@@ -24,6 +24,7 @@ from ironwal_mp.engine.wal import Wal
 from ironwal_mp.errors import WalError
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
+from ironwal_mp.ipc.control import ControlBlock
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring
@@ -57,7 +58,10 @@ class Worker:
         self.index = index
         self.names = Names(root)
         self.opts = options_from_dict(opts_dict)
-        self.parent = os.getppid()
+        ctl = ControlBlock(self.names)
+        # the coordinator that started us; if it died before we got here, getppid() already differs
+        self.parent = ctl.coordinator_pid
+        ctl.close()
         self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
         self.shards: Dict[int, ShardState] = {}
         for shard in shards:
@@ -78,9 +82,11 @@ class Worker:
         for st in self.shards.values():
             h, ring, on_disk = st.h, st.ring, st.stream.next_id
             h[L.WORKER_PID] = os.getpid()
+            ring.reset_view_lock()
             ring.acquire()
             try:
                 tail, next_seq, _, _ = ring.published()
+                ring.restore_head()
                 fresh = h[L.STATE] == L.ST_NEW or not (h[L.HEAD_SEQ] <= on_disk <= next_seq)
                 if fresh:
                     if h[L.STATE] != L.ST_NEW:
@@ -88,8 +94,7 @@ class Worker:
                                     st.shard, h[L.HEAD_SEQ], next_seq, on_disk)
                     base = L.slot_base(h[L.GEN])
                     h[base + L.NEXT_SEQ] = on_disk
-                    h[L.HEAD] = tail
-                    h[L.HEAD_SEQ] = on_disk
+                    ring.set_head(tail, on_disk)
             finally:
                 ring.release()
             if not fresh:
@@ -109,6 +114,7 @@ class Worker:
             wrote = 0
             for st in self.shards.values():
                 wrote += self._drain(st)
+            waited = self._durable_waiters()  # somebody blocks on this pass: no gathering after it
             self._sync_if_needed()
             self._serve_commands()
             if os.getppid() != self.parent:
@@ -117,7 +123,7 @@ class Worker:
                 break
             if wrote == 0:
                 self._sleep()
-            elif wrote < self.gather and not self._durable_waiters():
+            elif wrote < self.gather and not waited:
                 time.sleep(GATHER_S)
         return 0
 
@@ -130,6 +136,9 @@ class Worker:
         while True:
             s = ring.next_slice()
             if s is None:
+                return written
+            if s.offset + s.length > ring.capacity:  # never write a frame from a torn view
+                self._fail(st, WalError(f"ring slice {s} runs past the end of the ring"))
                 return written
             if s.count:
                 payload = bytes(ring.data[s.offset : s.offset + s.length])
@@ -251,8 +260,7 @@ class Worker:
                 return
             self._reply(M.TRUNCATED, msg.req_id, {"deleted": deleted})
         elif msg.kind == M.STOP:
-            self.stop()
-            self._reply(M.STOPPED, msg.req_id, {})
+            self.stop()  # no reply: the coordinator waits for this process to exit
         # COMMIT and ABORT need no action: prepare only made data durable, which stays true
 
     def prepare(self, cuts: Dict[int, int]) -> Dict[int, int]:

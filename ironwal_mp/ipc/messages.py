@@ -1,9 +1,14 @@
-"""Control messages: kinds and a codec that fits any body into 8 KiB queue messages (pure).
+"""Control messages: kinds and a codec that fits any body into 1 KiB queue messages (pure).
 
 A message is ``(kind, sender, req_id, body)``; the body is a msgpack map. Linux message queues
-carry 8 KiB per message by default, and some bodies (a 64 KiB checkpoint id, a long checkpoint
-list) are larger, so a message travels as one or more *parts*, each a msgpack array
+carry at most 8 KiB per message by default, and some bodies (a 64 KiB checkpoint id, a long
+checkpoint list) are larger, so a message travels as one or more *parts*, each a msgpack array
 ``[kind, sender, req_id, part, parts, chunk]`` no larger than the queue's message size.
+
+Why 1 KiB and not the 8 KiB maximum: Linux charges every queue's full capacity (depth x message
+size, ~82 KB at 10 x 8 KiB) to its user's RLIMIT_MSGQUEUE, 819200 bytes by default, so 8 KiB
+queues allow only nine queues per user in total: one WAL with two workers plus five attached
+processes, and nothing else. At 1 KiB a queue costs ~11 KB and one user can hold ~70.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import msgpack
 
-MAX_MESSAGE = 8192
+MAX_MESSAGE = 1024  # see the module docstring
 _PART_OVERHEAD = 64  # msgpack envelope around a chunk, generously
 
 # clients -> coordinator
@@ -39,7 +44,8 @@ TRUNCATED = 61
 FAILED = 62
 STOPPED = 63
 
-KIND_NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k not in ("MAX_MESSAGE",)}
+KIND_NAMES = {v: k for k, v in dict(globals()).items()
+              if isinstance(v, int) and k.isupper() and not k.startswith("_") and k != "MAX_MESSAGE"}
 
 
 class Message(NamedTuple):

@@ -109,7 +109,7 @@ class Names:
                 removed += _unlink(posix_ipc.unlink_shared_memory, "/" + entry)
         if os.path.isdir(MQUEUE_DIR):
             for entry in _listdir(MQUEUE_DIR):
-                if entry.startswith(stem):
+                if entry.startswith(stem) and "/" + entry not in kept:
                     removed += _unlink(posix_ipc.unlink_message_queue, "/" + entry)
         else:  # /dev/mqueue not mounted: remove the names we know of
             for name in [self.coordinator_queue, self.worker_replies] + [self.worker_queue(w) for w in range(256)]:

@@ -28,7 +28,9 @@ class Queue:
                 )
             except OSError as exc:
                 raise SharedMemoryError(
-                    f"cannot create message queue {name}: {exc} (see /proc/sys/fs/mqueue/queues_max)"
+                    f"cannot create message queue {name}: {exc} (the per-user limit on queue bytes, "
+                    "`ulimit -q` / RLIMIT_MSGQUEUE, or /proc/sys/fs/mqueue/queues_max is exhausted: "
+                    "other WALs or attached processes of this user hold the queues)"
                 ) from exc
         else:
             self._q = posix_ipc.MessageQueue(name)

@@ -233,11 +233,15 @@ class Ring:
                     nb = L.SLOT0 if gen & 1 else L.SLOT1
                     h[nb] = tail + need
                     h[nb + 1] = seq + count
-                    h[nb + 2] = h[base + 2]
-                    h[nb + 3] = h[base + 3]
+                    boundary = need == cap - off  # ends exactly at the end of the area
+                    h[nb + 2] = tail + need if boundary else h[base + 2]
+                    h[nb + 3] = seq + count if boundary else h[base + 3]
                     if strict:
                         h[L.DUR_WAITERS] += 1
                     h[L.GEN] = gen + 1  # the publish: one aligned 8-byte store
+                    if boundary:  # keep the wrap fields equal in both slots
+                        h[base + 2] = h[nb + 2]
+                        h[base + 3] = h[nb + 3]
                     break
                 placed = L.place(tail, h[L.HEAD], cap, need)
                 if placed.skip and placed.skip <= free:
@@ -317,7 +321,9 @@ class Ring:
                 base, nb = 16, 24
             tail = h[base]
             off = tail & mask
-            if h[37] == 1 and need <= cap - off and tail + need - h[32] <= cap:  # STATE open, HEAD
+            # strictly less: a block that ends exactly at the end of the area takes the slow
+            # path, which records that crossing for the worker
+            if h[37] == 1 and need < cap - off and tail + need - h[32] <= cap:  # STATE open, HEAD
                 pack(data, off, n)
                 data[off + 4 : off + need] = value
                 seq = h[base + 1]
@@ -414,6 +420,12 @@ class Ring:
 
     # --- worker side -------------------------------------------------------------------------
 
+    def reset_view_lock(self) -> None:
+        """Make VIEW_VER even again (a worker killed inside set_view leaves it odd)."""
+        h = self._h
+        if h[L.VIEW_VER] & 1:
+            h[L.VIEW_VER] += 1
+
     def set_view(self, seg: int, size: int, durable: int) -> None:
         """Publish where readers may read up to (worker only)."""
         h = self._h
@@ -435,11 +447,27 @@ class Ring:
 
     def consume(self, s: L.Slice) -> None:
         """Mark a slice as taken (its frame is written); wake producers waiting for space."""
-        h = self._h
-        h[L.HEAD_SEQ] = s.first_seq + s.count
-        h[L.HEAD] = s.new_head
-        if h[L.SPACE_WAITERS]:
+        self.set_head(s.new_head, s.first_seq + s.count)
+        if self._h[L.SPACE_WAITERS]:
             self.space_free.release()
+
+    def set_head(self, head: int, head_seq: int) -> None:
+        """Move the consume position in one atomic step (slot, then WGEN), then the mirrors."""
+        h = self._h
+        wgen = h[L.WGEN]
+        nb = L.WSLOT0 if wgen & 1 else L.WSLOT1
+        h[nb] = head
+        h[nb + 1] = head_seq
+        h[L.WGEN] = wgen + 1
+        h[L.HEAD] = head  # producers read this mirror; stale only means less free space
+        h[L.HEAD_SEQ] = head_seq
+
+    def restore_head(self) -> tuple[int, int]:
+        """(head, head_seq) from the current slot, mirrors rewritten (a new worker, at resume)."""
+        h = self._h
+        cur = L.WSLOT1 if h[L.WGEN] & 1 else L.WSLOT0
+        h[L.HEAD], h[L.HEAD_SEQ] = h[cur], h[cur + 1]
+        return h[cur], h[cur + 1]
 
     def skip_records(self, upto_seq: int) -> int:
         """Consume records below ``upto_seq`` without writing them (they are on disk already)."""
@@ -462,8 +490,7 @@ class Ring:
                 pos += 4 + n
                 seq += 1
             skipped += seq - s.first_seq
-            h[L.HEAD_SEQ] = seq
-            h[L.HEAD] = h[L.HEAD] + (pos - s.offset)
+            self.set_head(h[L.HEAD] + (pos - s.offset), seq)
         return skipped
 
     def wake_durable_waiters(self) -> None:

@@ -5,7 +5,9 @@ Positions are monotonic byte counters (u64); a position's place in the data area
 bytes), so a contiguous run of published records is a frame payload as it stands. A block of
 records never straddles the end of the data area: when it does not fit before the end, the
 producer publishes a *wrap*, skipping to the next multiple of the capacity, and records where
-that skip began (``wrap_pos``) and the id of the record after it (``wrap_seq``).
+that skip began (``wrap_pos``) and the id of the record after it (``wrap_seq``). A block that
+ends exactly at the end of the area is recorded the same way, as a wrap that skips nothing, so
+that every crossing of the end is known to the worker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ HEAD, HEAD_SEQ, WRITTEN_SEQ, DURABLE_SEQ, WORKER_PID, STATE, SLEEPING, ERRNO = r
 VIEW_VER, VIEW_SEG, VIEW_SIZE, VIEW_DURABLE = 40, 41, 42, 43
 # line 6: worker statistics
 FSYNCS, BYTES_WRITTEN, FRAMES, FSYNC_NS, LAST_FSYNC_NS, RESTARTS, ENTRIES = range(48, 55)
+# line 7: the worker's consume position, double-buffered: WGEN's parity selects the slot
+# (head, head_seq) that is true; HEAD and HEAD_SEQ above are mirrors written after it, so a
+# worker killed between two stores leaves a consistent slot for its successor
+WGEN, WSLOT0, WSLOT1 = 56, 57, 59
 FIELDS = 64
 #: WRAP_POS before any wrap: a position no live range ever contains
 WRAP_NONE = (1 << 64) - 1
@@ -102,8 +108,7 @@ def next_slice(
     if head >= tail:
         return None
     if head <= wrap_pos < tail:
-        # a wrap never starts at a boundary (there the whole area lies ahead), so its skip
-        # ends at the next multiple of the capacity
-        return Slice(head & (capacity - 1), wrap_pos - head, head_seq, wrap_seq - head_seq,
-                     wrap_end(wrap_pos, capacity))
+        end = wrap_end(wrap_pos, capacity)  # == wrap_pos for a wrap that skips nothing
+        if not (head == wrap_pos == end):  # (such a wrap at head is already behind us)
+            return Slice(head & (capacity - 1), wrap_pos - head, head_seq, wrap_seq - head_seq, end)
     return Slice(head & (capacity - 1), tail - head, head_seq, next_seq - head_seq, tail)

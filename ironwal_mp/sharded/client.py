@@ -68,7 +68,7 @@ class _Attachment:
             ring.liveness = self.check_alive
         self.requests = Queue(names.coordinator_queue)
         self.token = secrets.randbits(63) or 1
-        self.replies = Queue(names.client_queue(self.token), create=True)
+        self.replies: Optional[Queue] = None  # created on the first control request
         self.req_lock = threading.Lock()
         self.req_id = 0
         self.refs = 0
@@ -89,9 +89,13 @@ class _Attachment:
         timeout = self.timeout if timeout is None else timeout
         with self.req_lock:
             self.check_alive()
+            if self.replies is None:
+                # the coordinator registers (pid, queue) with the first request, to remove the
+                # queue should this process die without closing
+                self.replies = Queue(self.names.client_queue(self.token), create=True)
             self.req_id += 1
             req = self.req_id
-            body = dict(body, reply=self.token)
+            body = dict(body, reply=self.token, pid=os.getpid())
             self.requests.send(M.Message(kind, os.getpid(), req, body), timeout, alive=self.check_alive)
             deadline = time.monotonic() + max(timeout, 120.0)
             while True:
@@ -104,7 +108,8 @@ class _Attachment:
                     elif not pid_alive(self.coordinator_pid):
                         return {}
                     if time.monotonic() > deadline:
-                        raise E.WorkerFailedError(f"the coordinator did not answer in {deadline:.0f}s")
+                        raise E.WorkerFailedError(
+                            f"the coordinator (pid {self.coordinator_pid}) did not answer a control request in time")
         if msg.kind == M.ERROR:
             raise _rebuild_error(msg.body)
         return msg.body
@@ -116,8 +121,9 @@ class _Attachment:
         for ring in self.rings:
             ring.close()
         self.requests.close()
-        self.replies.unlink()
-        self.replies.close()
+        if self.replies is not None:
+            self.replies.unlink()
+            self.replies.close()
         self.ctl.close()
 
 
@@ -133,12 +139,8 @@ def _after_fork_in_child() -> None:
             ring._pid = pid
         att.started = None
         att.req_lock = threading.Lock()
-        try:
-            att.token = secrets.randbits(63) or 1
-            att.replies = Queue(att.names.client_queue(att.token), create=True)
-            att.request(M.ATTACH, {"pid": pid})
-        except Exception:
-            pass
+        att.token = secrets.randbits(63) or 1
+        att.replies = None  # the parent's queue is the parent's
     global _registry_lock
     _registry_lock = threading.Lock()
 
@@ -182,7 +184,6 @@ def _attach(root: str, timeout: float) -> Optional[_Attachment]:
     ctl.close()
     try:
         att = _Attachment(root, names, timeout)
-        att.request(M.ATTACH, {"pid": os.getpid()})
     except (E.WalError, OSError, ValueError) as exc:
         if isinstance(exc, E.WalClosedError):
             return None
@@ -305,7 +306,7 @@ class ShardedWal:
         if att.reader is None:
             att.reader = ShardReader(self.root, att.rings, self.options)
         self._reader = att.reader
-        weakref.finalize(self, _release, att)
+        self._finalizer = weakref.finalize(self, _release, att)  # runs once: close() or GC
 
     # --- pickling: re-attach in the receiving process ----------------------------------------
 
@@ -325,7 +326,7 @@ class ShardedWal:
         if self._closed:
             return
         self._closed = True
-        _release(self._att)
+        self._finalizer()
 
     @property
     def closed(self) -> bool:
@@ -535,7 +536,7 @@ def _release(att: _Attachment) -> None:
                 except subprocess.TimeoutExpired:
                     att.started.kill()
                     att.started.wait()
-            else:
+            elif att.replies is not None:
                 try:
                     att.request(M.DETACH, {}, timeout=5.0)
                 except E.WalError:
