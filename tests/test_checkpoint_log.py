@@ -623,7 +623,7 @@ def test_head_write_failure_rolls_back_the_record(tmp_path, monkeypatch):
     def broken(path, data):
         raise OSError(errno.ENOSPC, "No space left")
 
-    monkeypatch.setattr(layout, "write_file_atomic", broken)
+    monkeypatch.setattr(layout, "prepare_atomic", broken)  # the HEAD temp file cannot be written
     with pytest.raises(DiskFullError):
         log.append(_data(2))
     monkeypatch.undo()

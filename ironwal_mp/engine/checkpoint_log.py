@@ -369,9 +369,12 @@ class CheckpointLog:
         for rec in self._records:
             self._by_id[rec.user_id] = rec  # later records shadow earlier ones
 
-    def _write_head(self, user_id: bytes) -> None:
+    def _write_head(self, user_id: bytes, prepared: "Optional[_Background]" = None) -> None:
         try:
-            layout.write_file_atomic(self.head_path, encode_head(user_id))
+            if prepared is None:
+                layout.write_file_atomic(self.head_path, encode_head(user_id))
+            else:
+                layout.commit_atomic(prepared.wait(), self.head_path)
         except OSError as exc:
             _remove_quietly(self.head_path + ".tmp")
             raise _io_error(exc, self.head_path, "writing") from exc
@@ -468,6 +471,9 @@ class CheckpointLog:
                 fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise _io_error(exc, self.log_path, "opening") from exc
+            # HEAD's temp file is written and fsynced while the record is: it only becomes HEAD
+            # at the rename, after both, so the record still commits before HEAD names it
+            head_prep = _Background(layout.prepare_atomic, self.head_path, encode_head(data.user_id))
             try:
                 try:
                     os.lseek(fd, prev, os.SEEK_SET)
@@ -476,10 +482,12 @@ class CheckpointLog:
                     if created:
                         layout.fsync_dir(self.root)
                 except OSError as exc:
+                    head_prep.wait()
+                    _remove_quietly(self.head_path + ".tmp")
                     self._roll_back(fd, prev)
                     raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
                 try:
-                    self._write_head(data.user_id)
+                    self._write_head(data.user_id, head_prep)
                 except WalIOError:
                     self._roll_back(fd, prev)
                     raise
@@ -593,3 +601,25 @@ __all__ = [
     "encode_payload",
     "encode_record",
 ]
+
+
+class _Background:
+    """Run ``fn(*args)`` on a thread; ``wait()`` returns its result or raises its error."""
+
+    def __init__(self, fn, *args) -> None:
+        self._result = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as exc:  # handed to wait()
+            self._error = exc
+
+    def wait(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -86,6 +86,11 @@ def fsync_dir(path: str) -> None:
 
 def write_file_atomic(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, directory fsync."""
+    commit_atomic(prepare_atomic(path, data), path)
+
+
+def prepare_atomic(path: str, data: bytes) -> str:
+    """First half of an atomic replace: write and fsync ``<path>.tmp``; return its path."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -95,6 +100,11 @@ def write_file_atomic(path: str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return tmp
+
+
+def commit_atomic(tmp: str, path: str) -> None:
+    """Second half: rename the prepared file over ``path`` and make the rename durable."""
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
 

@@ -306,6 +306,10 @@ class ShardedWal:
         if att.reader is None:
             att.reader = ShardReader(self.root, att.rings, self.options)
         self._reader = att.reader
+        if self._crc_route:
+            # the hot path as a closure on the instance: no bound method is built per call and
+            # every name it needs is a local (see ShardedWal.append for the contract)
+            self.append = _make_append(self._n, self._appenders, self._rings, self._strict, self._timeout)
         self._finalizer = weakref.finalize(self, _release, att)  # runs once: close() or GC
 
     # --- pickling: re-attach in the receiving process ----------------------------------------
@@ -326,6 +330,7 @@ class ShardedWal:
         if self._closed:
             return
         self._closed = True
+        self.append = _closed_append  # type: ignore[method-assign]
         self._finalizer()
 
     @property
@@ -346,8 +351,11 @@ class ShardedWal:
         """The shard ``key`` routes to (stable across processes and runs)."""
         return self._route(_as_bytes(key, "key"), self._n)
 
-    def append(self, key: bytes, value: bytes) -> Tuple[int, int]:
-        """Append ``value`` to the shard ``key`` routes to; return ``(shard_id, seq_id)``."""
+    def append(self, key: bytes, value: bytes) -> Tuple[int, int]:  # type: ignore[no-redef]
+        """Append ``value`` to the shard ``key`` routes to; return ``(shard_id, seq_id)``.
+
+        (An attached handle replaces this with an equivalent closure bound at attach time.)
+        """
         if type(key) is not bytes:
             key = _as_bytes(key, "key")
         if type(value) is not bytes:
@@ -518,6 +526,32 @@ class ShardedWal:
                       C.ST_CLOSED: "closed"}.get(att.ctl.state, "unknown"),
             "shards": shards,
         }
+
+
+def _make_append(n: int, appenders: list, rings: list, strict: bool, timeout: float):
+    def append(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
+        if type(key) is not _bytes:
+            key = _as_bytes(key, "key")
+        if type(value) is not _bytes:
+            value = _as_bytes(value, "value")
+        shard = _crc(key) % n
+        return shard, appenders[shard](value, False, timeout)
+
+    def append_strict(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
+        if type(key) is not _bytes:
+            key = _as_bytes(key, "key")
+        if type(value) is not _bytes:
+            value = _as_bytes(value, "value")
+        shard = _crc(key) % n
+        seq = appenders[shard](value, True, timeout)
+        rings[shard].wait_durable(seq + 1, timeout)
+        return shard, seq
+
+    return append_strict if strict else append
+
+
+def _closed_append(key: bytes, value: bytes) -> Tuple[int, int]:
+    raise E.WalClosedError("this ShardedWal handle is closed")
 
 
 def _release(att: _Attachment) -> None:
