@@ -29,6 +29,10 @@ _unpack_len = _LEN.unpack_from
 
 #: how long one wait on a semaphore lasts before the waiter re-checks liveness
 POLL_S = 0.05
+#: a lock held this long with no holder recorded and no progress is taken as orphaned
+STUCK_S = 1.0
+#: a waiter count that stays unchanged with nobody able to wait, this long, is cleared
+STALE_S = 1.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -40,10 +44,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child still "exists"; treat it as dead
+    # a zombie child still "exists"; treat it as dead. The name in parentheses may itself
+    # contain ") ", so the state letter follows the *last* one.
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().split(b") ", 1)[1][:1] != b"Z"
+            return fh.read().rsplit(b") ", 1)[1][:1] != b"Z"
     except (OSError, IndexError):
         return True
 
@@ -114,6 +119,8 @@ class Ring:
         self.space_free = _open_sem(names.space_free(shard), create, 0)
         self.durable_sem = _open_sem(names.durable(shard), create, 0)
         self._pid = os.getpid()
+        self._stale_next = 0.0
+        self._stale: Optional[tuple] = None
         #: called while waiting, to raise if the WAL is gone (set by the client)
         self.liveness: Optional[Callable[[], None]] = None
 
@@ -161,27 +168,47 @@ class Ring:
             lock.acquire(0)
         except posix_ipc.BusyError:
             self._acquire_slow(timeout)
-        self._h[L.HOLDER] = self._pid
+        h = self._h
+        h[L.HOLDER] = self._pid
+        h[L.LOCKS] += 1
 
     def release(self) -> None:
         self._h[L.HOLDER] = 0
         self.lock.release()
 
-    def _acquire_slow(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _progress(self) -> tuple[int, int, int, int]:
         h = self._h
+        return h[L.GEN], h[L.LOCKS], h[L.REPAIRS], h[L.HOLDER]
+
+    def _acquire_slow(self, timeout: float) -> None:
+        """Wait for the lock, repairing it if its holder died.
+
+        A dead holder is recognised by its recorded pid. A holder killed in the instants
+        between taking the semaphore and recording its pid (or between clearing it and
+        posting) leaves no pid: such a lock is repaired once it has stayed held with no
+        progress at all (GEN, LOCKS, REPAIRS unchanged) for STUCK_S.
+        """
+        now = time.monotonic()
+        deadline = now + timeout
+        seen, since = self._progress(), now
         while True:
             try:
                 self.lock.acquire(POLL_S)
                 return
             except posix_ipc.BusyError:
                 pass
-            holder = h[L.HOLDER]
+            now = time.monotonic()
+            state = self._progress()
+            holder = state[3]
             if holder and not pid_alive(holder):
-                self.repair_lock(holder)
+                self._repair_if(state, dead=holder)
+            elif state != seen:
+                seen, since = state, now
+            elif holder == 0 and now - since >= STUCK_S:
+                self._repair_if(state, dead=0)
             if self.liveness is not None:
                 self.liveness()
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise WorkerFailedError(
                     f"shard {self.shard}: ring lock not obtained in {timeout:.0f}s "
                     f"(holder pid {holder or 'unknown'})"
@@ -189,14 +216,37 @@ class Ring:
 
     def repair_lock(self, dead_pid: int) -> bool:
         """Release the lock on behalf of ``dead_pid`` if it still holds it (once, whoever asks)."""
-        self._repair.acquire()
+        return self._repair_if(self._progress(), dead=dead_pid)
+
+    def _repair_if(self, seen: tuple[int, int, int, int], dead: int) -> bool:
+        """Release the lock if nothing has changed since ``seen`` and it is still held.
+
+        Serialised by the repair semaphore, and REPAIRS is part of ``seen``: a second repairer
+        that observed the same state finds REPAIRS moved on and leaves the lock alone.
+        """
+        try:
+            self._repair.acquire(STUCK_S)
+        except posix_ipc.BusyError:
+            # a repairer died inside this few-microsecond section: take its place
+            pass
         try:
             h = self._h
-            if h[L.HOLDER] != dead_pid or pid_alive(dead_pid):
+            now = self._progress()
+            if dead and (now[3] != dead or pid_alive(dead)):
+                return False
+            if now[:3] != seen[:3] or now[3] != seen[3]:
+                return False
+            try:
+                self.lock.acquire(0)  # free after all: nothing to repair
+            except posix_ipc.BusyError:
+                pass
+            else:
+                self.lock.release()
                 return False
             # the dead holder's unpublished bytes are ignored: GEN still selects the old slot
             self._restore_wrap_invariant()
             h[L.HOLDER] = 0
+            h[L.REPAIRS] += 1
             self.lock.release()
             return True
         finally:
@@ -256,10 +306,13 @@ class Ring:
             if not deadline:
                 deadline = time.monotonic() + timeout
             self._wake_worker()
-            self._wait(self.space_free, deadline, "space in the ring")
-            self.acquire(timeout)
-            h[L.SPACE_WAITERS] -= 1
-            self.release()
+            try:
+                self._wait(self.space_free, deadline, "space in the ring")
+            finally:  # also on a timeout: a waiter left counted would make every later wait spin
+                self.acquire(timeout)
+                if h[L.SPACE_WAITERS]:  # (a worker may have reset a stale count)
+                    h[L.SPACE_WAITERS] -= 1
+                self.release()
         if h[L.SLEEPING]:
             self.data_ready.release()
         return seq
@@ -368,7 +421,8 @@ class Ring:
         finally:
             if registered:
                 self.acquire(timeout)
-                h[L.DUR_WAITERS] -= 1
+                if h[L.DUR_WAITERS]:  # (a worker may have reset a stale count)
+                    h[L.DUR_WAITERS] -= 1
                 self.release()
 
     def _wake_worker(self) -> None:
@@ -448,8 +502,11 @@ class Ring:
     def consume(self, s: L.Slice) -> None:
         """Mark a slice as taken (its frame is written); wake producers waiting for space."""
         self.set_head(s.new_head, s.first_seq + s.count)
-        if self._h[L.SPACE_WAITERS]:
-            self.space_free.release()
+        waiters = self._h[L.SPACE_WAITERS]
+        if waiters:
+            if self.space_free.value < waiters:  # never more posts than waiters
+                self.space_free.release()
+            self.clear_stale_waiters()  # a waiter killed while waiting is never subtracted
 
     def set_head(self, head: int, head_seq: int) -> None:
         """Move the consume position in one atomic step (slot, then WGEN), then the mirrors."""
@@ -494,9 +551,50 @@ class Ring:
         return skipped
 
     def wake_durable_waiters(self) -> None:
-        n = self._h[L.DUR_WAITERS]
-        for _ in range(min(n, 64)):
+        """Post once per registered waiter (at most 64), less the posts still unclaimed."""
+        waiters = self._h[L.DUR_WAITERS]
+        if not waiters:
+            return
+        for _ in range(min(waiters, 64) - self.durable_sem.value):
             self.durable_sem.release()
+        self.clear_stale_waiters()  # a waiter killed while waiting is never subtracted
+
+    def clear_stale_waiters(self) -> bool:
+        """Zero waiter counts a killed waiter left behind (worker side; cheap when called often).
+
+        A count is stale when nobody can be behind it: every published id is durable (for
+        DUR_WAITERS) or the ring is empty (for SPACE_WAITERS). A live waiter that was just
+        woken is briefly counted in such a state too, so a count is cleared only once it has
+        stayed the same, and stale, at every sample over STALE_S. Returns True if it cleared.
+        """
+        now = time.monotonic()
+        if now < self._stale_next:
+            return False
+        self._stale_next = now + STALE_S / 4
+        h = self._h
+        self.acquire()
+        try:
+            tail, next_seq, _, _ = self.published()
+            sample = (
+                h[L.DUR_WAITERS] if h[L.DURABLE_SEQ] >= next_seq else -1,
+                h[L.SPACE_WAITERS] if h[L.HEAD] >= tail else -1,
+            )
+            if sample[0] <= 0 and sample[1] <= 0:
+                self._stale = None
+                return False
+            if self._stale is None or self._stale[0] != sample:
+                self._stale = (sample, now)
+                return False
+            if now - self._stale[1] < STALE_S:
+                return False
+            if sample[0] > 0:
+                h[L.DUR_WAITERS] = 0
+            if sample[1] > 0:
+                h[L.SPACE_WAITERS] = 0
+            self._stale = None
+            return True
+        finally:
+            self.release()
 
 
 assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.STATE, L.ST_OPEN, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (

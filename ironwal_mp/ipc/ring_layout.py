@@ -23,7 +23,10 @@ LENGTH_PREFIX = 4
 # line 0: static, written once by the coordinator when it creates the ring
 MAGIC, VERSION, CAPACITY, SHARD, WORKER_IDX = 0, 1, 2, 3, 4
 # line 1: producers, under the ring lock
-GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS, PUBLISHES = 8, 9, 10, 11, 12
+GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS = 8, 9, 10, 11
+# LOCKS counts acquisitions outside the publish fast path (which bumps GEN instead); REPAIRS
+# counts lock repairs. With GEN they tell a waiter whether anybody made progress.
+LOCKS, REPAIRS = 12, 13
 # lines 2 and 3: the two publish slots (tail, next_seq, wrap_pos, wrap_seq); GEN's parity
 # selects the current one, so a producer that dies mid-publish leaves the old state intact
 SLOT0, SLOT1 = 16, 24
