@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
+import posix_ipc
+
 from ironwal_mp.engine.stream import Stream
 from ironwal_mp.engine.wal import Wal
 from ironwal_mp.errors import WalError
@@ -219,7 +221,7 @@ class Worker:
                 return
             try:
                 self.wake.acquire(IDLE_WAIT_S)
-            except Exception:  # posix_ipc.BusyError: the timeout
+            except (posix_ipc.BusyError, posix_ipc.SignalError):  # the timeout, or a signal
                 pass
         finally:
             for st in self.shards.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, List
 
 from .. import Wal, WalOptions
@@ -126,7 +127,9 @@ def repair(args) -> int:
     target = locate(args.path)
     holder = lock_holder(target.root)
     if holder is not None:
-        print(f"refusing to repair {target.root}: it is held by a running process (pid {holder}); stop it first")
+        # on stderr, like every refusal: stdout stays a report (and valid JSON with --json)
+        print(f"ironwal-mp repair: refusing to repair {target.root}: it is held by a running process "
+              f"(pid {holder}); stop it first", file=sys.stderr)
         return EXIT_FINDING
     changes: List[str] = []
     with Wal(WalOptions(root_path=target.root)) as wal:

@@ -6,6 +6,7 @@ says how far the job got; nothing acknowledged is lost. A second Ctrl-C aborts a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -33,6 +34,21 @@ def _dir_bytes(root: str, shards: int) -> Tuple[int, int]:
     return total, files
 
 
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C back while a library call runs; the handler runs as soon as the call returns.
+
+    The library's IPC waits (posix_ipc) turn a signal whose handler returns, as ours does on the
+    first Ctrl-C, into posix_ipc.SignalError in the middle of an append or a checkpoint. So the
+    handler must run between library calls, never inside one.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run(args) -> int:
     if args.batch < 1:
         raise UsageError("--batch must be at least 1")
@@ -56,14 +72,20 @@ def run(args) -> int:
         stop["requested"] = True
         sys.stderr.write("\ninterrupt: finishing the current batch, then a checkpoint (Ctrl-C again to abort)\n")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    previous = signal.getsignal(signal.SIGINT)
+    # the pid keeps ids of runs started in the same second (one after another, or side by side
+    # against `serve`) apart: a checkpoint id is never reused, so a clash would fail the run
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     per_shard: Dict[int, int] = {}
     checkpoints: List[bytes] = []
     count = raw_bytes = 0
     progress = Progress("ingest", total)
+    disk_before, _ = _dir_bytes(root, args.shards)  # the ratio is this run's: what its bytes added
     try:
         with ShardedWal(opts, args.shards, workers=args.workers) as wal:
+            # installed once the WAL is open: until then Ctrl-C is a plain KeyboardInterrupt ("aborted"),
+            # and no signal mask is inherited by the coordinator the open starts
+            signal.signal(signal.SIGINT, on_sigint)
             if not args.json:
                 print(f"ingesting {described} into {root}: {wal.shard_count} shards, "
                       f"sync {opts.sync_mode.value}, batch {args.batch}")
@@ -74,7 +96,8 @@ def run(args) -> int:
                 nonlocal count, raw_bytes
                 if not batch:
                     return
-                acks = [wal.append(*batch[0])] if len(batch) == 1 else wal.append_batch(batch)
+                with _sigint_held():
+                    acks = [wal.append(*batch[0])] if len(batch) == 1 else wal.append_batch(batch)
                 for shard, _seq in acks:
                     per_shard[shard] = per_shard.get(shard, 0) + 1
                 nbytes = sum(len(v) for _, v in batch)
@@ -85,7 +108,8 @@ def run(args) -> int:
 
             def checkpoint(label: str) -> None:
                 cid = f"ingest-{run_id}-{label}".encode()
-                wal.create_checkpoint(cid)
+                with _sigint_held():
+                    wal.create_checkpoint(cid)
                 checkpoints.append(cid)
 
             for record in records:
@@ -101,8 +125,15 @@ def run(args) -> int:
             if stop["requested"] or not checkpoints or not checkpoints[-1].endswith(b"-%d" % count):
                 checkpoint("interrupted" if stop["requested"] else "end")
             progress.done()
-            stats = wal.stats()
+            with _sigint_held():
+                stats = wal.stats()
+                wal.close()  # drains the rings and stops the coordinator: no Ctrl-C inside it either
         elapsed = progress.elapsed
+    except UsageError as exc:  # bad input part-way through: say what is already in the WAL
+        if count:
+            raise UsageError(f"{exc}; the {count:,} records before it were appended "
+                             "(no checkpoint marks them)") from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     disk, files = _dir_bytes(root, len(stats["shards"]))
@@ -112,7 +143,7 @@ def run(args) -> int:
         "bytes_ingested": raw_bytes,
         "bytes_on_disk": disk,
         "segment_files": files,
-        "compression_ratio": (raw_bytes / disk) if disk else None,
+        "compression_ratio": (raw_bytes / (disk - disk_before)) if disk > disk_before else None,
         "per_shard": {str(s): per_shard.get(s, 0) for s in range(len(stats["shards"]))},
         "shard_next_ids": [s["next_id"] for s in stats["shards"]],
         "checkpoints": [c.decode() for c in checkpoints],
@@ -126,7 +157,7 @@ def run(args) -> int:
         if stop["requested"]:
             print(f"interrupted: {count:,} records were appended and acknowledged before stopping; "
                   f"checkpoint {checkpoints[-1].decode()} marks the spot")
-        ratio = f"{raw_bytes / disk:.2f}x" if disk else "-"
+        ratio = f"{raw_bytes / (disk - disk_before):.2f}x" if disk > disk_before else "-"
         table([
             ["records", f"{count:,}"],
             ["bytes ingested", size(raw_bytes)],

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("ingest", "serve"):
+            from ..sharded.manifest import MAX_SHARDS
+
+            if not 1 <= args.shards <= MAX_SHARDS:  # the library says so with a bare ValueError
+                raise UsageError(f"--shards must be between 1 and {MAX_SHARDS}, got {args.shards}")
         if args.command == "ingest":
             from . import ingest
 

@@ -6,14 +6,20 @@ import json
 import os
 
 from .. import WalOptions
+from ..ipc.ring_layout import check_capacity
 from ..options import SyncMode, options_to_dict
 from ..sharded.client import DEFAULT_RING_SIZE
 from ..sharded.manifest import open_manifest
-from .output import EXIT_OK
+from .output import EXIT_OK, UsageError
 
 
 def run(args) -> int:
     root = os.path.abspath(args.root)
+    if args.ring_size is not None:
+        try:
+            check_capacity(args.ring_size)
+        except ValueError as exc:  # said here, not as a traceback from inside the coordinator
+            raise UsageError(f"--ring-size: {exc}") from None
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
     open_manifest(root, args.shards)  # a shard-count mismatch is a usage error, said before starting
     os.environ["IRONWAL_MP_OPTIONS"] = json.dumps(options_to_dict(opts))

@@ -60,6 +60,8 @@ def read_csv(stream: BinaryIO, key_field: str) -> Iterator[Record]:
     if key_field not in reader.fieldnames:
         raise UsageError(f"CSV has no column {key_field!r} to route by (columns: {', '.join(reader.fieldnames)})")
     for row in reader:
+        if row[key_field] is None:  # a short row: DictReader fills missing columns with None
+            raise UsageError(f"line {reader.line_num}: no value in column {key_field!r} to route by (see --key)")
         yield row[key_field].encode("utf-8"), json.dumps(row, separators=(",", ":")).encode("utf-8")
 
 

@@ -47,7 +47,7 @@ class Queue:
                 try:
                     self._q.send(part, 0.1)
                     break
-                except posix_ipc.BusyError:
+                except (posix_ipc.BusyError, posix_ipc.SignalError):  # full, or a signal arrived
                     if alive is not None:
                         alive()
                     if time.monotonic() > deadline:
@@ -62,7 +62,9 @@ class Queue:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 raw, _prio = self._q.receive(left)
-            except posix_ipc.BusyError:
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                # a signal handler ran (Python retries its own calls, posix_ipc does not):
+                # report nothing, so that the caller re-checks whatever the handler changed
                 return None
             msg = self._assembler.feed(raw)
             if msg is not None:

@@ -176,6 +176,16 @@ class Ring:
         self._h[L.HOLDER] = 0
         self.lock.release()
 
+    def _repair_acquire(self) -> None:
+        deadline = time.monotonic() + STUCK_S
+        while True:
+            try:
+                self._repair.acquire(max(0.0, deadline - time.monotonic()))
+                return
+            except posix_ipc.SignalError:
+                if time.monotonic() >= deadline:
+                    raise posix_ipc.BusyError("repair semaphore") from None
+
     def _progress(self) -> tuple[int, int, int, int]:
         h = self._h
         return h[L.GEN], h[L.LOCKS], h[L.REPAIRS], h[L.HOLDER]
@@ -195,7 +205,7 @@ class Ring:
             try:
                 self.lock.acquire(POLL_S)
                 return
-            except posix_ipc.BusyError:
+            except (posix_ipc.BusyError, posix_ipc.SignalError):  # (a signal handler ran)
                 pass
             now = time.monotonic()
             state = self._progress()
@@ -225,7 +235,7 @@ class Ring:
         that observed the same state finds REPAIRS moved on and leaves the lock alone.
         """
         try:
-            self._repair.acquire(STUCK_S)
+            self._repair_acquire()
         except posix_ipc.BusyError:
             # a repairer died inside this few-microsecond section: take its place
             pass
@@ -433,7 +443,7 @@ class Ring:
         try:
             sem.acquire(POLL_S)
             return
-        except posix_ipc.BusyError:
+        except (posix_ipc.BusyError, posix_ipc.SignalError):  # the caller re-checks its condition
             pass
         if self.liveness is not None:
             self.liveness()

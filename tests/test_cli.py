@@ -1,0 +1,1027 @@
+"""The ``ironwal-mp`` command line, always through its real entry point in a subprocess.
+
+Every command runs as ``python -m ironwal_mp ...`` (the console script is checked once), with a
+timeout. Tests that start a sharded WAL use the ``wal_root`` fixture, which fails a test that
+leaves a coordinator, a worker or an IPC object behind.
+
+A note on the machine: Linux charges POSIX message queues to the user against RLIMIT_MSGQUEUE
+(about nine of the library's queues per user, machine-wide, and every process here runs as
+root). When other jobs hold that budget, starting a WAL fails with "cannot create message
+queue" before anything is written; ``cli`` waits and retries that case only (bounded).
+Most WALs here use ``--workers 1`` and 4 shards to need few queues.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter, defaultdict
+from typing import Dict, List, Optional
+
+import pytest
+
+from ironwal_mp import CompressionType, Wal, WalOptions
+from ironwal_mp.engine import layout
+from ironwal_mp.engine.frame import HEADER_SIZE
+from ironwal_mp.engine.scanner import scan_frames
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sharded layer needs Linux")
+
+PY = sys.executable
+CMD = [PY, "-m", "ironwal_mp"]
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(PY), "ironwal-mp")
+TIMEOUT = 120
+MQ_BUSY = "cannot create message queue"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.pop("IRONWAL_MP_LOG", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(*args: str, expect: Optional[int] = 0, stdin: Optional[bytes] = None, cwd: Optional[str] = None,
+        timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``python -m ironwal_mp ARGS``; check the exit code (unless ``expect`` is None)."""
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run(CMD + [str(a) for a in args], input=stdin if stdin is not None else b"",
+                              capture_output=True, timeout=timeout, cwd=cwd, env=_env())
+        proc.stdout_text = proc.stdout.decode("utf-8", "replace")
+        proc.stderr_text = proc.stderr.decode("utf-8", "replace")
+        if proc.returncode == 1 and MQ_BUSY in proc.stderr_text and time.monotonic() < deadline:
+            time.sleep(1.0)  # the machine's message-queue budget is held by other jobs: nothing was written
+            continue
+        break
+    if expect is not None:
+        assert proc.returncode == expect, (
+            f"ironwal-mp {' '.join(map(str, args))}: exit {proc.returncode}, expected {expect}\n"
+            f"--- stdout\n{proc.stdout_text[-4000:]}\n--- stderr\n{proc.stderr_text[-4000:]}"
+        )
+    return proc
+
+
+def cli_json(*args: str, **kw):
+    proc = cli(*args, "--json", **kw)
+    return json.loads(proc.stdout)
+
+
+def one_line(text: str) -> str:
+    """The one non-empty line of ``text`` (an error report must be exactly one line)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected exactly one line, got {len(lines)}:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def usage_error(*args: str, **kw) -> str:
+    """Run a command that must fail with exit 2 and one clear line on stderr; return that line."""
+    proc = cli(*args, expect=2, **kw)
+    line = one_line(proc.stderr_text)
+    assert line.startswith("ironwal-mp "), line
+    return line
+
+
+def replay_json(root: str, *extra: str) -> List[dict]:
+    proc = cli("replay", "--root", root, "--json", *extra)
+    return [json.loads(ln) for ln in proc.stdout.splitlines()]
+
+
+def route(key: bytes, shards: int) -> int:
+    """The documented router of new directories (MANIFEST: crc32-v1)."""
+    return zlib.crc32(key) % shards
+
+
+def write_jsonl(path: str, rows: List[dict]) -> List[bytes]:
+    lines = [json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() for r in rows]
+    with open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    return lines
+
+
+def check_replay_matches(entries: List[dict], values: List[bytes], keys: List[bytes], shards: int) -> None:
+    """Each input value is stored exactly once, on its key's shard, in input order, with ids 0.. per shard."""
+    per_shard: Dict[int, List[dict]] = defaultdict(list)
+    for e in entries:
+        per_shard[e["shard"]].append(e)
+    expected: Dict[int, List[bytes]] = defaultdict(list)
+    for k, v in zip(keys, values):
+        expected[route(k, shards)].append(v)
+    assert set(per_shard) == set(expected)
+    for s, got in per_shard.items():
+        assert [e["id"] for e in got] == list(range(len(got)))
+        assert [e["data"].encode() for e in got] == expected[s], f"shard {s}"
+
+
+def ingest_synthetic(root: str, records: int, *extra: str, shards: int = 4) -> dict:
+    return cli_json("ingest", "--root", root, "--shards", str(shards), "--workers", "1",
+                    "--records", str(records), *extra)
+
+
+def segment_paths(stream_dir: str) -> List[str]:
+    return [os.path.join(stream_dir, layout.segment_name(s)) for s in layout.list_segments(stream_dir)]
+
+
+def frame_offsets(path: str) -> List[tuple]:
+    """(offset, entry count) of every frame of a segment file."""
+    size = os.path.getsize(path)
+    start = layout.parse_segment_name(os.path.basename(path))
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        return [(off, h.count) for off, h, _ in scan_frames(lambda o, n: os.pread(fd, n, o), 0, start, end=size)]
+
+
+def write_engine_wal(root: str, stream: str = "events", count: int = 200) -> List[bytes]:
+    """A plain engine root (no sharding) with several segments of raw frames."""
+    values = [b"event-%05d-" % i + b"x" * (i % 90) for i in range(count)]
+    opts = WalOptions(root_path=root, max_segment_size=4096, compression=CompressionType.NONE)
+    with Wal(opts) as wal:
+        for v in values:
+            wal.append(stream, v)
+    return values
+
+
+class Background:
+    """A long-running ironwal-mp subprocess with stdout and stderr going to files."""
+
+    def __init__(self, tmp_path, name: str, *args: str) -> None:
+        self.out_path = os.path.join(str(tmp_path), f"{name}.out")
+        self.err_path = os.path.join(str(tmp_path), f"{name}.err")
+        self.args = [str(a) for a in args]
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Background":
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(CMD + self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         env=_env())
+        return self
+
+    @property
+    def stdout(self) -> str:
+        with open(self.out_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    @property
+    def stderr(self) -> str:
+        with open(self.err_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def wait_for(self, predicate, what: str, limit: float = 60.0) -> None:
+        deadline = time.monotonic() + limit
+        while not predicate():
+            assert self.proc.poll() is None, (
+                f"ironwal-mp {' '.join(self.args)} exited ({self.proc.returncode}) before {what}\n"
+                f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}")
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{self.stdout}\n{self.stderr}"
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_serve(tmp_path, root: str, shards: int = 4) -> Background:
+    """``serve`` in the background, ready to accept connect() (retrying a busy queue budget)."""
+    deadline = time.monotonic() + 90
+    while True:
+        bg = Background(tmp_path, "serve", "serve", "--root", root, "--shards", str(shards), "--workers", "1").start()
+        ready = time.monotonic() + 60
+        while bg.proc.poll() is None and not _control_block_ready(root):
+            if time.monotonic() > ready:
+                bg.stop(signal.SIGKILL)
+                pytest.fail(f"serve did not become ready\n{bg.stdout}\n{bg.stderr}")
+            time.sleep(0.1)
+        if bg.proc.poll() is None:
+            return bg
+        if MQ_BUSY in bg.stderr and time.monotonic() < deadline:
+            time.sleep(1.0)
+            continue
+        pytest.fail(f"serve exited with {bg.proc.returncode}\n{bg.stdout}\n{bg.stderr}")
+
+
+def _control_block_ready(root: str) -> bool:
+    """True once a job can connect() to root (checked by a short-lived child, never in-process)."""
+    code = ("import sys, ironwal_mp\n"
+            "try:\n"
+            "    w = ironwal_mp.connect(sys.argv[1])\n"
+            "except ironwal_mp.WalClosedError:\n"
+            "    sys.exit(3)\n"
+            "w.close()\n")
+    proc = subprocess.run([PY, "-c", code, root], capture_output=True, timeout=TIMEOUT, env=_env())
+    return proc.returncode == 0
+
+
+# --- help and the entry points ----------------------------------------------------------------------
+
+SUBCOMMANDS = [
+    [], ["ingest"], ["serve"], ["checkpoint"], ["checkpoint", "create"], ["checkpoint", "list"],
+    ["checkpoint", "show"], ["checkpoint", "prune"], ["checkpoint", "compact"], ["replay"], ["inspect"],
+    ["verify"], ["repair"], ["stats"],
+]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS, ids=lambda s: "-".join(s) or "top")
+def test_help_for_every_subcommand(sub, tmp_path):
+    proc = cli(*sub, "--help", cwd=str(tmp_path))
+    assert proc.stdout_text.startswith("usage: ironwal-mp")
+    assert proc.stderr_text == ""
+    assert not os.path.exists(os.path.join(str(tmp_path), "wal_data")), "--help must not touch ./wal_data"
+
+
+def test_console_script_is_the_same_command(tmp_path):
+    assert os.path.exists(CONSOLE_SCRIPT), CONSOLE_SCRIPT
+    proc = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, timeout=TIMEOUT, cwd=str(tmp_path))
+    assert proc.returncode == 0
+    assert proc.stdout.decode() == cli("--help").stdout_text
+    for name in ("ingest", "serve", "checkpoint", "replay", "inspect", "verify", "repair", "stats"):
+        assert name in proc.stdout.decode()
+
+
+def test_no_command_is_a_usage_error(tmp_path):
+    proc = cli(expect=2, cwd=str(tmp_path))
+    assert "required" in proc.stderr_text
+
+
+# --- ingest ------------------------------------------------------------------------------------------
+
+
+def test_ingest_jsonl_routes_by_key_and_replays(wal_root, tmp_path):
+    rows = []
+    for i in range(300):
+        user = f"user-{i % 37}" if i % 5 else i % 11  # string and numeric keys
+        rows.append({"user": user, "seq": i, "note": "é" if i % 7 == 0 else "plain"})
+    path = os.path.join(str(tmp_path), "events.jsonl")
+    lines = write_jsonl(path, rows)
+    keys = [r["user"].encode() if isinstance(r["user"], str) else str(r["user"]).encode() for r in rows]
+
+    summary = cli_json("ingest", path, "--root", wal_root, "--key", "user", "--shards", "4", "--workers", "1",
+                       "--batch", "64")
+    assert summary["records"] == 300
+    assert summary["bytes_ingested"] == sum(len(ln) for ln in lines)
+    assert summary["root"] == os.path.abspath(wal_root)
+    assert summary["interrupted"] is False
+    expected_counts = Counter(route(k, 4) for k in keys)
+    assert summary["per_shard"] == {str(s): expected_counts.get(s, 0) for s in range(4)}
+    assert summary["shard_next_ids"] == [expected_counts.get(s, 0) for s in range(4)]
+    assert len(summary["checkpoints"]) == 1 and summary["checkpoints"][0].endswith("-end")
+    assert summary["compression_ratio"] is not None and summary["compression_ratio"] > 0
+    assert summary["segment_files"] >= len(expected_counts)
+
+    entries = replay_json(wal_root)
+    assert len(entries) == 300
+    check_replay_matches(entries, lines, keys, 4)
+    # every key on exactly one shard
+    shard_of_key = defaultdict(set)
+    for e in entries:
+        shard_of_key[json.loads(e["data"])["user"]].add(e["shard"])
+    assert all(len(s) == 1 for s in shard_of_key.values())
+
+    # raw mode: the stored values, one per line
+    raw = cli("replay", "--root", wal_root).stdout
+    assert sorted(raw.splitlines()) == sorted(lines)
+
+    # one shard only
+    busiest = max(expected_counts, key=expected_counts.get)
+    only = replay_json(wal_root, "--shard", str(busiest))
+    assert {e["shard"] for e in only} == {busiest}
+    assert len(only) == expected_counts[busiest]
+    assert cli("replay", "--root", wal_root, "--shard", str(busiest)).stdout.splitlines() == \
+        [e["data"].encode() for e in only]
+    line = usage_error("replay", "--root", wal_root, "--shard", "4")
+    assert "--shard 4" in line and "0..3" in line
+    usage_error("replay", "--root", wal_root, "--shard", "-1")
+
+
+def test_ingest_csv_by_column(wal_root, tmp_path):
+    path = os.path.join(str(tmp_path), "payments.csv")
+    rows = [{"id": str(i), "account": f"acct-{i % 9}", "amount": str(i * 100), "memo": "a, quoted \"memo\""}
+            for i in range(120)]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "account", "amount", "memo"])
+        w.writeheader()
+        w.writerows(rows)
+    summary = cli_json("ingest", path, "--root", wal_root, "--key", "account", "--shards", "4", "--workers", "1")
+    assert summary["records"] == 120
+    counts = Counter(route(r["account"].encode(), 4) for r in rows)
+    assert summary["per_shard"] == {str(s): counts.get(s, 0) for s in range(4)}
+
+    entries = replay_json(wal_root)
+    assert len(entries) == 120
+    stored = [json.loads(e["data"]) for e in entries]
+    assert sorted(stored, key=lambda r: int(r["id"])) == rows  # a row is stored as a JSON object of the row
+    for e, row in zip(entries, stored):
+        assert e["shard"] == route(row["account"].encode(), 4)
+    values = [json.dumps(r, separators=(",", ":")).encode() for r in rows]
+    check_replay_matches(entries, values, [r["account"].encode() for r in rows], 4)
+
+
+def test_ingest_csv_row_without_the_key_column_is_a_usage_error(wal_root, tmp_path):
+    path = os.path.join(str(tmp_path), "short.csv")
+    with open(path, "w") as fh:
+        fh.write("id,account,amount\n1,acct-1,5\n2\n")
+    line = usage_error("ingest", path, "--root", wal_root, "--key", "account", "--shards", "4", "--workers", "1")
+    assert "account" in line
+
+
+def test_ingest_raw_lines_from_stdin(wal_root):
+    data = b"alpha\nbeta\n\ngamma\r\nalpha\n"
+    summary = cli_json("ingest", "-", "--root", wal_root, "--shards", "4", "--workers", "1", stdin=data)
+    assert summary["records"] == 4  # the blank line is skipped, CRLF stripped
+    expected = [b"alpha", b"beta", b"gamma", b"alpha"]
+    counts = Counter(route(v, 4) for v in expected)
+    assert summary["per_shard"] == {str(s): counts.get(s, 0) for s in range(4)}
+    entries = replay_json(wal_root)
+    check_replay_matches(entries, expected, expected, 4)  # raw lines are their own key
+    assert sorted(cli("replay", "--root", wal_root).stdout.splitlines()) == sorted(expected)
+
+    # text mode describes the source and prints a per-shard table
+    proc = cli("ingest", "-", "--root", wal_root, "--shards", "4", "--workers", "1", stdin=b"delta\n")
+    assert "standard input (raw lines)" in proc.stdout_text
+    assert re.search(r"^records\s+1$", proc.stdout_text, re.M)
+
+
+def test_ingest_synthetic_with_periodic_checkpoints(wal_root):
+    summary = ingest_synthetic(wal_root, 20000, "--checkpoint-every", "5000")
+    assert summary["records"] == 20000
+    assert sum(summary["per_shard"].values()) == 20000
+    assert [int(v) for v in summary["per_shard"].values()] == summary["shard_next_ids"]
+    assert [c.rsplit("-", 1)[1] for c in summary["checkpoints"]] == ["5000", "10000", "15000", "20000"]
+    assert summary["compression_ratio"] > 1.5  # ledger JSON compresses with the default LZ4
+    assert summary["bytes_on_disk"] > 0 and summary["segment_files"] == 4
+
+    listed = cli_json("checkpoint", "list", "--root", wal_root)
+    assert [c["id"] for c in listed] == summary["checkpoints"]
+    assert [c["entries"] for c in listed] == [5000, 10000, 15000, 20000]
+    assert all(c["shard_count"] == 4 and len(c["offsets"]) == 4 for c in listed)
+    assert listed[-1]["offsets"] == summary["shard_next_ids"]
+    for a, b in zip(listed, listed[1:]):
+        assert all(x <= y for x, y in zip(a["offsets"], b["offsets"]))
+        assert a["timestamp_ns"] <= b["timestamp_ns"]
+
+    # the synthetic stream is deterministic and keyed by account
+    entries = replay_json(wal_root)
+    assert sorted(json.loads(e["data"])["seq"] for e in entries) == list(range(20000))
+    for e in entries[:2000]:
+        assert e["shard"] == route(json.loads(e["data"])["account"].encode(), 4)
+
+    # a second run appends, gets its own checkpoints and a comparable compression ratio
+    again = ingest_synthetic(wal_root, 20000, "--checkpoint-every", "5000")
+    assert again["shard_next_ids"] == [2 * n for n in summary["shard_next_ids"]]
+    assert len(set(again["checkpoints"]) | set(summary["checkpoints"])) == 8
+    assert again["compression_ratio"] == pytest.approx(summary["compression_ratio"], rel=0.2)
+    assert [c["entries"] for c in cli_json("checkpoint", "list", "--root", wal_root)][-1] == 40000
+
+
+def test_ingest_runs_in_quick_succession_get_distinct_checkpoints(wal_root):
+    """Checkpoint ids are never reused: back-to-back runs must not collide on their names."""
+    names = []
+    for _ in range(3):
+        names += ingest_synthetic(wal_root, 10)["checkpoints"]
+    assert len(set(names)) == 3
+    assert [c["entries"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == [10, 20, 30]
+
+
+def test_ingest_runs_side_by_side_against_serve_get_distinct_checkpoints(wal_root, tmp_path):
+    """Two ingest jobs started together attach to one `serve`; neither may fail on a reused checkpoint id."""
+    serve = start_serve(tmp_path, wal_root)
+    try:
+        jobs = [Background(tmp_path, f"job{i}", "ingest", "--root", wal_root, "--shards", "4", "--records",
+                           "300", "--json").start() for i in range(2)]
+        for job in jobs:
+            job.proc.wait(timeout=TIMEOUT)
+            if job.proc.returncode == 1 and MQ_BUSY in job.stderr:  # could not attach: nothing written
+                time.sleep(1.0)
+                job.start().proc.wait(timeout=TIMEOUT)
+        for job in jobs:
+            assert job.proc.returncode == 0, f"{job.stdout}\n{job.stderr}"
+        names = [c for job in jobs for c in json.loads(job.stdout)["checkpoints"]]
+        assert len(names) == 2 and len(set(names)) == 2
+        listed = cli_json("checkpoint", "list", "--root", wal_root)
+        assert sorted(c["id"] for c in listed) == sorted(names)
+        assert listed[-1]["entries"] == 600
+    finally:
+        serve.stop(signal.SIGTERM)
+
+
+def test_bad_input_part_way_says_what_was_already_appended(wal_root, tmp_path):
+    rows = [{"user": f"u{i % 10}", "i": i} for i in range(1500)]
+    rows[1199] = {"name": "no user here"}
+    path = os.path.join(str(tmp_path), "in.jsonl")
+    write_jsonl(path, rows)
+    line = usage_error("ingest", path, "--root", wal_root, "--key", "user", "--shards", "4", "--workers", "1",
+                       "--batch", "500")
+    assert "line 1200" in line and "1,000 records" in line
+    assert sum(s["entries"] for s in cli_json("inspect", wal_root)["streams"]) == 1000
+    assert cli_json("checkpoint", "list", "--root", wal_root) == []
+
+
+@pytest.mark.parametrize("batch,sync", [("1", "strict"), ("1", "async"), ("7", "batch_only"), ("50", "strict")])
+def test_ingest_batch_and_sync_paths(wal_root, tmp_path, batch, sync):
+    rows = [{"k": f"key-{i % 13}", "i": i} for i in range(60)]
+    path = os.path.join(str(tmp_path), "in.ndjson")  # the format is guessed from .ndjson
+    lines = write_jsonl(path, rows)
+    summary = cli_json("ingest", path, "--root", wal_root, "--key", "k", "--shards", "4", "--workers", "1",
+                       "--batch", batch, "--sync", sync, "--checkpoint-every", "25")
+    assert summary["records"] == 60
+    # checkpoints land on the first batch boundary at or after each multiple of 25, plus one at the end
+    assert len(summary["checkpoints"]) >= 2 and summary["checkpoints"][-1].endswith(("-end", "-60"))
+    keys = [r["k"].encode() for r in rows]
+    check_replay_matches(replay_json(wal_root), lines, keys, 4)
+    assert cli("verify", wal_root).returncode == 0
+
+
+# --- Ctrl-C during ingest -------------------------------------------------------------------------------
+
+
+def interrupted_ingest(tmp_path, root: str, name: str, *extra: str):
+    """Start a long synthetic ingest, Ctrl-C it once it has visibly progressed; (exit code, stdout, stderr)."""
+    deadline = time.monotonic() + 90
+    while True:
+        bg = Background(tmp_path, name, "ingest", "--root", root, "--shards", "4", "--workers", "1",
+                        "--records", "3000000", "--batch", "500", "--checkpoint-every", "1000", *extra).start()
+        try:
+            # the periodic progress line (every 2 s: stderr is not a terminal)
+            progressed = time.monotonic() + 120
+            while "ingest [" not in bg.stderr and bg.proc.poll() is None and time.monotonic() < progressed:
+                time.sleep(0.05)
+            if bg.proc.poll() is not None and MQ_BUSY in bg.stderr and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            assert bg.proc.poll() is None, f"ingest ended early ({bg.proc.returncode})\n{bg.stdout}\n{bg.stderr}"
+            assert "ingest [" in bg.stderr, bg.stderr
+            bg.proc.send_signal(signal.SIGINT)
+            code = bg.proc.wait(timeout=TIMEOUT)
+        finally:
+            if bg.proc.poll() is None:
+                bg.stop(signal.SIGKILL)
+        out, err = bg.stdout, bg.stderr
+        assert "Traceback" not in err, err
+        assert "interrupt: finishing the current batch" in err
+        return code, out, err
+
+
+def test_ctrl_c_during_ingest_keeps_exactly_what_was_acknowledged(wal_root, tmp_path):
+    code, out, err = interrupted_ingest(tmp_path, wal_root, "ingest1")
+    assert code == 130, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    m = re.search(r"^interrupted: ([\d,]+) records were appended and acknowledged", out, re.M)
+    assert m, out
+    n = int(m.group(1).replace(",", ""))
+    assert 0 < n < 3_000_000 and n % 500 == 0  # whole batches only
+    assert re.search(r"^records\s+%s$" % re.escape(m.group(1)), out, re.M)
+    this_run = [int(r.group(1).replace(",", "")) for r in re.finditer(r"^\s*\d+\s+([\d,]+)\s+[\d,]+$", out, re.M)]
+    assert len(this_run) == 4 and sum(this_run) == n  # the per-shard table
+
+    latest = cli_json("checkpoint", "show", "latest", "--root", wal_root)
+    assert latest["id"].endswith("-interrupted")
+    assert latest["id"] in out
+    assert latest["entries"] == n
+    listed = cli_json("checkpoint", "list", "--root", wal_root)
+    assert listed[-1]["id"] == latest["id"]
+    # a checkpoint every 1000 records (half the batches: Ctrl-C often lands inside one), then the last
+    assert [c["entries"] for c in listed[:-1]] == list(range(1000, n + 1, 1000))
+
+    inspected = cli_json("inspect", wal_root)
+    assert sum(s["entries"] for s in inspected["streams"]) == n
+    assert [s["next_id"] for s in inspected["streams"]] == latest["offsets"]
+
+    # exactly the first n records of the deterministic stream survived: none lost, none twice
+    raw = cli("replay", "--root", wal_root).stdout.splitlines()
+    assert len(raw) == n
+    seqs = sorted(int(re.match(rb'\{"seq":(\d+),', ln).group(1)) for ln in raw)
+    assert seqs == list(range(n))
+    assert cli("verify", wal_root).returncode == 0
+    assert cli("replay", "--root", wal_root, "--from-checkpoint", "latest").stdout == b""
+
+    # a second interrupted run, with --json: it appends after the first and says how far it got
+    code, out, err = interrupted_ingest(tmp_path, wal_root, "ingest2", "--json")
+    assert code == 130, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    summary = json.loads(out)
+    assert summary["interrupted"] is True and summary["checkpoints"][-1].endswith("-interrupted")
+    n2 = summary["records"]
+    assert n2 > 0 and sum(summary["per_shard"].values()) == n2
+    after = cli_json("checkpoint", "show", "latest", "--root", wal_root)
+    assert after["id"] == summary["checkpoints"][-1] and after["entries"] == n + n2
+    assert after["offsets"] == summary["shard_next_ids"]
+    assert len(replay_json(wal_root, "--from-checkpoint", latest["id"])) == n2
+
+
+# --- serve, stats and checkpoints on a running WAL -----------------------------------------------------
+
+
+APPENDER = """
+import json, sys, ironwal_mp
+root, n = sys.argv[1], int(sys.argv[2])
+with ironwal_mp.connect(root) as wal:
+    acks = [wal.append(b"acct-%d" % (i % 23), b"payment-%05d" % i) for i in range(n)]
+print(json.dumps(acks))
+"""
+
+
+def test_serve_with_connected_jobs_stats_and_checkpoints(wal_root, tmp_path):
+    serve = start_serve(tmp_path, wal_root)
+    try:
+        assert f"serving {os.path.abspath(wal_root)} with 4 shards (pid {serve.proc.pid})" in serve.stdout
+        for _attempt in range(30):
+            child = subprocess.run([PY, "-c", APPENDER, wal_root, "200"], capture_output=True, timeout=TIMEOUT,
+                                   env=_env())
+            if child.returncode == 0 or MQ_BUSY.encode() not in child.stderr:
+                break
+            time.sleep(1.0)  # could not attach (the machine's queue budget): nothing was appended
+        assert child.returncode == 0, child.stderr.decode()
+        acks = json.loads(child.stdout)
+        counts = Counter(route(b"acct-%d" % (i % 23), 4) for i in range(200))
+        assert [s for s, _ in acks] == [route(b"acct-%d" % (i % 23), 4) for i in range(200)]
+
+        stats = cli_json("stats", "--root", wal_root, "--interval", "0.1")
+        assert stats["shard_count"] == 4
+        assert stats["coordinator_pid"] == serve.proc.pid
+        assert stats["root"] == os.path.abspath(wal_root)
+        assert [s["shard"] for s in stats["shards"]] == [0, 1, 2, 3]
+        for s in stats["shards"]:
+            for field in ("next_id", "durable_id", "ring_fill", "ring_used", "ring_capacity", "appends_per_s",
+                          "fsyncs_per_s", "fsync_avg_us", "state", "worker_pid"):
+                assert field in s, field
+            assert s["next_id"] == counts.get(s["shard"], 0)
+            assert s["durable_id"] == s["next_id"]  # serve defaults to strict: every append fsynced
+            assert 0.0 <= s["ring_fill"] <= 1.0
+            assert s["state"] == "open"
+        text = cli("stats", "--root", wal_root, "--interval", "0.1").stdout_text
+        assert f"coordinator pid {serve.proc.pid}" in text and "appends/s" in text
+
+        # --watch samples until Ctrl-C, then detaches
+        watch = Background(tmp_path, "watch", "stats", "--root", wal_root, "--watch", "--interval", "0.1").start()
+        watch.wait_for(lambda: watch.stdout.count("total:") >= 2, "two samples")
+        code = watch.stop(signal.SIGINT)
+        assert code == 130 and "aborted" in one_line(watch.stderr), watch.stderr
+
+        created = cli_json("checkpoint", "create", "X", "--root", wal_root)
+        assert created["id"] == "X" and created["entries"] == 200
+        assert created["offsets"] == [counts.get(s, 0) for s in range(4)]
+        again = cli("checkpoint", "create", "X", "--root", wal_root, expect=1)
+        line = one_line(again.stderr_text)
+        assert "already exists" in line and "X" in line
+        assert again.stdout == b""
+
+        # reads while it runs
+        assert [c["id"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == ["X"]
+        assert len(replay_json(wal_root)) == 200
+
+        # an ingest attaches to the running coordinator; the wrong shard count is refused
+        usage_error("ingest", "-", "--root", wal_root, "--shards", "8", stdin=b"a\n")
+        summary = cli_json("ingest", "-", "--root", wal_root, "--shards", "4", stdin=b"a\nb\n")
+        assert summary["records"] == 2
+
+        # repair refuses while serve holds the directory, naming the holder
+        refused = cli("repair", wal_root, expect=1)
+        line = one_line(refused.stderr_text)
+        assert "refusing" in line and f"pid {serve.proc.pid}" in line
+        assert refused.stdout == b""
+        refused = cli("repair", wal_root, "--json", expect=1)  # stdout never carries non-JSON text
+        assert refused.stdout == b"" and f"pid {serve.proc.pid}" in one_line(refused.stderr_text)
+    finally:
+        serve.stop(signal.SIGTERM)
+    assert "Traceback" not in serve.stderr or "SignalError" in serve.stderr, serve.stderr
+
+    # once stopped there is nothing to ask for stats
+    proc = cli("stats", "--root", wal_root, expect=1)
+    line = one_line(proc.stderr_text)
+    assert "no coordinator is running" in line and os.path.abspath(wal_root) in line
+    # ... and the data stayed: 202 entries, checkpoint X kept
+    assert sum(s["entries"] for s in cli_json("inspect", wal_root)["streams"]) == 202
+    assert cli("verify", wal_root).returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_cleanly_on_a_signal(wal_root, tmp_path, sig):
+    serve = start_serve(tmp_path, wal_root)
+    code = serve.stop(sig)
+    assert code == 0, f"serve exited {code} on {sig.name}\n--- stdout\n{serve.stdout}\n--- stderr\n{serve.stderr}"
+    assert "stopped: rings drained" in serve.stdout
+    assert "Traceback" not in serve.stderr, serve.stderr
+
+
+def test_serve_refuses_a_shard_count_mismatch(wal_root):
+    ingest_synthetic(wal_root, 100)
+    line = usage_error("serve", "--root", wal_root, "--shards", "8")
+    assert "shard count mismatch" in line
+
+
+def test_stats_without_a_running_coordinator(wal_root, tmp_path):
+    ingest_synthetic(wal_root, 100)  # a stopped WAL
+    proc = cli("stats", "--root", wal_root, expect=1)
+    line = one_line(proc.stderr_text)
+    assert "no coordinator is running" in line
+    assert proc.stdout == b""
+    os.makedirs(os.path.join(str(tmp_path), "empty"))
+    proc = cli("stats", "--root", os.path.join(str(tmp_path), "empty"), expect=1)
+    assert "no coordinator is running" in one_line(proc.stderr_text)
+
+
+# --- checkpoints on a stopped WAL ----------------------------------------------------------------------
+
+
+def test_checkpoint_commands_on_a_stopped_wal(wal_root):
+    first = ingest_synthetic(wal_root, 4000, "--checkpoint-every", "1000")
+    ids = first["checkpoints"]
+    assert len(ids) == 4
+
+    # empty of news: list/show read the log directly
+    text = cli("checkpoint", "list", "--root", wal_root).stdout_text
+    for cid in ids:
+        assert cid in text
+    shown = cli_json("checkpoint", "show", ids[0], "--root", wal_root)
+    assert shown["id"] == ids[0] and shown["entries"] == 1000 and shown["shard_count"] == 4
+    assert cli_json("checkpoint", "show", "latest", "--root", wal_root)["id"] == ids[-1]
+    text = cli("checkpoint", "show", ids[1], "--root", wal_root).stdout_text
+    assert f"checkpoint {ids[1]}" in text and "2,000 entries before it" in text
+
+    missing = cli("checkpoint", "show", "no-such-checkpoint", "--root", wal_root, expect=1)
+    assert "no-such-checkpoint" in one_line(missing.stderr_text)
+    assert cli("checkpoint", "prune", "no-such-checkpoint", "--root", wal_root, expect=1).returncode == 1
+
+    # create starts a coordinator for the call and stops it after
+    created = cli_json("checkpoint", "create", "manual-1", "--root", wal_root)
+    assert created["entries"] == 4000 and created["offsets"] == first["shard_next_ids"]
+    dup = cli("checkpoint", "create", "manual-1", "--root", wal_root, expect=1)
+    assert "already exists" in one_line(dup.stderr_text)
+    assert cli_json("checkpoint", "show", "latest", "--root", wal_root)["id"] == "manual-1"
+
+    # replay after a checkpoint: ids continue from its offsets
+    after = replay_json(wal_root, "--from-checkpoint", ids[0])
+    assert len(after) == 3000
+    offsets0 = shown["offsets"]
+    by_shard = defaultdict(list)
+    for e in after:
+        by_shard[e["shard"]].append(e["id"])
+    for s, got in by_shard.items():
+        assert got == list(range(offsets0[s], first["shard_next_ids"][s]))
+    assert replay_json(wal_root, "--from-checkpoint", "latest") == []
+    assert len(replay_json(wal_root, "--from-checkpoint", ids[2], "--shard", "1")) == \
+        first["shard_next_ids"][1] - cli_json("checkpoint", "show", ids[2], "--root", wal_root)["offsets"][1]
+    unknown = cli("replay", "--root", wal_root, "--from-checkpoint", "nope", expect=1)
+    assert "nope" in one_line(unknown.stderr_text)
+
+    pruned = cli_json("checkpoint", "prune", ids[1], "--root", wal_root)
+    assert set(pruned) == {"shards_pruned", "segments_deleted"}
+
+    compacted = cli_json("checkpoint", "compact", "--keep", "1", "--root", wal_root)
+    assert compacted["checkpoints_before"] == 5 and compacted["checkpoints_after"] == 1
+    assert compacted["bytes_reclaimed"] > 0
+    assert [c["id"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == ["manual-1"]
+    gone = cli("checkpoint", "show", ids[0], "--root", wal_root, expect=1)
+    assert ids[0] in one_line(gone.stderr_text)
+
+    # more data after the kept checkpoint is exactly what replays after it
+    second = ingest_synthetic(wal_root, 500)
+    assert len(replay_json(wal_root, "--from-checkpoint", "manual-1")) == 500
+    assert replay_json(wal_root, "--from-checkpoint", "latest") == []
+    assert [c["id"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == \
+        ["manual-1"] + second["checkpoints"]
+    assert cli("verify", wal_root).returncode == 0
+
+
+def test_checkpoint_commands_on_an_empty_or_foreign_directory(wal_root, tmp_path):
+    os.makedirs(wal_root)
+    line = usage_error("checkpoint", "list", "--root", wal_root)
+    assert "not a sharded WAL" in line
+    line = usage_error("checkpoint", "create", "c1", "--root", wal_root)
+    assert "not a sharded WAL" in line
+    engine = os.path.join(str(tmp_path), "engine")
+    write_engine_wal(engine, count=10)
+    line = usage_error("checkpoint", "list", "--root", engine)
+    assert "not a sharded WAL" in line
+    line = usage_error("checkpoint", "list", "--root", os.path.join(str(tmp_path), "nowhere"))
+    assert "not a directory" in line
+
+
+def test_show_latest_without_checkpoints(wal_root):
+    os.makedirs(wal_root)
+    with open(os.path.join(wal_root, "MANIFEST"), "w") as fh:
+        fh.write(json.dumps({"format": "ironwal_mp.sharded", "version": 1, "shard_count": 4, "router": "crc32-v1"}))
+    proc = cli("checkpoint", "show", "latest", "--root", wal_root, expect=1)
+    one_line(proc.stderr_text)
+    assert cli_json("checkpoint", "list", "--root", wal_root) == []
+
+
+# --- inspect ------------------------------------------------------------------------------------------
+
+
+def test_inspect_sharded_engine_and_stream(wal_root, tmp_path):
+    summary = ingest_synthetic(wal_root, 3000, "--checkpoint-every", "1000")
+    doc = cli_json("inspect", wal_root)
+    assert doc["kind"] == "sharded" and doc["shard_count"] == 4
+    assert [s["name"] for s in doc["streams"]] == ["shard_00", "shard_01", "shard_02", "shard_03"]
+    assert sum(s["entries"] for s in doc["streams"]) == 3000
+    assert [s["next_id"] for s in doc["streams"]] == summary["shard_next_ids"]
+    assert all(s["problems"] == [] and s["first_id"] == 0 for s in doc["streams"])
+    assert sum(s["disk_bytes"] for s in doc["streams"]) == summary["bytes_on_disk"]
+    assert doc["checkpoints"]["count"] == 3 and doc["checkpoints"]["latest"] == summary["checkpoints"][-1]
+    assert [c["id"] for c in doc["checkpoints"]["list"]] == summary["checkpoints"]
+    text = cli("inspect", wal_root).stdout_text
+    assert "sharded WAL, 4 shards" in text and f"latest {summary['checkpoints'][-1]}" in text
+
+    engine = os.path.join(str(tmp_path), "engine")
+    values = write_engine_wal(engine, "events", 200)
+    write_engine_wal(engine, "audit", 5)
+    doc = cli_json("inspect", engine)
+    assert doc["kind"] == "engine" and "shard_count" not in doc and doc["checkpoints"] == {}
+    streams = {s["name"]: s for s in doc["streams"]}
+    assert set(streams) == {"events", "audit"}
+    ev = streams["events"]
+    assert ev["entries"] == 200 and ev["first_id"] == 0 and ev["next_id"] == 200
+    assert ev["segments"] > 1 and len(ev["segment_list"]) == ev["segments"]
+    assert ev["raw_bytes"] >= sum(len(v) for v in values)
+    assert streams["audit"]["entries"] == 5
+    assert "engine WAL, 2 streams" in cli("inspect", engine).stdout_text
+
+    doc = cli_json("inspect", os.path.join(engine, "events"))
+    assert doc["kind"] == "stream" and [s["name"] for s in doc["streams"]] == ["events"]
+    assert doc["streams"][0]["entries"] == 200
+    assert "one stream" in cli("inspect", os.path.join(engine, "events")).stdout_text
+
+    line = usage_error("inspect", os.path.join(str(tmp_path), "missing"))
+    assert "not a directory" in line
+
+
+def test_inspect_and_verify_the_rust_crate_fixtures(fixture_copy, fixtures_dir):
+    with open(os.path.join(fixtures_dir, "expected.json")) as fh:
+        expected = json.load(fh)
+    core = fixture_copy("core")
+    doc = cli_json("inspect", core)
+    assert doc["kind"] == "engine"
+    streams = {s["name"]: s for s in doc["streams"]}
+    assert set(streams) == set(expected["core"]["streams"])
+    for name, exp in expected["core"]["streams"].items():
+        got = streams[name]
+        assert (got["first_id"], got["next_id"]) == (exp["first_id"], exp["next_id"]), name
+        assert got["entries"] == len(exp["entries"])
+        assert [layout.segment_name(s["start_id"]) for s in got["segment_list"]] == exp["segment_files"]
+    assert (streams["ledger"]["first_id"], streams["ledger"]["next_id"]) == (58, 300)
+    assert streams["batches"]["lz4_frames"] == streams["batches"]["frames"] > 0
+    assert streams["mixed"]["lz4_frames"] == 0
+    assert cli_json("verify", core)["ok"] is True
+    assert "ledger" in cli("inspect", core).stdout_text
+
+    ledger = cli_json("inspect", os.path.join(core, "ledger"))
+    assert ledger["kind"] == "stream" and ledger["streams"][0]["first_id"] == 58
+
+    sharded = fixture_copy("sharded")
+    doc = cli_json("inspect", sharded)
+    assert doc["kind"] == "sharded" and doc["shard_count"] == 4
+    assert [s["next_id"] for s in doc["streams"]] == [s["next_id"] for s in expected["sharded"]["shards"]]
+    assert sum(s["entries"] for s in doc["streams"]) == 400
+    ck = doc["checkpoints"]
+    assert ck["count"] == 2 and ck["latest"] == "ckpt-400"
+    assert [(c["id"], c["offsets"]) for c in ck["list"]] == \
+        [(c["user_id"], c["offsets"]) for c in expected["sharded"]["checkpoints"]]
+    listed = cli_json("checkpoint", "list", "--root", sharded)
+    assert [c["timestamp_ns"] for c in listed] == [c["timestamp_as_stored"] for c in expected["sharded"]["checkpoints"]]
+    assert cli_json("checkpoint", "show", "ckpt-200", "--root", sharded)["entries"] == 200
+    verified = cli_json("verify", sharded)
+    assert verified["ok"] is True and verified["entries"] == 400 and verified["streams"] == 4
+
+
+def test_replay_the_rust_crate_sharded_fixture(wal_root, fixture_copy, fixtures_dir):
+    import shutil
+
+    with open(os.path.join(fixtures_dir, "expected.json")) as fh:
+        expected = json.load(fh)["sharded"]
+    shutil.copytree(fixture_copy("sharded"), wal_root)
+    entries = replay_json(wal_root, "--from-checkpoint", "ckpt-200")
+    assert len(entries) == 200
+    for e in entries:
+        assert bytes.fromhex(expected["shards"][e["shard"]]["entries_hex"][e["id"]]) == e["data"].encode()
+    firsts = {}
+    for e in entries:
+        firsts.setdefault(e["shard"], e["id"])
+    assert firsts == dict(enumerate(expected["checkpoints"][0]["offsets"]))
+    assert replay_json(wal_root, "--from-checkpoint", "latest") == []
+
+    # prune before ckpt-400: segment 0 of every shard goes (the fixture has 4 KiB segments)
+    pruned = cli_json("checkpoint", "prune", "ckpt-400", "--root", wal_root)
+    assert pruned == {"shards_pruned": 4, "segments_deleted": 4}
+    kept = {}
+    for e in replay_json(wal_root):  # ids stay the real ids: each shard now starts at 87
+        kept.setdefault(e["shard"], []).append(e["id"])
+        assert bytes.fromhex(expected["shards"][e["shard"]]["entries_hex"][e["id"]]) == e["data"].encode()
+    assert kept == {s: list(range(87, sh["next_id"])) for s, sh in enumerate(expected["shards"])}
+    assert [e["id"] for e in replay_json(wal_root, "--from-checkpoint", "ckpt-200", "--shard", "0")][:1] == [87]
+    doc = cli_json("inspect", wal_root)
+    assert [s["first_id"] for s in doc["streams"]] == [87] * 4
+    assert cli("verify", wal_root).returncode == 0
+
+
+# --- verify and repair -----------------------------------------------------------------------------------
+
+
+def test_verify_finds_a_torn_tail_and_repair_mends_it(wal_root):
+    summary = ingest_synthetic(wal_root, 3000, "--batch", "100")
+    assert cli("verify", wal_root).stdout_text.rstrip().endswith("OK")
+    clean = cli_json("verify", wal_root)
+    assert clean["ok"] is True and clean["entries"] == 3000 and clean["problems"] == []
+
+    stream = os.path.join(wal_root, "shard_00")
+    seg = segment_paths(stream)[-1]
+    frames = frame_offsets(seg)
+    last_off, last_count = frames[-1]
+    with open(seg, "r+b") as fh:
+        fh.truncate(last_off + HEADER_SIZE + 3)  # a torn write: header and a few payload bytes
+
+    proc = cli("verify", wal_root, expect=1)
+    problem = [ln for ln in proc.stdout_text.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problem) == 1 and f"{seg} at offset {last_off}" in problem[0], proc.stdout_text
+    assert "1 problem(s)" in proc.stdout_text
+    doc = cli_json("verify", wal_root, expect=1)
+    assert doc["ok"] is False
+    assert [(p["path"], p["offset"]) for p in doc["problems"]] == [(seg, last_off)]
+
+    rep = cli("repair", wal_root)
+    repaired = [ln for ln in rep.stdout_text.splitlines() if ln.startswith("repaired")]
+    assert repaired and repaired[0].startswith("repaired shard_00: cut"), rep.stdout_text
+    assert f"{os.path.basename(seg)}" in rep.stdout_text or str(last_off) in rep.stdout_text
+    m = re.search(r"cut bytes kept in (\S+?)\)", rep.stdout_text)
+    assert m, rep.stdout_text
+    side = m.group(1) if os.path.isabs(m.group(1)) else os.path.join(stream, m.group(1))
+    assert os.path.exists(side) and layout.BROKEN_SUFFIX in side
+    assert os.path.getsize(side) == HEADER_SIZE + 3
+    assert os.path.getsize(seg) == last_off
+
+    assert cli("verify", wal_root).returncode == 0
+    doc = cli_json("inspect", wal_root)
+    shard0 = doc["streams"][0]
+    assert shard0["next_id"] == summary["shard_next_ids"][0] - last_count
+    assert shard0["side_files"] == [os.path.basename(side)]
+    again = cli("repair", wal_root)
+    assert "nothing to repair" in again.stdout_text
+    # the WAL opens again and keeps going from the cut
+    more = ingest_synthetic(wal_root, 100)
+    assert more["shard_next_ids"][0] >= shard0["next_id"]
+    assert cli("verify", wal_root).returncode == 0
+
+
+def test_verify_finds_sealed_damage_that_repair_cannot_mend(tmp_path):
+    root = os.path.join(str(tmp_path), "engine")
+    write_engine_wal(root, "events", 200)
+    stream = os.path.join(root, "events")
+    segments = segment_paths(stream)
+    assert len(segments) >= 3
+    sealed = segments[1]
+    frames = frame_offsets(sealed)
+    off = frames[2][0]
+    with open(sealed, "r+b") as fh:  # flip one bit inside the third frame's payload
+        fh.seek(off + HEADER_SIZE + 4)
+        b = fh.read(1)
+        fh.seek(off + HEADER_SIZE + 4)
+        fh.write(bytes([b[0] ^ 0x10]))
+    assert cli("verify", os.path.join(str(tmp_path), "nowhere"), expect=2).returncode == 2
+
+    proc = cli("verify", root, expect=1)
+    problem = [ln for ln in proc.stdout_text.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problem) == 1, proc.stdout_text
+    assert f"{sealed} at offset {off}" in problem[0] and "CRC" in problem[0]
+    doc = cli_json("verify", root, expect=1)
+    assert [(p["path"], p["offset"]) for p in doc["problems"]] == [(sealed, off)]
+    # the stream directory alone finds the same
+    assert cli_json("verify", stream, expect=1)["problems"] == doc["problems"]
+
+    rep = cli("repair", root, expect=1)
+    lines = [ln for ln in rep.stdout_text.splitlines() if ln.startswith("NOT REPAIRED")]
+    assert len(lines) == 1 and sealed in lines[0] and f"offset {off}" in lines[0], rep.stdout_text
+    doc = cli_json("repair", root, expect=1)
+    assert len(doc["remaining_problems"]) == 1 and doc["changes"] == []
+    cli("verify", root, expect=1)
+    with open(sealed, "rb") as fh:  # repair never rewrites a sealed segment
+        fh.seek(off + HEADER_SIZE + 4)
+        assert fh.read(1) == bytes([b[0] ^ 0x10])
+
+
+def test_verify_finds_a_damaged_checkpoint_log_and_repair_cuts_it(wal_root):
+    summary = ingest_synthetic(wal_root, 3000, "--checkpoint-every", "1000")
+    log = os.path.join(wal_root, "checkpoints.log")
+    size = os.path.getsize(log)
+    with open(log, "ab") as fh:
+        fh.write(b"half a record")  # a torn append
+    proc = cli("verify", wal_root, expect=1)
+    assert f"PROBLEM {log}" in proc.stdout_text and f"offset {size}" in proc.stdout_text
+    doc = cli_json("verify", wal_root, expect=1)
+    assert [p["path"] for p in doc["problems"]] == [log]
+    rep = cli("repair", wal_root)
+    assert "repaired checkpoints.log: cut 13 bytes" in rep.stdout_text
+    assert os.path.getsize(log) == size
+    assert cli("verify", wal_root).returncode == 0
+    assert [c["id"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == summary["checkpoints"]
+
+
+def test_verify_reports_a_bad_index_file_and_repair_rebuilds_it(tmp_path):
+    root = os.path.join(str(tmp_path), "engine")
+    write_engine_wal(root, "events", 100)
+    idx = os.path.join(root, "events", layout.SEGMENTS_IDX)
+    os.remove(idx)
+    proc = cli("verify", root, expect=1)
+    assert f"PROBLEM {idx}: missing or unreadable" in proc.stdout_text
+    rep = cli("repair", root)
+    assert "repaired events:" in rep.stdout_text
+    assert os.path.exists(idx)
+    assert cli("verify", root).returncode == 0
+
+
+# --- usage errors: exit 2 and one clear line -------------------------------------------------------------
+
+
+def test_usage_errors_of_ingest(wal_root, tmp_path):
+    tmp = str(tmp_path)
+    path = os.path.join(tmp, "events.jsonl")
+    write_jsonl(path, [{"user": "a", "v": 1}, {"name": "b", "v": 2}, {"user": "c"}])
+
+    line = usage_error("ingest", path, "--root", wal_root, "--shards", "4")
+    assert "--key" in line and "jsonl" in line
+    assert not os.path.exists(wal_root), "a usage error found before starting must not create the WAL"
+
+    line = usage_error("ingest", path, "--root", wal_root, "--key", "user", "--shards", "4", "--workers", "1")
+    assert "line 2" in line and "'user'" in line
+
+    bad = os.path.join(tmp, "bad.jsonl")
+    with open(bad, "wb") as fh:
+        fh.write(b'{"user": "a"}\n{"user": \n')
+    line = usage_error("ingest", bad, "--root", wal_root, "--key", "user", "--shards", "4", "--workers", "1")
+    assert "line 2" in line and "not valid JSON" in line
+    nested = os.path.join(tmp, "nested.jsonl")
+    write_jsonl(nested, [{"user": {"id": 1}}])
+    line = usage_error("ingest", nested, "--root", wal_root, "--key", "user", "--shards", "4", "--workers", "1")
+    assert "line 1" in line and "not a string or number" in line
+
+    missing = os.path.join(tmp, "does-not-exist.jsonl")
+    line = usage_error("ingest", missing, "--root", wal_root, "--key", "user")
+    assert missing in line and "No such file" in line
+    line = usage_error("ingest", tmp, "--root", wal_root, "--format", "raw")  # a directory is not readable input
+    assert "cannot read" in line
+
+    csv_path = os.path.join(tmp, "rows.csv")
+    with open(csv_path, "w") as fh:
+        fh.write("id,account\n1,a\n")
+    line = usage_error("ingest", csv_path, "--root", wal_root, "--key", "acct", "--shards", "4", "--workers", "1")
+    assert "'acct'" in line and "account" in line
+    line = usage_error("ingest", csv_path, "--root", wal_root, "--shards", "4")
+    assert "--key" in line
+
+    for opt, value in (("--batch", "0"), ("--batch", "-5"), ("--checkpoint-every", "0"), ("--shards", "0"),
+                       ("--shards", "1001"), ("--workers", "0")):
+        line = usage_error("ingest", "--root", wal_root, "--records", "10", opt, value)
+        assert opt.lstrip("-") in line
+    line = usage_error("ingest", path, "--root", wal_root, "--key", "user", "--records", "10")
+    assert "--records" in line
+
+    proc = cli("ingest", path, "--root", wal_root, "--format", "xml", expect=2)  # argparse's own error
+    assert "invalid choice: 'xml'" in proc.stderr_text and "--format" in proc.stderr_text
+    proc = cli("ingest", "--root", wal_root, "--sync", "sometimes", expect=2)
+    assert "--sync" in proc.stderr_text
+    proc = cli("ingest", "--root", wal_root, "--shards", "many", expect=2)
+    assert "--shards" in proc.stderr_text
+
+
+def test_shard_count_mismatch_is_a_usage_error(wal_root, tmp_path):
+    first = cli_json("ingest", "--root", wal_root, "--records", "200", "--workers", "1")  # default: 16 shards
+    assert len(first["per_shard"]) == 16
+    line = usage_error("ingest", "--root", wal_root, "--records", "10", "--shards", "8", "--workers", "1")
+    assert "shard count mismatch" in line and "16" in line and "8" in line
+    line = usage_error("ingest", "-", "--root", wal_root, "--shards", "8", "--workers", "1", stdin=b"x\n")
+    assert "shard count mismatch" in line
+    # nothing was added by the refused runs
+    assert sum(s["entries"] for s in cli_json("inspect", wal_root)["streams"]) == 200
+    assert cli_json("inspect", wal_root)["shard_count"] == 16
+
+
+def test_usage_errors_of_other_commands(wal_root, tmp_path):
+    nowhere = os.path.join(str(tmp_path), "nowhere")
+    for args in (["inspect", nowhere], ["verify", nowhere], ["repair", nowhere],
+                 ["replay", "--root", nowhere], ["checkpoint", "show", "latest", "--root", nowhere]):
+        line = usage_error(*args)
+        assert "not a directory" in line, args
+    proc = cli("replay", "--root", wal_root, "--shard", "x", expect=2)
+    assert "--shard" in proc.stderr_text
+    proc = cli("checkpoint", "frobnicate", expect=2)
+    assert "invalid choice" in proc.stderr_text
+    proc = cli("serve", "--root", wal_root, expect=2)
+    assert "--shards" in proc.stderr_text
+    assert "--shards" in usage_error("serve", "--root", wal_root, "--shards", "0")
+    assert "--ring-size" in usage_error("serve", "--root", wal_root, "--shards", "4", "--ring-size", "1000")
+    assert not os.path.exists(wal_root)
+    ingest_synthetic(wal_root, 10)
+    assert "empty" in usage_error("checkpoint", "create", "", "--root", wal_root)
