@@ -22,6 +22,7 @@ from zlib import crc32
 from .. import errors as E
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
 from ..engine.frame import encode_entries
+from ..engine.rootlock import lock_holder
 from ..ipc import control as C
 from ..ipc import messages as M
 from ..ipc import ring_layout as L
@@ -219,6 +220,8 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
+                if lock_holder(root) is None:  # it held the directory: clear what it created
+                    names.remove_all(keep=[names.client_queue(token)])
                 raise E.WorkerFailedError("the coordinator did not start in time")
     finally:
         notify.unlink()
