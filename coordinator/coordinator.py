@@ -310,11 +310,8 @@ class Coordinator:
                 on_reply(None)
                 return
 
-    def checkpoint(self, raw_id: bytes) -> dict:
-        user_id = check_checkpoint_id(raw_id)
-        if user_id in self.ckpt_log:
-            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
-        cuts = self.cut()
+    def _barrier(self, user_id: bytes, cuts: List[int]) -> CheckpointData:
+        """Phase two: every worker makes its shards durable up to the cut, or the checkpoint aborts."""
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id
@@ -336,10 +333,22 @@ class Coordinator:
         if barrier.error is not None:
             self._ask_workers(M.ABORT, {w: {} for w in barrier.by_worker})
             raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: {barrier.error}")
-        data = CheckpointData(user_id, time.time_ns(), self.shard_count, tuple(barrier.offsets))
-        self.ckpt_log.append(data)
+        return CheckpointData(user_id, time.time_ns(), self.shard_count, tuple(barrier.offsets))
+
+    def checkpoint(self, raw_id: bytes) -> dict:
+        user_id = check_checkpoint_id(raw_id)
+        if user_id in self.ckpt_log:
+            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
+        cuts = self.cut()
+        head = self.ckpt_log.prepare_head(user_id)  # fsynced while the workers prepare
         try:
-            self._ask_workers(M.COMMIT, {w: {} for w in barrier.by_worker})
+            data = self._barrier(user_id, cuts)
+        except BaseException:
+            self.ckpt_log.discard_head(head)
+            raise
+        self.ckpt_log.append(data, head)
+        try:
+            self._ask_workers(M.COMMIT, {w: {} for w in set(self.worker_of)})
         except E.WalError as exc:  # the checkpoint is durable already; COMMIT is a notification
             log.warning("checkpoint %r committed, but telling the workers failed: %s", user_id, exc)
         return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}

@@ -451,7 +451,23 @@ class CheckpointLog:
                 f"{reason}; opened with repair=False, so it cannot be appended to",
             )
 
-    def append(self, data: CheckpointData) -> None:
+    def prepare_head(self, user_id: bytes) -> "_Background":
+        """Start writing (and fsyncing) ``HEAD``'s replacement for ``user_id`` in the background.
+
+        Hand the result to :meth:`append`, or to :meth:`discard_head` if the checkpoint is
+        abandoned. A coordinator starts it when a barrier begins, so that only the record's
+        fsync and the rename remain once the workers have prepared.
+        """
+        return _Background(layout.prepare_atomic, self.head_path, encode_head(user_id))
+
+    def discard_head(self, prepared: "_Background") -> None:
+        try:
+            prepared.wait()
+        except OSError:
+            pass
+        _remove_quietly(self.head_path + ".tmp")
+
+    def append(self, data: CheckpointData, prepared_head: "Optional[_Background]" = None) -> None:
         """Append ``data`` durably, then make ``HEAD`` name it.
 
         :class:`CheckpointExistsError` if the id already has a record. If any step fails, the
@@ -473,7 +489,7 @@ class CheckpointLog:
                 raise _io_error(exc, self.log_path, "opening") from exc
             # HEAD's temp file is written and fsynced while the record is: it only becomes HEAD
             # at the rename, after both, so the record still commits before HEAD names it
-            head_prep = _Background(layout.prepare_atomic, self.head_path, encode_head(data.user_id))
+            head_prep = prepared_head or self.prepare_head(data.user_id)
             try:
                 try:
                     os.lseek(fd, prev, os.SEEK_SET)
@@ -482,8 +498,7 @@ class CheckpointLog:
                     if created:
                         layout.fsync_dir(self.root)
                 except OSError as exc:
-                    head_prep.wait()
-                    _remove_quietly(self.head_path + ".tmp")
+                    self.discard_head(head_prep)
                     self._roll_back(fd, prev)
                     raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
                 try:
