@@ -58,7 +58,10 @@ class WalOptions:
     max_entries_per_segment: Optional[int] = None
     #: at most this many segment files are open at once (LRU over all streams)
     max_open_segments: int = 128
-    #: most payload bytes a shard worker gathers from its ring into one frame
+    #: a shard worker that wrote less than this in a pass (and has nobody waiting for
+    #: durability) pauses briefly before the next, so that its frames grow; frames are never
+    #: split, since each published batch must stay whole (the engine itself writes each call
+    #: with one write(), so no buffered bytes are ever held back from the OS)
     write_buffer_size: int = 64 * KiB
     #: chunk size of sequential reads (recovery scans, iteration, index building)
     read_buffer_size: int = 128 * KiB
