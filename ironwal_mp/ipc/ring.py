@@ -121,6 +121,7 @@ class Ring:
         self._pid = os.getpid()
         self._stale_next = 0.0
         self._stale: Optional[tuple] = None
+        self._unclaimed_since: Optional[float] = None
         #: called while waiting, to raise if the WAL is gone (set by the client)
         self.liveness: Optional[Callable[[], None]] = None
 
@@ -562,45 +563,65 @@ class Ring:
 
     def wake_durable_waiters(self) -> None:
         """Post once per registered waiter (at most 64), less the posts still unclaimed."""
-        waiters = self._h[L.DUR_WAITERS]
+        h = self._h
+        waiters = h[L.DUR_WAITERS]
         if not waiters:
+            self._unclaimed_since = None
             return
+        # A live waiter takes its post within microseconds; one killed while waiting never
+        # does. Posts left unclaimed at every wake for STALE_S count waiters that are gone.
+        unclaimed = self.durable_sem.value
+        if not unclaimed:
+            self._unclaimed_since = None
+        elif self._unclaimed_since is None:
+            self._unclaimed_since = time.monotonic()
+        elif time.monotonic() - self._unclaimed_since >= STALE_S:
+            self._drop_dead_durable_waiters(unclaimed)
+            waiters = h[L.DUR_WAITERS]
         for _ in range(min(waiters, 64) - self.durable_sem.value):
             self.durable_sem.release()
-        self.clear_stale_waiters()  # a waiter killed while waiting is never subtracted
+
+    def _drop_dead_durable_waiters(self, n: int) -> None:
+        h = self._h
+        self.acquire()
+        try:
+            n = min(n, h[L.DUR_WAITERS])
+            h[L.DUR_WAITERS] -= n
+        finally:
+            self.release()
+        for _ in range(n):  # take back the posts they never claimed
+            try:
+                self.durable_sem.acquire(0)
+            except posix_ipc.BusyError:
+                break
+        self._unclaimed_since = None
 
     def clear_stale_waiters(self) -> bool:
-        """Zero waiter counts a killed waiter left behind (worker side; cheap when called often).
+        """Zero a SPACE_WAITERS count that a waiter killed while waiting left behind.
 
-        A count is stale when nobody can be behind it: every published id is durable (for
-        DUR_WAITERS) or the ring is empty (for SPACE_WAITERS). A live waiter that was just
-        woken is briefly counted in such a state too, so a count is cleared only once it has
-        stayed the same, and stale, at every sample over STALE_S. Returns True if it cleared.
+        Nobody can wait for space in an empty ring; a live waiter that was just woken is
+        briefly counted there too, so the count is cleared only once it has stayed the same
+        with the ring empty at every sample over STALE_S. (Durable waiters that died are
+        found by their unclaimed posts: see wake_durable_waiters.) Returns True if it cleared.
         """
         now = time.monotonic()
         if now < self._stale_next:
             return False
-        self._stale_next = now + STALE_S / 4
+        self._stale_next = now + STALE_S / 8
         h = self._h
         self.acquire()
         try:
-            tail, next_seq, _, _ = self.published()
-            sample = (
-                h[L.DUR_WAITERS] if h[L.DURABLE_SEQ] >= next_seq else -1,
-                h[L.SPACE_WAITERS] if h[L.HEAD] >= tail else -1,
-            )
-            if sample[0] <= 0 and sample[1] <= 0:
+            tail = self.published()[0]
+            count = h[L.SPACE_WAITERS] if h[L.HEAD] >= tail else 0
+            if not count:
                 self._stale = None
                 return False
-            if self._stale is None or self._stale[0] != sample:
-                self._stale = (sample, now)
+            if self._stale is None or self._stale[0] != count:
+                self._stale = (count, now)
                 return False
             if now - self._stale[1] < STALE_S:
                 return False
-            if sample[0] > 0:
-                h[L.DUR_WAITERS] = 0
-            if sample[1] > 0:
-                h[L.SPACE_WAITERS] = 0
+            h[L.SPACE_WAITERS] = 0
             self._stale = None
             return True
         finally:
