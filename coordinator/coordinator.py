@@ -243,9 +243,13 @@ class Coordinator:
 
     def _handle(self, msg: M.Message) -> None:
         token, pid = msg.body.get("reply"), msg.body.get("pid")
-        if token is not None and pid and msg.kind != M.DETACH and self.clients.get(token) != pid:
+        if not (isinstance(token, int) and 0 < token < 1 << 63 and isinstance(pid, int) and 0 < pid < 1 << 32):
+            if token is not None or pid is not None:
+                log.warning("dropped a request with a malformed reply address")
+            return
+        if msg.kind != M.DETACH and self.clients.get(token) != pid:
             self.clients[token] = pid  # any request registers its reply queue for clean-up
-            self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+            self.ctl.set_clients(list((p, t) for t, p in self.clients.items())[: C.MAX_CLIENTS])
         try:
             if msg.kind == M.ATTACH:
                 self._reply(msg, M.OK, {"shard_count": self.shard_count})
@@ -370,7 +374,9 @@ class Coordinator:
             elif reply.req_id == req and reply.kind == M.TRUNCATED:
                 deleted.update({int(k): v for k, v in reply.body["deleted"].items()})
                 waiting.discard(reply.sender)
-            elif reply.kind == M.FAILED and (reply.req_id == req or reply.body.get("died")):
+            elif reply.kind == M.FAILED and reply.sender in waiting and (
+                reply.req_id == req or reply.body.get("died")
+            ):
                 errors.append(reply.body.get("error", f"worker {reply.sender} died"))
                 waiting.discard(reply.sender)
 

@@ -231,7 +231,11 @@ class Worker:
 
     def _serve_commands(self) -> None:
         while True:
-            msg = self.commands.receive(0)
+            try:
+                msg = self.commands.receive(0)
+            except ValueError as exc:  # a malformed part: drop it, keep serving
+                log.warning("dropped a control message: %s", exc)
+                continue
             if msg is None:
                 return
             self._handle(msg)

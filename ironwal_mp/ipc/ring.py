@@ -31,6 +31,8 @@ _unpack_len = _LEN.unpack_from
 POLL_S = 0.05
 #: a lock held this long with no holder recorded and no progress is taken as orphaned
 STUCK_S = 1.0
+#: the repair semaphore held this long is taken as held by a dead repairer
+REPAIR_TAKEOVER_S = 10.0
 #: a waiter count that stays unchanged with nobody able to wait, this long, is cleared
 STALE_S = 1.0
 
@@ -178,7 +180,7 @@ class Ring:
         self.lock.release()
 
     def _repair_acquire(self) -> None:
-        deadline = time.monotonic() + STUCK_S
+        deadline = time.monotonic() + REPAIR_TAKEOVER_S
         while True:
             try:
                 self._repair.acquire(max(0.0, deadline - time.monotonic()))
@@ -238,7 +240,8 @@ class Ring:
         try:
             self._repair_acquire()
         except posix_ipc.BusyError:
-            # a repairer died inside this few-microsecond section: take its place
+            # busy for STUCK_S: a repairer died inside this few-microsecond section. Take its
+            # place; the finally below then releases the hold it left behind.
             pass
         try:
             h = self._h
@@ -311,6 +314,7 @@ class Ring:
                     continue
                 h[L.SPACE_WAITERS] += 1
             finally:
+                self._restore_wrap_invariant()  # (an exception may have hit mid-publish)
                 h[L.HOLDER] = 0
                 self.lock.release()
             # full: wait for the worker to free space
@@ -377,30 +381,35 @@ class Ring:
                 acquire(0)
             except busy:
                 slow_lock(timeout)
-            h[9] = ring._pid  # HOLDER
-            gen = h[8]  # GEN
-            if gen & 1:
-                base, nb = 24, 16  # SLOT1 current, SLOT0 next
-            else:
-                base, nb = 16, 24
-            tail = h[base]
-            off = tail & mask
-            # strictly less: a block that ends exactly at the end of the area takes the slow
-            # path, which records that crossing for the worker
-            if h[37] == 1 and need < cap - off and tail + need - h[32] <= cap:  # STATE open, HEAD
-                pack(data, off, n)
-                data[off + 4 : off + need] = value
-                seq = h[base + 1]
-                h[nb] = tail + need
-                h[nb + 1] = seq + 1  # (the wrap fields are equal in both slots: see _publish_wrap)
-                if strict:
-                    h[11] += 1  # DUR_WAITERS
-                h[8] = gen + 1  # the publish
+            try:  # (free in CPython 3.11 unless something raises, e.g. KeyboardInterrupt)
+                h[9] = ring._pid  # HOLDER
+                gen = h[8]  # GEN
+                if gen & 1:
+                    base, nb = 24, 16  # SLOT1 current, SLOT0 next
+                else:
+                    base, nb = 16, 24
+                tail = h[base]
+                off = tail & mask
+                # strictly less: a block that ends exactly at the end of the area takes the
+                # slow path, which records that crossing for the worker
+                if h[37] == 1 and need < cap - off and tail + need - h[32] <= cap:  # STATE, HEAD
+                    pack(data, off, n)
+                    data[off + 4 : off + need] = value
+                    seq = h[base + 1]
+                    h[nb] = tail + need
+                    h[nb + 1] = seq + 1  # (wrap fields are equal in both slots: _publish_wrap)
+                    if strict:
+                        h[11] += 1  # DUR_WAITERS
+                    h[8] = gen + 1  # the publish
+                    h[9] = 0
+                    release()
+                    if h[38]:  # SLEEPING
+                        wake()
+                    return seq
+            except BaseException:
                 h[9] = 0
                 release()
-                if h[38]:  # SLEEPING
-                    wake()
-                return seq
+                raise
             h[9] = 0
             release()
             return slow(_LEN.pack(n) + value, 1, strict, timeout)
@@ -416,6 +425,11 @@ class Ring:
         h = self._h
         try:
             if h[L.DURABLE_SEQ] >= upto_seq:
+                if registered:  # a post may have been made for us: take it, keep counts honest
+                    try:
+                        self.durable_sem.acquire(0)
+                    except posix_ipc.BusyError:
+                        pass
                 return
             if not registered:
                 self.acquire(timeout)
@@ -473,15 +487,20 @@ class Ring:
     def read_view(self) -> tuple[int, int, int]:
         """(active segment start, its readable size, durable id), consistently."""
         h = self._h
-        for _ in range(1000):
-            v1 = h[L.VIEW_VER]
-            if v1 & 1:
-                time.sleep(0)
-                continue
-            seg, size, durable = h[L.VIEW_SEG], h[L.VIEW_SIZE], h[L.VIEW_DURABLE]
-            if h[L.VIEW_VER] == v1:
-                return seg, size, durable
-        raise WorkerFailedError(f"shard {self.shard}: read view kept changing")
+        deadline = 0.0
+        while True:
+            for _ in range(100):
+                v1 = h[L.VIEW_VER]
+                if not v1 & 1:
+                    seg, size, durable = h[L.VIEW_SEG], h[L.VIEW_SIZE], h[L.VIEW_DURABLE]
+                    if h[L.VIEW_VER] == v1:
+                        return seg, size, durable
+                time.sleep(0)  # the worker is between its two stores: let it run
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + 5.0
+            elif now > deadline:  # a worker killed mid-update leaves it odd until its successor
+                raise WorkerFailedError(f"shard {self.shard}: no consistent read view for 5 s")
 
     # --- worker side -------------------------------------------------------------------------
 

@@ -218,7 +218,10 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
             if proc.poll() is not None:
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
-                proc.kill()
+                try:  # the coordinator leads its own process group: its workers go with it
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
                 proc.wait()
                 if lock_holder(root) is None:  # it held the directory: clear what it created
                     names.remove_all(keep=[names.client_queue(token)])
