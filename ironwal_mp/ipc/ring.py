@@ -356,11 +356,12 @@ class Ring:
         h[other + 2] = h[cur + 2]
         h[other + 3] = h[cur + 3]
 
-    def make_appender(self) -> Callable[[bytes, bool, float], int]:
-        """The hot path for one record, with every lookup bound once.
+    def make_appender(self, strict: bool = False, timeout: float = 30.0) -> Callable[[bytes], int]:
+        """The hot path for one record, ``append(value) -> seq``, with every lookup bound once.
 
         Field indexes are literals (checked against ring_layout below) because each global or
-        attribute lookup costs as much as a shared-memory store here.
+        attribute lookup costs as much as a shared-memory store here; ``strict`` (register as
+        a durable waiter in the same critical section) and ``timeout`` are fixed per closure.
         """
         h = self._h
         data = self.data
@@ -373,8 +374,9 @@ class Ring:
         slow_lock = self._acquire_slow
         slow = self.publish
         ring = self
+        waiter = 1 if strict else 0
 
-        def append(value: bytes, strict: bool = False, timeout: float = 30.0) -> int:
+        def append(value: bytes) -> int:
             n = len(value)
             need = n + 4
             try:
@@ -398,7 +400,7 @@ class Ring:
                     seq = h[base + 1]
                     h[nb] = tail + need
                     h[nb + 1] = seq + 1  # (wrap fields are equal in both slots: _publish_wrap)
-                    if strict:
+                    if waiter:
                         h[11] += 1  # DUR_WAITERS
                     h[8] = gen + 1  # the publish
                     h[9] = 0
@@ -418,7 +420,7 @@ class Ring:
 
     def append_one(self, data: bytes, strict: bool = False, timeout: float = 30.0) -> int:
         """Publish one record (see :meth:`make_appender` for the bound fast version)."""
-        return self.make_appender()(data, strict, timeout)
+        return self.make_appender(strict, timeout)(data)
 
     def wait_durable(self, upto_seq: int, timeout: float = 30.0, registered: bool = True) -> None:
         """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter."""

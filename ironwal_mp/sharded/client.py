@@ -304,9 +304,9 @@ class ShardedWal:
         self._route = get_router(manifest.router if manifest else "crc32-v1")
         self._n = att.shard_count
         self._rings = att.rings
-        self._appenders = [ring.make_appender() for ring in att.rings]
         mode = self.options.sync_mode
         self._strict = mode is SyncMode.STRICT
+        self._appenders = [ring.make_appender(self._strict, self._timeout) for ring in att.rings]
         self._sync_batches = mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
         self._crc_route = self._route.__name__ == "_crc32_v1"
         if att.reader is None:
@@ -369,11 +369,10 @@ class ShardedWal:
         if self._closed:
             raise E.WalClosedError("this ShardedWal handle is closed")
         shard = crc32(key) % self._n if self._crc_route else self._route(key, self._n)
+        seq = self._appenders[shard](value)
         if self._strict:
-            seq = self._appenders[shard](value, True, self._timeout)
             self._rings[shard].wait_durable(seq + 1, self._timeout)
-            return shard, seq
-        return shard, self._appenders[shard](value, False, self._timeout)
+        return shard, seq
 
     def append_batch_for_key(self, key: bytes, values: Iterable[bytes]) -> List[Tuple[int, int]]:
         """Append ``values`` atomically (one frame) to ``key``'s shard."""
@@ -541,7 +540,7 @@ def _make_append(n: int, appenders: list, rings: list, strict: bool, timeout: fl
         if type(value) is not _bytes:
             value = _as_bytes(value, "value")
         shard = _crc(key) % n
-        return shard, appenders[shard](value, False, timeout)
+        return shard, appenders[shard](value)
 
     def append_strict(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
         if type(key) is not _bytes:
@@ -549,7 +548,7 @@ def _make_append(n: int, appenders: list, rings: list, strict: bool, timeout: fl
         if type(value) is not _bytes:
             value = _as_bytes(value, "value")
         shard = _crc(key) % n
-        seq = appenders[shard](value, True, timeout)
+        seq = appenders[shard](value)
         rings[shard].wait_durable(seq + 1, timeout)
         return shard, seq
 
