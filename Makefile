@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_sharded.py
 
 clean:
 	rm -rf $(VENV) wal_data .pytest_cache .hypothesis
