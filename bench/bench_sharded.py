@@ -86,7 +86,7 @@ from _common import (  # bench/_common.py: helpers shared with bench_engine.py
 )
 from ironwal_mp import CompressionType, ShardedWal, SyncMode, WalClosedError, WalOptions
 from ironwal_mp.engine.frame import CRC_FIELDS, HEADER, MAGIC
-from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.names import Names, processes_of
 
 SHARDS = 16
 USERS = 100_000
@@ -761,20 +761,12 @@ def leftovers(roots: List[str]) -> List[str]:
     found: List[str] = []
     for root in roots:
         found += Names(root).leftovers()
-    mine = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == mine:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                if fh.read().rsplit(b") ", 1)[1][:1] == b"Z":
-                    continue
-        except (OSError, IndexError):
-            continue
-        if any(root in cmd for root in roots):
-            found.append(f"process {pid}: {cmd[:120]}")
+    seen = set()
+    for root in roots:
+        for pid, cmd in processes_of(root, roles=None):
+            if pid not in seen:
+                seen.add(pid)
+                found.append(f"process {pid}: {cmd[:120]}")
     return found
 
 

@@ -20,28 +20,13 @@ from typing import List, Optional, Tuple
 
 from ironwal_mp import CheckpointExistsError, SyncMode, connect
 from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.names import processes_of as processes_mentioning
 from ironwal_mp.ipc.ring import pid_alive
 
 
 # --- leak checks (the wal_root fixture's, for tests that make their own directories) ----------
 
 
-def processes_mentioning(text: str) -> List[Tuple[int, str]]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                if fh.read().split(b") ", 1)[1][:1] == b"Z":
-                    continue
-        except (OSError, IndexError):
-            continue
-        if text in cmd and ("coordinator" in cmd or "workers" in cmd):
-            found.append((int(pid), cmd))
-    return found
 
 
 def wait_gone(root: str, limit_s: float = 30.0) -> List[Tuple[int, str]]:

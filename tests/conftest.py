@@ -44,37 +44,19 @@ def fixture_copy(tmp_path, fixtures_dir):
 # --- sharded layer: no test may leave a process or an IPC object behind -------------------------
 
 
-def _processes_mentioning(text: str) -> list:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                if fh.read().split(b") ", 1)[1][:1] == b"Z":
-                    continue  # zombies are reaped by their parent
-        except (OSError, IndexError):
-            continue
-        if text in cmd and ("coordinator" in cmd or "workers" in cmd):
-            found.append((int(pid), cmd))
-    return found
-
-
 @pytest.fixture
 def wal_root(tmp_path):
     """A WAL directory for sharded tests; afterwards asserts that nothing was left running."""
     import time
 
-    from ironwal_mp.ipc.names import Names
+    from ironwal_mp.ipc.names import Names, processes_of
 
     root = str(tmp_path / "wal")
     yield root
     deadline = time.monotonic() + 30
-    while _processes_mentioning(root) and time.monotonic() < deadline:
+    while processes_of(root) and time.monotonic() < deadline:
         time.sleep(0.05)
-    procs = _processes_mentioning(root)
+    procs = processes_of(root)
     leftovers = Names(root).leftovers()
     for pid, _ in procs:  # do not let one failure poison the rest of the suite
         try:

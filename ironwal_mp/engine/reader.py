@@ -13,7 +13,7 @@ from bisect import bisect_right
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import ConcurrentTruncationError, CorruptionError, CrcMismatchError
-from ..options import ReadStrategy
+from ..options import ReadStrategy, WalOptions
 from . import layout
 from .caches import LruCache
 from .fdcache import FdCache
@@ -51,6 +51,16 @@ class SegmentReader:
         self.indexes: LruCache[tuple[SparseIndex, int]] = LruCache(index_cache_segments)
         self.blocks: Optional[LruCache[tuple[List[bytes], int]]] = (
             LruCache(block_cache_size, cost=lambda v: v[1] + 64) if block_cache_size else None
+        )
+
+    @classmethod
+    def for_options(cls, fdcache: FdCache, opts: "WalOptions") -> "SegmentReader":
+        """A reader configured by a Wal's options (strategy, chunk size, block cache)."""
+        return cls(
+            fdcache,
+            strategy=opts.read_strategy,
+            chunk=opts.read_buffer_size,
+            block_cache_size=opts.block_cache_size,
         )
 
     # --- low level --------------------------------------------------------------------------

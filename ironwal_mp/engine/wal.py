@@ -57,12 +57,7 @@ class Wal:
             os.makedirs(self.root, exist_ok=True)
         self._lock = RootLock(self.root).acquire() if lock and not read_only else None
         self._fdcache = FdCache(opts.max_open_segments)
-        self._reader = SegmentReader(
-            self._fdcache,
-            strategy=opts.read_strategy,
-            chunk=opts.read_buffer_size,
-            block_cache_size=opts.block_cache_size,
-        )
+        self._reader = SegmentReader.for_options(self._fdcache, opts)
         self._streams: Dict[str, Stream] = {}
         self._open_lock = threading.Lock()  # guards _streams membership only
         self._stream_locks: Dict[str, threading.Lock] = {}

@@ -13,7 +13,7 @@ import os
 import posix_ipc
 
 from ..errors import SharedMemoryError
-from .names import Names
+from .names import Names, create_shm
 
 CTL_MAGIC = 0x49574D5043544C31  # "IWMPCTL1"
 SIZE = 16384
@@ -39,10 +39,7 @@ class ControlBlock:
         name = names.control
         if create:
             try:
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=SIZE)
-            except posix_ipc.ExistentialError:
-                posix_ipc.unlink_shared_memory(name)
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=SIZE)
+                shm = create_shm(name, SIZE)
             except OSError as exc:
                 raise SharedMemoryError(f"cannot create {name}: {exc}; is /dev/shm full?") from exc
         else:

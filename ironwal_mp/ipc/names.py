@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Tuple
 
 import posix_ipc
 
@@ -115,6 +115,39 @@ class Names:
             for name in [self.coordinator_queue, self.worker_replies] + [self.worker_queue(w) for w in range(256)]:
                 removed += _unlink(posix_ipc.unlink_message_queue, name)
         return removed
+
+
+def create_shm(name: str, size: int) -> posix_ipc.SharedMemory:
+    """Create shared memory ``name`` of ``size`` bytes, replacing a stale object of that name."""
+    try:
+        return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+    except posix_ipc.ExistentialError:
+        posix_ipc.unlink_shared_memory(name)
+        return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+
+
+def processes_of(root: str, roles: Optional[tuple] = ("coordinator", "workers")) -> List[Tuple[int, str]]:
+    """(pid, command line) of live processes whose command line names ``root``.
+
+    With ``roles``, only those that also name one of them (a WAL's coordinator and workers
+    carry ``-m coordinator`` / ``-m workers`` and ``--root``). Zombies are not counted.
+    """
+    found = []
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                if fh.read().rsplit(b") ", 1)[1][:1] == b"Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        if root in cmd and (roles is None or any(r in cmd for r in roles)):
+            found.append((int(pid), cmd))
+    return found
 
 
 def _listdir(path: str) -> List[str]:

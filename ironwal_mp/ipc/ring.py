@@ -21,7 +21,7 @@ import posix_ipc
 
 from ..errors import RecordTooLargeError, SharedMemoryError, WalClosedError, WorkerFailedError
 from . import ring_layout as L
-from .names import Names
+from .names import Names, create_shm
 
 _LEN = struct.Struct("<I")
 _pack_len = _LEN.pack_into
@@ -79,11 +79,7 @@ class Ring:
             L.check_capacity(capacity)
             size = L.HEADER_BYTES + capacity
             try:
-                try:
-                    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
-                except posix_ipc.ExistentialError:
-                    posix_ipc.unlink_shared_memory(name)
-                    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+                shm = create_shm(name, size)
             except OSError as exc:
                 raise _shm_error(name, size, exc) from exc
             try:

@@ -38,12 +38,7 @@ class ShardReader:
         self.root = root
         self.rings = rings
         self.fdcache = FdCache(opts.max_open_segments)
-        self.reader = SegmentReader(
-            self.fdcache,
-            strategy=opts.read_strategy,
-            chunk=opts.read_buffer_size,
-            block_cache_size=opts.block_cache_size,
-        )
+        self.reader = SegmentReader.for_options(self.fdcache, opts)
         self._lock = threading.Lock()
         self._segments: Dict[int, List[int]] = {}
         self._active: Dict[int, _ActiveIndex] = {}
