@@ -11,13 +11,15 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import posix_ipc
+
 from ironwal_mp import errors as E
 from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
 from ironwal_mp.engine.rootlock import RootLock
 from ironwal_mp.ipc import control as C
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
-from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.names import Names, processes_of
 from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring, pid_alive
 from ironwal_mp.options import options_from_dict
@@ -86,7 +88,10 @@ class Coordinator:
         except (E.WalError, OSError) as exc:
             raise StartupError(exc) from exc
         self.supervisor = Supervisor(self.root, self.assignment, self.env)
-        self.supervisor.start_all()
+        try:
+            self.supervisor.start_all()
+        except OSError as exc:  # e.g. EAGAIN/ENOMEM from fork
+            raise StartupError(E.WorkerFailedError(f"cannot start the worker processes: {exc}")) from exc
         self._publish_workers()  # at once: a successor must find them even if we die starting
         self._wait_workers_open()
         self.ctl.f[C.STATE] = C.ST_READY
@@ -99,7 +104,9 @@ class Coordinator:
         old = C.ControlBlock.try_open(self.names)
         if old is not None:
             deadline = time.monotonic() + 15
-            for pid in old.worker_pids():
+            # only pids that still are this root's workers: old pids may have been reused
+            ours = {pid for pid, _ in processes_of(self.root, roles=("workers",))}
+            for pid in (p for p in old.worker_pids() if p in ours):
                 while pid_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.02)
                 if pid_alive(pid):
@@ -114,9 +121,9 @@ class Coordinator:
         self.kept: Dict[int, Ring] = {}
         for shard in range(self.shard_count):
             try:
-                ring = Ring(self.names, shard)
-            except Exception:
-                continue
+                ring = Ring(self.names, shard, wake=False)
+            except (posix_ipc.ExistentialError, E.WalError, ValueError):
+                continue  # no (usable) ring of that shard
             h = ring.header
             # close it to producers still holding the old mapping, under its lock (repaired if
             # a dead process holds it), so nothing is published after the decision below
@@ -146,8 +153,6 @@ class Coordinator:
             log.info("removed %d stale IPC objects of %s", removed, stem)
 
     def _create_ipc(self) -> None:
-        import posix_ipc
-
         self.ctl = C.ControlBlock(self.names, create=True)
         f = self.ctl.f
         f[C.SHARD_COUNT] = self.shard_count
@@ -203,6 +208,11 @@ class Coordinator:
         for w in self.supervisor.dead():
             if self.stopping:
                 return
+            if not self.supervisor.due(w):
+                continue  # backing off: it keeps dying right after starting
+            if self.supervisor.gave_up(w):
+                self._fail_worker(w)
+                continue
             self.supervisor.restart(w)
             self._publish_workers()
         now = time.monotonic()
@@ -218,6 +228,20 @@ class Coordinator:
             Queue.unlink_name(self.names.client_queue(token))
         if gone:
             self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+
+    def _fail_worker(self, w: int) -> None:
+        """A worker that cannot stay up: fail its shards so clients get an error, not a hang."""
+        proc = self.supervisor.procs[w]
+        log.error("worker %d keeps exiting at start (status %s); its shards %s are failed",
+                  w, proc.returncode if proc else "?", self.assignment[w])
+        for shard in self.assignment[w]:
+            ring = self.rings[shard]
+            ring.header[L.ERRNO] = 5
+            ring.header[L.STATE] = L.ST_FAILED
+            ring.wake_durable_waiters()
+            for _ in range(8):
+                ring.space_free.release()
+        self.supervisor.procs[w] = None
 
     def _reply(self, msg: M.Message, kind: int, body: dict) -> None:
         token = msg.body.get("reply")
@@ -316,6 +340,9 @@ class Coordinator:
 
     def _barrier(self, user_id: bytes, cuts: List[int]) -> CheckpointData:
         """Phase two: every worker makes its shards durable up to the cut, or the checkpoint aborts."""
+        failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
+        if failed:
+            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id

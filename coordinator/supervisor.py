@@ -12,6 +12,12 @@ from typing import Dict, List, Optional
 
 log = logging.getLogger("ironwal_mp.coordinator")
 
+#: a worker that exits within this long of starting failed "quickly"
+QUICK_S = 5.0
+#: after this many quick failures in a row, its shards are failed instead of restarted again
+MAX_QUICK_FAILURES = 6
+MAX_BACKOFF_S = 5.0
+
 
 def assign_shards(shard_count: int, workers: int) -> List[List[int]]:
     """Whole shards per worker, in contiguous runs as even as possible."""
@@ -40,6 +46,9 @@ class Supervisor:
         self.env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.procs: List[Optional[subprocess.Popen]] = [None] * len(assignment)
         self.restarts = [0] * len(assignment)
+        self.started_at = [0.0] * len(assignment)
+        self.quick_failures = [0] * len(assignment)  # exits within QUICK_S of starting, in a row
+        self.next_try = [0.0] * len(assignment)
 
     def command(self, index: int) -> List[str]:
         shards = ",".join(str(s) for s in self.assignment[index])
@@ -48,7 +57,24 @@ class Supervisor:
     def start(self, index: int) -> subprocess.Popen:
         proc = subprocess.Popen(self.command(index), env=self.env, stdin=subprocess.DEVNULL, close_fds=True)
         self.procs[index] = proc
+        self.started_at[index] = time.monotonic()
         return proc
+
+    def due(self, index: int) -> bool:
+        """Whether a dead worker may be restarted now (restarts back off after quick exits)."""
+        now = time.monotonic()
+        if not self.next_try[index]:
+            quick = now - self.started_at[index] < QUICK_S
+            self.quick_failures[index] = self.quick_failures[index] + 1 if quick else 0
+            delay = min(MAX_BACKOFF_S, 0.05 * 2 ** self.quick_failures[index]) if quick else 0.0
+            self.next_try[index] = now + delay
+        if now < self.next_try[index]:
+            return False
+        self.next_try[index] = 0.0
+        return True
+
+    def gave_up(self, index: int) -> bool:
+        return self.quick_failures[index] >= MAX_QUICK_FAILURES
 
     def start_all(self) -> None:
         for i in range(len(self.assignment)):
@@ -58,7 +84,7 @@ class Supervisor:
         return [p.pid if p is not None else 0 for p in self.procs]
 
     def dead(self) -> List[int]:
-        """Indexes of workers that have exited (reaped)."""
+        """Indexes of workers that have exited (reaped); a failed-for-good worker is None."""
         return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is not None]
 
     def restart(self, index: int) -> subprocess.Popen:

@@ -41,6 +41,8 @@ IDLE_WAIT_S = 0.05
 FLUSH_INTERVAL_S = 0.1
 #: after a small pass, wait this long for more records so frames grow (fewer, larger writes)
 GATHER_S = 0.0005
+#: a prepare gives up if the records below its cut cannot be drained in this long
+PREPARE_DRAIN_S = 20.0
 
 
 class ShardState:
@@ -76,6 +78,7 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=min(8, len(shards))) if len(shards) > 1 else None
         self.stopping = False
         self.gather = self.opts.write_buffer_size
+        self._stopped = False
 
     # --- start --------------------------------------------------------------------------
 
@@ -260,7 +263,10 @@ class Worker:
             deleted = {}
             try:
                 for shard, below in msg.body["offsets"].items():
-                    deleted[int(shard)] = self.shards[int(shard)].stream.truncate(below)
+                    st = self.shards[int(shard)]
+                    deleted[int(shard)] = st.stream.truncate(below)
+                    if deleted[int(shard)]:
+                        st.h[L.PRUNES] += 1  # readers elsewhere drop their files of those segments
             except (WalError, OSError) as exc:
                 self._reply(M.FAILED, msg.req_id, {"error": str(exc)})
                 return
@@ -271,13 +277,16 @@ class Worker:
 
     def prepare(self, cuts: Dict[int, int]) -> Dict[int, int]:
         """Make every id below each shard's cut durable; return the durable ids."""
+        deadline = time.monotonic() + PREPARE_DRAIN_S
         for shard, cut in cuts.items():
             st = self.shards[shard]
             while st.h[L.WRITTEN_SEQ] < cut:
                 if st.h[L.STATE] == L.ST_FAILED:
                     raise WalError(f"shard {shard} has failed")
+                if time.monotonic() > deadline or self.stopping or os.getppid() != self.parent:
+                    raise WalError(f"shard {shard}: ids below the cut {cut} never reached the ring's head")
                 if not self._drain(st):
-                    time.sleep(0)
+                    time.sleep(0.0005)
         due = [self.shards[s] for s, cut in cuts.items() if self.shards[s].h[L.DURABLE_SEQ] < cut]
         if due:
             self.sync(due)
@@ -291,6 +300,9 @@ class Worker:
 
     def stop(self) -> None:
         """Close the rings to producers, drain what they published, fsync, and mark closed."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.stopping = True
         for st in self.shards.values():
             st.ring.acquire()

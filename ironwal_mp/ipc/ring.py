@@ -70,7 +70,8 @@ class Ring:
     """One shard's ring, attached in this process (create=True: the coordinator creates it)."""
 
     def __init__(
-        self, names: Names, shard: int, *, capacity: int = 0, worker: int = 0, create: bool = False
+        self, names: Names, shard: int, *, capacity: int = 0, worker: int = 0, create: bool = False,
+        wake: bool = True,
     ) -> None:
         self.shard = shard
         self.names = names
@@ -112,8 +113,13 @@ class Ring:
         self.mask = self.capacity - 1
         self.lock = _open_sem(names.ring_lock(shard), create, 1)
         self._repair = _open_sem(names.ring_repair(shard), create, 1)
-        # one wake-up semaphore per worker, shared by its rings (created by the coordinator)
-        self.data_ready = posix_ipc.Semaphore(names.worker_wake(h[L.WORKER_IDX]), posix_ipc.O_CREAT)
+        # one wake-up semaphore per worker, shared by its rings; the coordinator creates it
+        # (a ring it creates, it may create it for); attachers never re-create a removed one
+        # (``wake=False``: the coordinator looking at a leftover ring needs no wake-up)
+        wake_flags = posix_ipc.O_CREAT if create else 0
+        self.data_ready = (
+            posix_ipc.Semaphore(names.worker_wake(h[L.WORKER_IDX]), wake_flags) if wake else None
+        )
         self.space_free = _open_sem(names.space_free(shard), create, 0)
         self.durable_sem = _open_sem(names.durable(shard), create, 0)
         self._pid = os.getpid()
@@ -129,6 +135,8 @@ class Ring:
 
     def close(self) -> None:
         for sem in (self.lock, self._repair, self.data_ready, self.space_free, self.durable_sem):
+            if sem is None:
+                continue
             try:
                 sem.close()
             except posix_ipc.Error:
@@ -379,6 +387,7 @@ class Ring:
                 acquire(0)
             except busy:
                 slow_lock(timeout)
+            held = True  # a signal handler may raise anywhere: release exactly once
             try:  # (free in CPython 3.11 unless something raises, e.g. KeyboardInterrupt)
                 h[9] = ring._pid  # HOLDER
                 gen = h[8]  # GEN
@@ -400,16 +409,19 @@ class Ring:
                         h[11] += 1  # DUR_WAITERS
                     h[8] = gen + 1  # the publish
                     h[9] = 0
+                    held = False  # (before the post: a signal between them costs a repair)
                     release()
                     if h[38]:  # SLEEPING
                         wake()
                     return seq
-            except BaseException:
                 h[9] = 0
+                held = False
                 release()
+            except BaseException:
+                if held:
+                    h[9] = 0
+                    release()
                 raise
-            h[9] = 0
-            release()
             return slow(_LEN.pack(n) + value, 1, strict, timeout)
 
         return append

@@ -37,6 +37,8 @@ HEAD, HEAD_SEQ, WRITTEN_SEQ, DURABLE_SEQ, WORKER_PID, STATE, SLEEPING, ERRNO = r
 VIEW_VER, VIEW_SEG, VIEW_SIZE, VIEW_DURABLE = 40, 41, 42, 43
 # line 6: worker statistics
 FSYNCS, BYTES_WRITTEN, FRAMES, FSYNC_NS, LAST_FSYNC_NS, RESTARTS, ENTRIES = range(48, 55)
+#: bumped by the worker after it deleted segments (prune): readers refresh their segment lists
+PRUNES = 55
 # line 7: the worker's consume position, double-buffered: WGEN's parity selects the slot
 # (head, head_seq) that is true; HEAD and HEAD_SEQ above are mirrors written after it, so a
 # worker killed between two stores leaves a consistent slot for its successor

@@ -36,6 +36,8 @@ from .router import get_router
 
 import json
 
+import posix_ipc
+
 #: default ring size per shard: 16 shards fit a 64 MiB /dev/shm several times over
 DEFAULT_RING_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
@@ -176,8 +178,13 @@ def _running(names: Names) -> Optional[C.ControlBlock]:
 def _attach(root: str, timeout: float) -> Optional[_Attachment]:
     """Attach to the coordinator running for ``root`` (None if there is none)."""
     att = _attachments.get(root)
-    if att is not None and not att.closed and _running(att.names) is not None:
-        return att
+    if att is not None and not att.closed:
+        ctl = _running(att.names)
+        if ctl is not None:
+            same = ctl.coordinator_pid == att.coordinator_pid  # not a successor's
+            ctl.close()
+            if same:
+                return att
     names = Names(root)
     ctl = _running(names)
     if ctl is None:
@@ -185,6 +192,8 @@ def _attach(root: str, timeout: float) -> Optional[_Attachment]:
     ctl.close()
     try:
         att = _Attachment(root, names, timeout)
+    except posix_ipc.ExistentialError:
+        return None  # it shut down while we attached
     except (E.WalError, OSError, ValueError) as exc:
         if isinstance(exc, E.WalClosedError):
             return None
@@ -321,7 +330,8 @@ class ShardedWal:
     # --- pickling: re-attach in the receiving process ----------------------------------------
 
     def __reduce__(self):
-        return (_reconnect, (options_to_dict(self.options), self._timeout))
+        # the absolute root: the receiving process may run in another directory
+        return (_reconnect, (options_to_dict(self.options.replace(root_path=self.root)), self._timeout))
 
     # --- lifecycle --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from ..engine.fdcache import FdCache
 from ..engine.reader import SegmentReader, StreamView
 from ..engine.scanner import ScanError, scan_frames
 from ..engine.sparse_index import SparseIndex
+from ..ipc import ring_layout as L
 from ..ipc.ring import Ring
 from ..options import WalOptions
 from .manifest import shard_stream
@@ -41,16 +42,24 @@ class ShardReader:
         self.reader = SegmentReader.for_options(self.fdcache, opts)
         self._lock = threading.Lock()
         self._segments: Dict[int, List[int]] = {}
+        self._prunes: Dict[int, int] = {}
         self._active: Dict[int, _ActiveIndex] = {}
 
     def shard_dir(self, shard: int) -> str:
         return os.path.join(self.root, shard_stream(shard))
 
     def view(self, shard: int, refresh: bool = False) -> Tuple[StreamView, str]:
-        seg, size, durable = self.rings[shard].read_view()
+        ring = self.rings[shard]
+        seg, size, durable = ring.read_view()
         stream_dir = self.shard_dir(shard)
+        prunes = ring.header[L.PRUNES]
         with self._lock:
             segments = self._segments.get(shard)
+            if self._prunes.get(shard, prunes) != prunes:  # the worker deleted segments
+                for start in segments or ():
+                    self.reader.forget(os.path.join(stream_dir, layout.segment_name(start)))
+                segments = None
+            self._prunes[shard] = prunes
             if refresh or not segments or segments[-1] != seg:
                 try:
                     segments = [s for s in layout.list_segments(stream_dir) if s <= seg]
