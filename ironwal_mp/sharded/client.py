@@ -317,14 +317,12 @@ class ShardedWal:
         self._strict = mode is SyncMode.STRICT
         self._appenders = [ring.make_appender(self._strict, self._timeout) for ring in att.rings]
         self._sync_batches = mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
-        self._crc_route = self._route.__name__ == "_crc32_v1"
         if att.reader is None:
             att.reader = ShardReader(self.root, att.rings, self.options)
         self._reader = att.reader
-        if self._crc_route:
-            # the hot path as a closure on the instance: no bound method is built per call and
-            # every name it needs is a local (see ShardedWal.append for the contract)
-            self.append = _make_append(self._n, self._appenders, self._rings, self._strict, self._timeout)
+        # the hot path as a closure on the instance: no bound method is built per call and
+        # every name it needs is a local (see ShardedWal.append for the contract)
+        self.append = _make_append(self._route, self._n, self._appenders, self._rings, self._strict, self._timeout)
         self._finalizer = weakref.finalize(self, _release, att)  # runs once: close() or GC
 
     # --- pickling: re-attach in the receiving process ----------------------------------------
@@ -367,22 +365,13 @@ class ShardedWal:
         """The shard ``key`` routes to (stable across processes and runs)."""
         return self._route(_as_bytes(key, "key"), self._n)
 
-    def append(self, key: bytes, value: bytes) -> Tuple[int, int]:  # type: ignore[no-redef]
+    def append(self, key: bytes, value: bytes) -> Tuple[int, int]:
         """Append ``value`` to the shard ``key`` routes to; return ``(shard_id, seq_id)``.
 
-        (An attached handle replaces this with an equivalent closure bound at attach time.)
+        An open handle shadows this with the closure bound at attach time (``_make_append``),
+        and a closed one with a stub that raises WalClosedError; this body is never the path.
         """
-        if type(key) is not bytes:
-            key = _as_bytes(key, "key")
-        if type(value) is not bytes:
-            value = _as_bytes(value, "value")
-        if self._closed:
-            raise E.WalClosedError("this ShardedWal handle is closed")
-        shard = crc32(key) % self._n if self._crc_route else self._route(key, self._n)
-        seq = self._appenders[shard](value)
-        if self._strict:
-            self._rings[shard].wait_durable(seq + 1, self._timeout)
-        return shard, seq
+        return _closed_append(key, value)
 
     def append_batch_for_key(self, key: bytes, values: Iterable[bytes]) -> List[Tuple[int, int]]:
         """Append ``values`` atomically (one frame) to ``key``'s shard."""
@@ -543,26 +532,21 @@ class ShardedWal:
         }
 
 
-def _make_append(n: int, appenders: list, rings: list, strict: bool, timeout: float):
+def _make_append(route, n: int, appenders: list, rings: list, strict: bool, timeout: float):
+    crc_route = route.__name__ == "_crc32_v1"  # inlined: the one router there is today
+
     def append(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
         if type(key) is not _bytes:
             key = _as_bytes(key, "key")
         if type(value) is not _bytes:
             value = _as_bytes(value, "value")
-        shard = _crc(key) % n
-        return shard, appenders[shard](value)
-
-    def append_strict(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
-        if type(key) is not _bytes:
-            key = _as_bytes(key, "key")
-        if type(value) is not _bytes:
-            value = _as_bytes(value, "value")
-        shard = _crc(key) % n
+        shard = _crc(key) % n if crc_route else route(key, n)
         seq = appenders[shard](value)
-        rings[shard].wait_durable(seq + 1, timeout)
+        if strict:
+            rings[shard].wait_durable(seq + 1, timeout)
         return shard, seq
 
-    return append_strict if strict else append
+    return append
 
 
 def _closed_append(key: bytes, value: bytes) -> Tuple[int, int]:
