@@ -44,7 +44,8 @@ class StartupError(Exception):
 
 class Coordinator:
     def __init__(self, root: str, shard_count: int, workers: int, ring_size: int,
-                 opts_json: str, starter: int = 0, notify: Optional[int] = None) -> None:
+                 opts_json: str, starter: int = 0, notify: Optional[int] = None,
+                 flush_us: int = 100_000) -> None:
         self.root = root
         self.shard_count = shard_count
         self.names = Names(root)
@@ -57,6 +58,7 @@ class Coordinator:
             for s in shards:
                 self.worker_of[s] = w
         self.ring_size = ring_size
+        self.flush_us = flush_us
         self.env = dict(os.environ, IRONWAL_MP_OPTIONS=opts_json)
         self.lock = RootLock(root)
         self.rings: List[Ring] = []
@@ -158,6 +160,7 @@ class Coordinator:
         f[C.SHARD_COUNT] = self.shard_count
         f[C.WORKERS] = len(self.assignment)
         f[C.RING_CAPACITY] = self.ring_size
+        f[C.FLUSH_US] = self.flush_us
         f[C.STARTED_NS] = time.time_ns()
         f[C.STARTER_PID] = self.starter
         f[C.SYNC_MODE] = C.SYNC_CODES[self.opts.sync_mode.value]
@@ -284,7 +287,9 @@ class Coordinator:
             elif msg.kind == M.PING:
                 self._reply(msg, M.OK, {"pid": os.getpid()})
             elif msg.kind == M.CHECKPOINT:
-                self._reply(msg, M.OK, self.checkpoint(msg.body["id"]))
+                result = self.checkpoint(msg.body["id"])
+                self._reply(msg, M.OK, result)
+                self._tell_committed(result["id"])
             elif msg.kind == M.PRUNE:
                 self._reply(msg, M.OK, self.prune(msg.body["id"]))
             elif msg.kind == M.COMPACT:
@@ -338,14 +343,18 @@ class Coordinator:
                 on_reply(None)
                 return
 
-    def _barrier(self, user_id: bytes, cuts: List[int]) -> CheckpointData:
-        """Phase two: every worker makes its shards durable up to the cut, or the checkpoint aborts."""
+    def _start_barrier(self, user_id: bytes, cuts: List[int]) -> Barrier:
+        """Phase two begins: ask every worker to make its shards durable up to the cut."""
         failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
         if failed:
             raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id
+        return barrier
+
+    def _finish_barrier(self, user_id: bytes, barrier: Barrier) -> CheckpointData:
+        """Collect the answers: every worker PREPARED, or the checkpoint aborts."""
 
         def on_reply(reply: Optional[M.Message]) -> None:
             if reply is None:
@@ -370,19 +379,24 @@ class Coordinator:
         user_id = check_checkpoint_id(raw_id)
         if user_id in self.ckpt_log:
             raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
-        cuts = self.cut()
-        head = self.ckpt_log.prepare_head(user_id)  # fsynced while the workers prepare
+        barrier = self._start_barrier(user_id, self.cut())
+        # HEAD's replacement is written and fsynced while the workers prepare (it only becomes
+        # HEAD after the record is durable); started after the PREPAREs went out, not before
+        head = self.ckpt_log.prepare_head(user_id)
         try:
-            data = self._barrier(user_id, cuts)
+            data = self._finish_barrier(user_id, barrier)
         except BaseException:
             self.ckpt_log.discard_head(head)
             raise
         self.ckpt_log.append(data, head)
+        return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}
+
+    def _tell_committed(self, user_id: bytes) -> None:
+        """COMMIT to the workers, after the caller has its answer: a notification only."""
         try:
             self._ask_workers(M.COMMIT, {w: {} for w in set(self.worker_of)})
-        except E.WalError as exc:  # the checkpoint is durable already; COMMIT is a notification
+        except E.WalError as exc:
             log.warning("checkpoint %r committed, but telling the workers failed: %s", user_id, exc)
-        return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}
 
     def prune(self, raw_id: bytes) -> dict:
         data = self.ckpt_log.get(check_checkpoint_id(raw_id))
@@ -474,6 +488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--ring-size", type=int, required=True)
+    parser.add_argument("--flush-interval-us", type=int, default=100_000,
+                        help="longest time an ASYNC entry stays written but not fsynced")
     parser.add_argument("--notify", type=lambda s: int(s, 16), default=None, help="client queue token to tell READY/ERROR")
     parser.add_argument("--starter", type=int, default=0, help="pid whose exit shuts this WAL down")
     args = parser.parse_args(argv)
@@ -483,7 +499,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     workers = args.workers or min(args.shards, os.cpu_count() or 1)
     coord = Coordinator(root, args.shards, workers, args.ring_size,
                         os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter,
-                        args.notify)
+                        args.notify, max(100, args.flush_interval_us))
     notify = M.Message(M.READY, 0, 0, {})
 
     def tell(kind: int, body: dict) -> None:

@@ -1022,6 +1022,7 @@ def test_usage_errors_of_other_commands(wal_root, tmp_path):
     assert "--shards" in proc.stderr_text
     assert "--shards" in usage_error("serve", "--root", wal_root, "--shards", "0")
     assert "--ring-size" in usage_error("serve", "--root", wal_root, "--shards", "4", "--ring-size", "1000")
+    assert "--flush-interval" in usage_error("serve", "--root", wal_root, "--shards", "4", "--flush-interval", "0")
     assert not os.path.exists(wal_root)
     ingest_synthetic(wal_root, 10)
     assert "empty" in usage_error("checkpoint", "create", "", "--root", wal_root)

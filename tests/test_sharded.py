@@ -51,8 +51,9 @@ MODE_IDS = [m.name for m in MODES]
 CHILD_TIMEOUT = 180  # bound on waiting for a child's answer (a hang guard, not a time check)
 
 
-def open_wal(root, n=4, mode=SyncMode.STRICT, *, workers=None, ring_size=1 << 16, **opts):
-    return ShardedWal(WalOptions(root_path=root, sync_mode=mode, **opts), n, workers=workers, ring_size=ring_size)
+def open_wal(root, n=4, mode=SyncMode.STRICT, *, workers=None, ring_size=1 << 16, flush_interval=0.1, **opts):
+    return ShardedWal(WalOptions(root_path=root, sync_mode=mode, **opts), n, workers=workers, ring_size=ring_size,
+                      flush_interval=flush_interval)
 
 
 def shard_dir(root, s):
@@ -270,6 +271,9 @@ def test_bad_constructor_arguments(wal_root):
     for bad in (1000, 4095, 3 << 12):
         with pytest.raises(ConfigError):
             ShardedWal(opts, 2, ring_size=bad)
+    for bad in (0, -1, 0.00001, 3601, True, "0.1", None):
+        with pytest.raises(ConfigError, match="flush_interval"):
+            ShardedWal(opts, 2, flush_interval=bad)
     assert not os.path.exists(wal_root), "a refused constructor started nothing and wrote nothing"
 
 
@@ -715,6 +719,22 @@ def test_checkpoint_offsets_durable_on_return_async(wal_root):
                 if off:
                     assert wal.get(s, off - 1) == expected[s][off - 1]
                 assert wal.stats()["shards"][s]["durable_id"] >= off
+
+
+def test_async_entries_become_durable_once_the_rings_go_quiet(wal_root):
+    # the interval flush is an hour away: only the idle flush can make these durable
+    with open_wal(wal_root, 4, SyncMode.ASYNC, flush_interval=3600) as wal:
+        assert wal.stats()["flush_interval"] == 3600
+        acked = [wal.append(b"k%d" % i, b"v%d" % i) for i in range(50)]
+        deadline = time.monotonic() + 30  # a bound on waiting, not a measured duration
+        while True:
+            shards = wal.stats()["shards"]
+            if all(sh["durable_id"] == sh["next_id"] for sh in shards):
+                break
+            assert time.monotonic() < deadline, f"never made durable without sync(): {shards}"
+            time.sleep(0.01)
+        for s, q in acked:  # durable, so readable from the segment files
+            assert wal.get(s, q) is not None
 
 
 def test_stats_fields(wal_root):

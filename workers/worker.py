@@ -26,6 +26,7 @@ from ironwal_mp.engine.wal import Wal
 from ironwal_mp.errors import WalError
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
+from ironwal_mp.ipc import control as C
 from ironwal_mp.ipc.control import ControlBlock
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
@@ -38,7 +39,10 @@ log = logging.getLogger("ironwal_mp.worker")
 #: longest sleep when idle: bounds how late a coordinator's death or a flush is noticed
 IDLE_WAIT_S = 0.05
 #: written-but-not-durable entries are fsynced at most this long after they were written
+#: (the default of ShardedWal's ``flush_interval``, which the control block carries)
 FLUSH_INTERVAL_S = 0.1
+#: ...and as soon as the worker has had nothing to write for this long (the rings went quiet)
+IDLE_FLUSH_S = 0.0002
 #: after a small pass, wait this long for more records so frames grow (fewer, larger writes)
 GATHER_S = 0.0005
 #: a prepare gives up if the records below its cut cannot be drained in this long
@@ -65,6 +69,7 @@ class Worker:
         ctl = ControlBlock(self.names)
         # the coordinator that started us; if it died before we got here, getppid() already differs
         self.parent = ctl.coordinator_pid
+        self.flush_interval = (ctl.f[C.FLUSH_US] or round(FLUSH_INTERVAL_S * 1e6)) / 1e6
         ctl.close()
         self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
         self.shards: Dict[int, ShardState] = {}
@@ -129,7 +134,7 @@ class Worker:
             if wrote == 0:
                 self._sleep()
             elif wrote < self.gather and not waited:
-                time.sleep(GATHER_S)
+                self._pause(GATHER_S)
         return 0
 
     def _drain(self, st: ShardState) -> int:
@@ -172,7 +177,7 @@ class Worker:
         due = [
             st for st in self.shards.values()
             if st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED
-            and (force or st.h[L.DUR_WAITERS] or now - st.dirty_since >= FLUSH_INTERVAL_S)
+            and (force or st.h[L.DUR_WAITERS] or now - st.dirty_since >= self.flush_interval)
         ]
         if due:
             self.sync(due)
@@ -216,19 +221,31 @@ class Worker:
             st.ring.space_free.release()
 
     def _sleep(self) -> None:
+        """Wait for a publish or a command; flush dirty shards once the rings have gone quiet."""
+        dirty = any(st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] for st in self.shards.values())
         for st in self.shards.values():
             st.h[L.SLEEPING] = 1
         try:
             # re-check after raising the flag, or a publish in between would go unnoticed
             if any(st.ring.next_slice() is not None for st in self.shards.values()):
                 return
-            try:
-                self.wake.acquire(IDLE_WAIT_S)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):  # the timeout, or a signal
-                pass
+            woken = self._pause(IDLE_FLUSH_S if dirty else IDLE_WAIT_S)
         finally:
             for st in self.shards.values():
                 st.h[L.SLEEPING] = 0
+        if dirty and not woken:
+            # nothing arrived: make what was written durable now rather than FLUSH_INTERVAL_S
+            # later, so ASYNC data is exposed to a crash briefly and checkpoints find it synced
+            self._sync_if_needed(force=True)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait on the wake semaphore (posted by sleeping-aware producers and after every
+        command); return whether it was posted."""
+        try:
+            self.wake.acquire(seconds)
+            return True
+        except (posix_ipc.BusyError, posix_ipc.SignalError):  # the timeout, or a signal
+            return False
 
     # --- commands -----------------------------------------------------------------------
 

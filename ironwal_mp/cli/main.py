@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int)
     s.add_argument("--sync", choices=SYNC_CHOICES, default="strict")
     s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (power of two)")
+    s.add_argument("--flush-interval", type=float, metavar="SECONDS",
+                   help="longest an ASYNC entry stays unsynced under continuous load (default 0.1)")
 
     s = sub.add_parser("checkpoint", help="create, list, show, prune before, or compact checkpoints")
     csub = s.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -8,7 +8,8 @@ import os
 from .. import WalOptions
 from ..ipc.ring_layout import check_capacity
 from ..options import SyncMode, options_to_dict
-from ..sharded.client import DEFAULT_RING_SIZE
+from ..errors import ConfigError
+from ..sharded.client import DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval
 from ..sharded.manifest import open_manifest
 from .output import EXIT_OK, UsageError
 
@@ -20,6 +21,11 @@ def run(args) -> int:
             check_capacity(args.ring_size)
         except ValueError as exc:  # said here, not as a traceback from inside the coordinator
             raise UsageError(f"--ring-size: {exc}") from None
+    flush = DEFAULT_FLUSH_INTERVAL if args.flush_interval is None else args.flush_interval
+    try:
+        check_flush_interval(flush)
+    except ConfigError as exc:
+        raise UsageError(f"--flush-interval: {exc}") from None
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
     open_manifest(root, args.shards)  # a shard-count mismatch is a usage error, said before starting
     os.environ["IRONWAL_MP_OPTIONS"] = json.dumps(options_to_dict(opts))
@@ -27,7 +33,8 @@ def run(args) -> int:
 
     print(f"serving {root} with {args.shards} shards (pid {os.getpid()}); "
           f"jobs attach with ironwal_mp.connect({root!r}); Ctrl-C or SIGTERM stops it", flush=True)
-    argv = ["--root", root, "--shards", str(args.shards), "--ring-size", str(args.ring_size or DEFAULT_RING_SIZE)]
+    argv = ["--root", root, "--shards", str(args.shards), "--ring-size", str(args.ring_size or DEFAULT_RING_SIZE),
+            "--flush-interval-us", str(round(flush * 1e6))]
     if args.workers:
         argv += ["--workers", str(args.workers)]
     code = coordinator_main(argv)

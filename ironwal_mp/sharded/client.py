@@ -41,6 +41,7 @@ import posix_ipc
 #: default ring size per shard: 16 shards fit a 64 MiB /dev/shm several times over
 DEFAULT_RING_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_FLUSH_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def _attach(root: str, timeout: float) -> Optional[_Attachment]:
 
 
 def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int], ring_size: int,
-           timeout: float) -> subprocess.Popen:
+           flush_interval: float, timeout: float) -> subprocess.Popen:
     """Start a coordinator for ``root`` and wait until it is ready (or says why not)."""
     names = Names(root)
     token = secrets.randbits(63) or 1
@@ -214,7 +215,7 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
     project = os.path.dirname(os.path.dirname(os.path.abspath(_coordinator_pkg.__file__)))
     env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "coordinator", "--root", root, "--shards", str(shard_count),
-           "--ring-size", str(ring_size), "--notify", f"{token:x}", "--starter", str(os.getpid())]
+           "--ring-size", str(ring_size), "--flush-interval-us", str(round(flush_interval * 1e6)), "--notify", f"{token:x}", "--starter", str(os.getpid())]
     if workers:
         cmd += ["--workers", str(workers)]
     try:
@@ -245,14 +246,14 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
 
 
 def _open(opts: WalOptions, shard_count: Optional[int], workers: Optional[int], ring_size: int,
-          timeout: float, start: bool) -> _Attachment:
+          flush_interval: float, timeout: float, start: bool) -> _Attachment:
     root = os.path.abspath(os.fspath(opts.root_path))
     with _registry_lock:
         for attempt in range(3):
             att = _attach(root, timeout)
             if att is None and start:
                 try:
-                    proc = _start(root, opts, shard_count, workers, ring_size, timeout)
+                    proc = _start(root, opts, shard_count, workers, ring_size, flush_interval, timeout)
                 except E.WalLockedError:
                     time.sleep(0.2 * (attempt + 1))  # another process is starting it: attach to that
                     continue
@@ -287,6 +288,7 @@ class ShardedWal:
         *,
         workers: Optional[int] = None,
         ring_size: int = DEFAULT_RING_SIZE,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         _start: bool = True,
     ) -> None:
@@ -300,10 +302,11 @@ class ShardedWal:
             L.check_capacity(ring_size)
         except (ValueError, TypeError) as exc:
             raise E.ConfigError("ring_size", str(exc)) from None
+        check_flush_interval(flush_interval)
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
         self._timeout = timeout
-        self._att = _open(opts, shard_count, workers, ring_size, timeout, _start)
+        self._att = _open(opts, shard_count, workers, ring_size, flush_interval, timeout, _start)
         self._closed = False
         self._bind()
 
@@ -526,6 +529,7 @@ class ShardedWal:
             "shard_count": self._n,
             "coordinator_pid": att.coordinator_pid,
             "worker_pids": att.ctl.worker_pids(),
+            "flush_interval": att.ctl.f[C.FLUSH_US] / 1e6,
             "state": {C.ST_STARTING: "starting", C.ST_READY: "ready", C.ST_CLOSING: "closing",
                       C.ST_CLOSED: "closed"}.get(att.ctl.state, "unknown"),
             "shards": shards,
@@ -547,6 +551,12 @@ def _make_append(route, n: int, appenders: list, rings: list, strict: bool, time
         return shard, seq
 
     return append
+
+
+def check_flush_interval(seconds: object) -> None:
+    """ConfigError unless ``seconds`` is a number of seconds in 0.0001..3600."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0.0001 <= seconds <= 3600:
+        raise E.ConfigError("flush_interval", f"must be seconds in 0.0001..3600, got {seconds!r}")
 
 
 def _closed_append(key: bytes, value: bytes) -> Tuple[int, int]:
