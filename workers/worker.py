@@ -222,7 +222,8 @@ class Worker:
 
     def _sleep(self) -> None:
         """Wait for a publish or a command; flush dirty shards once the rings have gone quiet."""
-        dirty = any(st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] for st in self.shards.values())
+        dirty = any(st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED
+                    for st in self.shards.values())  # (a failed shard is never synced again)
         for st in self.shards.values():
             st.h[L.SLEEPING] = 1
         try:
