@@ -45,7 +45,7 @@ class StartupError(Exception):
 class Coordinator:
     def __init__(self, root: str, shard_count: int, workers: int, ring_size: int,
                  opts_json: str, starter: int = 0, notify: Optional[int] = None,
-                 flush_us: int = 100_000) -> None:
+                 flush_us: int = C.DEFAULT_FLUSH_US, idle_flush: bool = True) -> None:
         self.root = root
         self.shard_count = shard_count
         self.names = Names(root)
@@ -59,6 +59,7 @@ class Coordinator:
                 self.worker_of[s] = w
         self.ring_size = ring_size
         self.flush_us = flush_us
+        self.idle_flush = idle_flush
         self.env = dict(os.environ, IRONWAL_MP_OPTIONS=opts_json)
         self.lock = RootLock(root)
         self.rings: List[Ring] = []
@@ -161,6 +162,7 @@ class Coordinator:
         f[C.WORKERS] = len(self.assignment)
         f[C.RING_CAPACITY] = self.ring_size
         f[C.FLUSH_US] = self.flush_us
+        f[C.IDLE_FLUSH_OFF] = 0 if self.idle_flush else 1
         f[C.STARTED_NS] = time.time_ns()
         f[C.STARTER_PID] = self.starter
         f[C.SYNC_MODE] = C.SYNC_CODES[self.opts.sync_mode.value]
@@ -380,13 +382,17 @@ class Coordinator:
         if user_id in self.ckpt_log:
             raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
         barrier = self._start_barrier(user_id, self.cut())
-        # HEAD's replacement is written and fsynced while the workers prepare (it only becomes
-        # HEAD after the record is durable); started after the PREPAREs went out, not before
-        head = self.ckpt_log.prepare_head(user_id)
+        head = None
         try:
+            # HEAD's replacement is written and fsynced while the workers prepare (it only
+            # becomes HEAD after the record is durable); started once the PREPAREs are out
+            head = self.ckpt_log.prepare_head(user_id)
             data = self._finish_barrier(user_id, barrier)
         except BaseException:
-            self.ckpt_log.discard_head(head)
+            if head is None:  # the barrier was never awaited: its PREPAREs still need an end
+                self._ask_workers(M.ABORT, {w: {} for w in barrier.by_worker})
+            else:
+                self.ckpt_log.discard_head(head)
             raise
         self.ckpt_log.append(data, head)
         return {"id": user_id, "timestamp": data.timestamp, "offsets": list(data.offsets)}
@@ -395,7 +401,7 @@ class Coordinator:
         """COMMIT to the workers, after the caller has its answer: a notification only."""
         try:
             self._ask_workers(M.COMMIT, {w: {} for w in set(self.worker_of)})
-        except E.WalError as exc:
+        except Exception as exc:  # (the caller has had its answer: nothing may reply again)
             log.warning("checkpoint %r committed, but telling the workers failed: %s", user_id, exc)
 
     def prune(self, raw_id: bytes) -> dict:
@@ -488,8 +494,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--ring-size", type=int, required=True)
-    parser.add_argument("--flush-interval-us", type=int, default=100_000,
+    parser.add_argument("--flush-interval-us", type=int, default=C.DEFAULT_FLUSH_US,
                         help="longest time an ASYNC entry stays written but not fsynced")
+    parser.add_argument("--no-idle-flush", action="store_true",
+                        help="workers do not fsync as soon as their rings go quiet")
     parser.add_argument("--notify", type=lambda s: int(s, 16), default=None, help="client queue token to tell READY/ERROR")
     parser.add_argument("--starter", type=int, default=0, help="pid whose exit shuts this WAL down")
     args = parser.parse_args(argv)
@@ -499,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     workers = args.workers or min(args.shards, os.cpu_count() or 1)
     coord = Coordinator(root, args.shards, workers, args.ring_size,
                         os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter,
-                        args.notify, max(100, args.flush_interval_us))
+                        args.notify, max(100, args.flush_interval_us), not args.no_idle_flush)
     notify = M.Message(M.READY, 0, 0, {})
 
     def tell(kind: int, body: dict) -> None:

@@ -197,11 +197,12 @@ class Background:
             raise
 
 
-def start_serve(tmp_path, root: str, shards: int = 4) -> Background:
+def start_serve(tmp_path, root: str, shards: int = 4, *extra: str) -> Background:
     """``serve`` in the background, ready to accept connect() (retrying a busy queue budget)."""
     deadline = time.monotonic() + 90
     while True:
-        bg = Background(tmp_path, "serve", "serve", "--root", root, "--shards", str(shards), "--workers", "1").start()
+        bg = Background(tmp_path, "serve", "serve", "--root", root, "--shards", str(shards), "--workers", "1",
+                        *extra).start()
         ready = time.monotonic() + 60
         while bg.proc.poll() is None and not _control_block_ready(root):
             if time.monotonic() > ready:
@@ -535,7 +536,7 @@ print(json.dumps(acks))
 
 
 def test_serve_with_connected_jobs_stats_and_checkpoints(wal_root, tmp_path):
-    serve = start_serve(tmp_path, wal_root)
+    serve = start_serve(tmp_path, wal_root, 4, "--flush-interval", "0.25", "--no-idle-flush")
     try:
         assert f"serving {os.path.abspath(wal_root)} with 4 shards (pid {serve.proc.pid})" in serve.stdout
         for _attempt in range(30):
@@ -552,6 +553,7 @@ def test_serve_with_connected_jobs_stats_and_checkpoints(wal_root, tmp_path):
         stats = cli_json("stats", "--root", wal_root, "--interval", "0.1")
         assert stats["shard_count"] == 4
         assert stats["coordinator_pid"] == serve.proc.pid
+        assert stats["flush_interval"] == 0.25 and stats["idle_flush"] is False
         assert stats["root"] == os.path.abspath(wal_root)
         assert [s["shard"] for s in stats["shards"]] == [0, 1, 2, 3]
         for s in stats["shards"]:

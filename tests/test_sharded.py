@@ -51,9 +51,10 @@ MODE_IDS = [m.name for m in MODES]
 CHILD_TIMEOUT = 180  # bound on waiting for a child's answer (a hang guard, not a time check)
 
 
-def open_wal(root, n=4, mode=SyncMode.STRICT, *, workers=None, ring_size=1 << 16, flush_interval=0.1, **opts):
+def open_wal(root, n=4, mode=SyncMode.STRICT, *, workers=None, ring_size=1 << 16, flush_interval=0.1,
+             idle_flush=True, **opts):
     return ShardedWal(WalOptions(root_path=root, sync_mode=mode, **opts), n, workers=workers, ring_size=ring_size,
-                      flush_interval=flush_interval)
+                      flush_interval=flush_interval, idle_flush=idle_flush)
 
 
 def shard_dir(root, s):
@@ -271,9 +272,12 @@ def test_bad_constructor_arguments(wal_root):
     for bad in (1000, 4095, 3 << 12):
         with pytest.raises(ConfigError):
             ShardedWal(opts, 2, ring_size=bad)
-    for bad in (0, -1, 0.00001, 3601, True, "0.1", None):
+    for bad in (0, -1, 0.00001, 3601, True, "0.1", None, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="flush_interval"):
             ShardedWal(opts, 2, flush_interval=bad)
+    for bad in (1, "yes", None):
+        with pytest.raises(ConfigError, match="idle_flush"):
+            ShardedWal(opts, 2, idle_flush=bad)
     assert not os.path.exists(wal_root), "a refused constructor started nothing and wrote nothing"
 
 
@@ -735,6 +739,19 @@ def test_async_entries_become_durable_once_the_rings_go_quiet(wal_root):
             time.sleep(0.01)
         for s, q in acked:  # durable, so readable from the segment files
             assert wal.get(s, q) is not None
+
+
+def test_without_idle_flush_async_entries_wait_for_the_interval_or_sync(wal_root):
+    with open_wal(wal_root, 4, SyncMode.ASYNC, flush_interval=3600, idle_flush=False) as wal:
+        assert wal.stats()["idle_flush"] is False
+        for i in range(50):
+            wal.append(b"k%d" % i, b"v%d" % i)
+        time.sleep(0.3)  # hundreds of times the idle flush's quiet period: it would have run by now
+        shards = wal.stats()["shards"]
+        assert sum(sh["fsyncs"] for sh in shards) == 0, shards
+        assert all(sh["durable_id"] == 0 for sh in shards)
+        wal.sync()
+        assert all(sh["durable_id"] == sh["next_id"] for sh in wal.stats()["shards"])
 
 
 def test_stats_fields(wal_root):

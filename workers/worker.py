@@ -38,10 +38,8 @@ log = logging.getLogger("ironwal_mp.worker")
 
 #: longest sleep when idle: bounds how late a coordinator's death or a flush is noticed
 IDLE_WAIT_S = 0.05
-#: written-but-not-durable entries are fsynced at most this long after they were written
-#: (the default of ShardedWal's ``flush_interval``, which the control block carries)
-FLUSH_INTERVAL_S = 0.1
-#: ...and as soon as the worker has had nothing to write for this long (the rings went quiet)
+#: with the idle flush on, dirty shards are fsynced once the worker has had nothing to write
+#: for this long (the rings went quiet); else, the flush interval after they were written
 IDLE_FLUSH_S = 0.0002
 #: after a small pass, wait this long for more records so frames grow (fewer, larger writes)
 GATHER_S = 0.0005
@@ -69,7 +67,9 @@ class Worker:
         ctl = ControlBlock(self.names)
         # the coordinator that started us; if it died before we got here, getppid() already differs
         self.parent = ctl.coordinator_pid
-        self.flush_interval = (ctl.f[C.FLUSH_US] or round(FLUSH_INTERVAL_S * 1e6)) / 1e6
+        # written-but-not-durable entries are fsynced at most this long after they were written
+        self.flush_interval = (ctl.f[C.FLUSH_US] or C.DEFAULT_FLUSH_US) / 1e6
+        self.idle_flush = not ctl.f[C.IDLE_FLUSH_OFF]
         ctl.close()
         self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
         self.shards: Dict[int, ShardState] = {}
@@ -172,13 +172,15 @@ class Worker:
     def _durable_waiters(self) -> bool:
         return any(st.h[L.DUR_WAITERS] for st in self.shards.values())
 
+    def _dirty(self) -> List[ShardState]:
+        """Shards with written entries that are not durable yet (a failed shard is never synced)."""
+        return [st for st in self.shards.values()
+                if st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED]
+
     def _sync_if_needed(self, force: bool = False) -> None:
         now = time.monotonic()
-        due = [
-            st for st in self.shards.values()
-            if st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED
-            and (force or st.h[L.DUR_WAITERS] or now - st.dirty_since >= self.flush_interval)
-        ]
+        due = [st for st in self._dirty()
+               if force or st.h[L.DUR_WAITERS] or now - st.dirty_since >= self.flush_interval]
         if due:
             self.sync(due)
 
@@ -221,23 +223,30 @@ class Worker:
             st.ring.space_free.release()
 
     def _sleep(self) -> None:
-        """Wait for a publish or a command; flush dirty shards once the rings have gone quiet."""
-        dirty = any(st.h[L.WRITTEN_SEQ] > st.h[L.DURABLE_SEQ] and st.h[L.STATE] != L.ST_FAILED
-                    for st in self.shards.values())  # (a failed shard is never synced again)
+        """Wait for a publish or a command; flush dirty shards once the rings have gone quiet
+        (idle flush), or else when their flush interval is up."""
+        dirty = self._dirty()
+        if not dirty:
+            wait = IDLE_WAIT_S
+        elif self.idle_flush:
+            wait = IDLE_FLUSH_S
+        else:
+            due = min(st.dirty_since for st in dirty) + self.flush_interval
+            wait = max(0.0, min(IDLE_WAIT_S, due - time.monotonic()))
         for st in self.shards.values():
             st.h[L.SLEEPING] = 1
         try:
             # re-check after raising the flag, or a publish in between would go unnoticed
             if any(st.ring.next_slice() is not None for st in self.shards.values()):
                 return
-            woken = self._pause(IDLE_FLUSH_S if dirty else IDLE_WAIT_S)
+            woken = self._pause(wait)
         finally:
             for st in self.shards.values():
                 st.h[L.SLEEPING] = 0
         if dirty and not woken:
-            # nothing arrived: make what was written durable now rather than FLUSH_INTERVAL_S
+            # nothing arrived: make what was written durable now rather than a flush interval
             # later, so ASYNC data is exposed to a crash briefly and checkpoints find it synced
-            self._sync_if_needed(force=True)
+            self._sync_if_needed(force=self.idle_flush)
 
     def _pause(self, seconds: float) -> bool:
         """Wait on the wake semaphore (posted by sleeping-aware producers and after every

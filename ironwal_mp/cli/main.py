@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (power of two)")
     s.add_argument("--flush-interval", type=float, metavar="SECONDS",
                    help="longest an ASYNC entry stays unsynced under continuous load (default 0.1)")
+    s.add_argument("--no-idle-flush", action="store_true",
+                   help="do not fsync as soon as the rings go quiet (fewer fsyncs at light load)")
 
     s = sub.add_parser("checkpoint", help="create, list, show, prune before, or compact checkpoints")
     csub = s.add_subparsers(dest="action", required=True, metavar="ACTION")

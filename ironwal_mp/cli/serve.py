@@ -9,7 +9,7 @@ from .. import WalOptions
 from ..ipc.ring_layout import check_capacity
 from ..options import SyncMode, options_to_dict
 from ..errors import ConfigError
-from ..sharded.client import DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval
+from ..sharded.client import DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval, service_args
 from ..sharded.manifest import open_manifest
 from .output import EXIT_OK, UsageError
 
@@ -33,10 +33,7 @@ def run(args) -> int:
 
     print(f"serving {root} with {args.shards} shards (pid {os.getpid()}); "
           f"jobs attach with ironwal_mp.connect({root!r}); Ctrl-C or SIGTERM stops it", flush=True)
-    argv = ["--root", root, "--shards", str(args.shards), "--ring-size", str(args.ring_size or DEFAULT_RING_SIZE),
-            "--flush-interval-us", str(round(flush * 1e6))]
-    if args.workers:
-        argv += ["--workers", str(args.workers)]
-    code = coordinator_main(argv)
+    code = coordinator_main(["--root", root, *service_args(args.shards, args.workers, args.ring_size or DEFAULT_RING_SIZE,
+                                                          flush, not args.no_idle_flush)])
     print("stopped: rings drained, files fsynced, IPC objects removed", flush=True)
     return EXIT_OK if code == 0 else code

@@ -624,8 +624,12 @@ class _Background:
     def __init__(self, fn, *args) -> None:
         self._result = None
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError:  # no thread to be had (a process at its limit): do it here
+            self._thread = None
+            self._run(fn, args)
 
     def _run(self, fn, args) -> None:
         try:
@@ -634,7 +638,8 @@ class _Background:
             self._error = exc
 
     def wait(self):
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._result

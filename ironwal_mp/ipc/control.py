@@ -22,7 +22,9 @@ MAX_CLIENTS = 128
 
 # u64 field indexes
 MAGIC, COORD_PID, STATE, SHARD_COUNT, WORKERS, RING_CAPACITY, STARTED_NS, STARTER_PID = range(8)
-SYNC_MODE, EPOCH, FLUSH_US = 8, 9, 10
+SYNC_MODE, EPOCH, FLUSH_US, IDLE_FLUSH_OFF = 8, 9, 10, 11
+#: the flush interval (µs) when none was given; FLUSH_US = 0 (a block of an older coordinator) means it
+DEFAULT_FLUSH_US = 100_000
 WORKER_PIDS = 64  # MAX_WORKERS entries
 WORKER_OF_SHARD = WORKER_PIDS + MAX_WORKERS  # up to 1000 shards: worker index of each
 CLIENTS = WORKER_OF_SHARD + 1000  # MAX_CLIENTS (pid, queue token) pairs, 0 = free

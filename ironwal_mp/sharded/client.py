@@ -41,7 +41,7 @@ import posix_ipc
 #: default ring size per shard: 16 shards fit a 64 MiB /dev/shm several times over
 DEFAULT_RING_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_FLUSH_INTERVAL = 0.1
+DEFAULT_FLUSH_INTERVAL = C.DEFAULT_FLUSH_US / 1e6
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,19 @@ def _attach(root: str, timeout: float) -> Optional[_Attachment]:
     return att
 
 
-def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int], ring_size: int,
-           flush_interval: float, timeout: float) -> subprocess.Popen:
+def service_args(shard_count: int, workers: Optional[int], ring_size: int, flush_interval: float,
+                 idle_flush: bool) -> List[str]:
+    """The coordinator's command-line options for these settings (validated by the caller)."""
+    args = ["--shards", str(shard_count), "--ring-size", str(ring_size),
+            "--flush-interval-us", str(max(100, round(flush_interval * 1e6)))]
+    if workers:
+        args += ["--workers", str(workers)]
+    if not idle_flush:
+        args.append("--no-idle-flush")
+    return args
+
+
+def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> subprocess.Popen:
     """Start a coordinator for ``root`` and wait until it is ready (or says why not)."""
     names = Names(root)
     token = secrets.randbits(63) or 1
@@ -214,10 +225,8 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
 
     project = os.path.dirname(os.path.dirname(os.path.abspath(_coordinator_pkg.__file__)))
     env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "coordinator", "--root", root, "--shards", str(shard_count),
-           "--ring-size", str(ring_size), "--flush-interval-us", str(round(flush_interval * 1e6)), "--notify", f"{token:x}", "--starter", str(os.getpid())]
-    if workers:
-        cmd += ["--workers", str(workers)]
+    cmd = [sys.executable, "-m", "coordinator", "--root", root, *service,
+           "--notify", f"{token:x}", "--starter", str(os.getpid())]
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         deadline = time.monotonic() + max(timeout, 60.0)
@@ -245,15 +254,15 @@ def _start(root: str, opts: WalOptions, shard_count: int, workers: Optional[int]
     return proc
 
 
-def _open(opts: WalOptions, shard_count: Optional[int], workers: Optional[int], ring_size: int,
-          flush_interval: float, timeout: float, start: bool) -> _Attachment:
+def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], timeout: float,
+          start: bool) -> _Attachment:
     root = os.path.abspath(os.fspath(opts.root_path))
     with _registry_lock:
         for attempt in range(3):
             att = _attach(root, timeout)
             if att is None and start:
                 try:
-                    proc = _start(root, opts, shard_count, workers, ring_size, flush_interval, timeout)
+                    proc = _start(root, opts, service, timeout)
                 except E.WalLockedError:
                     time.sleep(0.2 * (attempt + 1))  # another process is starting it: attach to that
                     continue
@@ -289,6 +298,7 @@ class ShardedWal:
         workers: Optional[int] = None,
         ring_size: int = DEFAULT_RING_SIZE,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        idle_flush: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
         _start: bool = True,
     ) -> None:
@@ -303,10 +313,13 @@ class ShardedWal:
         except (ValueError, TypeError) as exc:
             raise E.ConfigError("ring_size", str(exc)) from None
         check_flush_interval(flush_interval)
+        if not isinstance(idle_flush, bool):
+            raise E.ConfigError("idle_flush", f"must be True or False, got {idle_flush!r}")
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
         self._timeout = timeout
-        self._att = _open(opts, shard_count, workers, ring_size, flush_interval, timeout, _start)
+        service = service_args(shard_count, workers, ring_size, flush_interval, idle_flush) if shard_count else []
+        self._att = _open(opts, shard_count, service, timeout, _start)
         self._closed = False
         self._bind()
 
@@ -529,7 +542,8 @@ class ShardedWal:
             "shard_count": self._n,
             "coordinator_pid": att.coordinator_pid,
             "worker_pids": att.ctl.worker_pids(),
-            "flush_interval": att.ctl.f[C.FLUSH_US] / 1e6,
+            "flush_interval": (att.ctl.f[C.FLUSH_US] or C.DEFAULT_FLUSH_US) / 1e6,
+            "idle_flush": not att.ctl.f[C.IDLE_FLUSH_OFF],
             "state": {C.ST_STARTING: "starting", C.ST_READY: "ready", C.ST_CLOSING: "closing",
                       C.ST_CLOSED: "closed"}.get(att.ctl.state, "unknown"),
             "shards": shards,
