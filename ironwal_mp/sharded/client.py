@@ -207,7 +207,7 @@ def service_args(shard_count: int, workers: Optional[int], ring_size: int, flush
                  idle_flush: bool) -> List[str]:
     """The coordinator's command-line options for these settings (validated by the caller)."""
     args = ["--shards", str(shard_count), "--ring-size", str(ring_size),
-            "--flush-interval-us", str(max(100, round(flush_interval * 1e6)))]
+            "--flush-interval-us", str(round(flush_interval * 1e6))]
     if workers:
         args += ["--workers", str(workers)]
     if not idle_flush:
