@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import argparse
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 ENTRY_SIZE = 100
@@ -52,6 +53,15 @@ class Config:
         self.ops_per_chunk = ops_per_chunk
         self.max_ops = max_ops
         self.setup = setup
+
+
+def add_common_arguments(ap: "argparse.ArgumentParser", quick_takes: str, budget_help: str) -> None:
+    """The options both benchmarks share: --quick, --dir, --json, --repeats, --budget."""
+    ap.add_argument("--quick", action="store_true", help=f"3 rounds with shorter measurements (under ~{quick_takes})")
+    ap.add_argument("--dir", default=None, help="parent of the scratch directory (default: bench/out/ beside this file)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5, 3 with --quick)")
+    ap.add_argument("--budget", type=float, default=None, help=budget_help)
 
 
 def measure(cfg: Config, parent: str, budget: float) -> Dict[str, float]:

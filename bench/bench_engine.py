@@ -39,6 +39,7 @@ import time
 from typing import Dict, List, Optional
 
 from _common import (  # bench/_common.py: helpers shared with bench_sharded.py
+    add_common_arguments,
     ENTRY_SIZE,
     FRAME_HEADER,
     LENGTH_PREFIX,
@@ -348,11 +349,7 @@ def profile_appends(parent: str, n: int, compression: CompressionType) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds with shorter measurements (under ~30 s)")
-    ap.add_argument("--dir", default=None, help="parent of the scratch directory (default: bench/out/ beside this file)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5, 3 with --quick)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 0.5, 0.2 with --quick)")
+    add_common_arguments(ap, "30 s", "seconds per measurement (default 0.5, 0.2 with --quick)")
     ap.add_argument("--compression", choices=("lz4", "none"), default="lz4", help="engine compression (default: lz4, the library default)")
     ap.add_argument("--profile", type=int, metavar="N", default=None, help="only profile N ASYNC single appends and print the top 10 functions")
     args = ap.parse_args(argv)

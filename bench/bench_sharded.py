@@ -76,6 +76,7 @@ import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from _common import (  # bench/_common.py: helpers shared with bench_engine.py
+    add_common_arguments,
     ENTRY_SIZE,
     OPEN_FLAGS,
     Config,
@@ -866,11 +867,7 @@ def profile_producer(bench: Bench, n: int) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds with shorter measurements (under ~60 s)")
-    ap.add_argument("--dir", default=None, help="parent of the scratch directory (default: bench/out/ beside this file)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5, 3 with --quick)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per load and for P (default 1.0, 0.4 with --quick)")
+    add_common_arguments(ap, "60 s", "seconds per load and for P (default 1.0, 0.4 with --quick)")
     ap.add_argument("--checkpoints", type=int, default=20, help="create_checkpoint calls per round (default 20)")
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: the library's, min(shards, CPUs))")
     ap.add_argument("--compression", choices=("lz4", "none"), default="lz4", help="compression (default: lz4, the library default)")
