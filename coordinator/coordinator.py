@@ -385,8 +385,8 @@ class Coordinator:
         head = None
         try:
             # HEAD's replacement is written and fsynced while the workers prepare (it only
-            # becomes HEAD after the record is durable); started once the PREPAREs are out
-            head = self.ckpt_log.prepare_head(user_id)
+            # becomes HEAD after the record is durable), once the PREPAREs are out
+            head = self.ckpt_log.prepare_head(user_id, in_background=False)
             data = self._finish_barrier(user_id, barrier)
         except BaseException:
             if head is None:  # the barrier was never awaited: its PREPAREs still need an end

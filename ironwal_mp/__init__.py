@@ -7,7 +7,7 @@ layer (a coordinator process and per-shard worker processes). See README.md and 
 from .engine.wal import TxnWriter, Wal
 from .errors import *  # noqa: F401,F403  (every error type is public)
 from .errors import __all__ as _error_names
-from .options import CompressionType, CorruptionPolicy, ReadStrategy, SyncMode, WalOptions
+from .options import CompressionType, CorruptionPolicy, GroupSync, ReadStrategy, SyncMode, WalOptions
 from .engine.checkpoint_log import CheckpointData
 from .sharded.client import CompactionStats, PruneStats, ShardedWal, connect
 
@@ -26,5 +26,6 @@ __all__ = [
     "CompressionType",
     "ReadStrategy",
     "CorruptionPolicy",
+    "GroupSync",
     *_error_names,
 ]

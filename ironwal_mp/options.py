@@ -42,6 +42,16 @@ class CorruptionPolicy(enum.Enum):
     ERROR = "error"  #: refuse to open the stream, naming the file and offset
 
 
+class GroupSync(enum.Enum):
+    """How several files that are due together are made durable (docs: engine/group_sync.py)."""
+
+    #: one syncfs(2) per filesystem: one journal commit instead of one per file, but it also
+    #: writes back other programs' dirty data on that filesystem (falls back to FDATASYNC
+    #: where the platform has no syncfs)
+    SYNCFS = "syncfs"
+    FDATASYNC = "fdatasync"  #: an fdatasync per file (in parallel threads in a shard worker)
+
+
 @dataclass
 class WalOptions:
     """Options of a :class:`~ironwal_mp.Wal` (and of every shard of a ShardedWal).
@@ -73,6 +83,8 @@ class WalOptions:
     min_compression_size: int = 1024
     read_strategy: ReadStrategy = ReadStrategy.STANDARD_IO
     on_corruption: CorruptionPolicy = CorruptionPolicy.TRUNCATE
+    #: how a shard worker, a checkpoint prepare or ``Wal.sync()`` makes several files durable
+    group_sync: GroupSync = GroupSync.SYNCFS
 
     def __post_init__(self) -> None:
         if not isinstance(self.root_path, (str, os.PathLike)):
@@ -91,6 +103,7 @@ class WalOptions:
             ("compression", CompressionType),
             ("read_strategy", ReadStrategy),
             ("on_corruption", CorruptionPolicy),
+            ("group_sync", GroupSync),
         ):
             value = getattr(self, name)
             if not isinstance(value, kind):

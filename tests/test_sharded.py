@@ -705,10 +705,11 @@ def test_starter_exit_without_close_shuts_down(wal_root):
 # --- durability of checkpoints and stats -------------------------------------------------------------
 
 
-def test_checkpoint_offsets_durable_on_return_async(wal_root):
+@pytest.mark.parametrize("group_sync", ["syncfs", "fdatasync"])
+def test_checkpoint_offsets_durable_on_return_async(wal_root, group_sync):
     n = 4
     expected = {s: [] for s in range(n)}
-    with open_wal(wal_root, n, SyncMode.ASYNC, ring_size=1 << 20) as wal:
+    with open_wal(wal_root, n, SyncMode.ASYNC, ring_size=1 << 20, group_sync=group_sync) as wal:
         for r in range(5):
             for i in range(3000):
                 v = b"a%d-%d" % (r, i)

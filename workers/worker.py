@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 import posix_ipc
 
+from ironwal_mp.engine.group_sync import GroupSyncer
 from ironwal_mp.engine.stream import Stream
 from ironwal_mp.engine.wal import Wal
 from ironwal_mp.errors import WalError
@@ -81,6 +82,7 @@ class Worker:
         self.replies = Queue(self.names.worker_replies)
         self.wake = next(iter(self.shards.values())).ring.data_ready
         self.pool = ThreadPoolExecutor(max_workers=min(8, len(shards))) if len(shards) > 1 else None
+        self.syncer = GroupSyncer(self.opts.group_sync, self.pool)
         self.stopping = False
         self.gather = self.opts.write_buffer_size
         self._stopped = False
@@ -185,18 +187,10 @@ class Worker:
             self.sync(due)
 
     def sync(self, states: List[ShardState]) -> None:
-        """Fsync the given shards (in parallel threads), then publish their durable ids."""
+        """Make the given shards durable together (group_sync), then publish their durable ids."""
         views = [st.stream.view() for st in states]
         started = time.perf_counter_ns()
-
-        def one(i: int) -> Optional[BaseException]:
-            try:
-                states[i].stream.make_durable(views[i].next_id)
-                return None
-            except (WalError, OSError) as exc:
-                return exc
-
-        results = list(self.pool.map(one, range(len(states)))) if self.pool and len(states) > 1 else [one(0)] if len(states) == 1 else []
+        results = self.syncer.sync([st.stream for st in states])
         elapsed = time.perf_counter_ns() - started
         for st, view, err in zip(states, views, results):
             if err is not None:
@@ -347,6 +341,7 @@ class Worker:
                 st.ring.space_free.release()
 
     def close(self) -> None:
+        self.syncer.close()
         if self.pool:
             self.pool.shutdown()
         self.wal.close()

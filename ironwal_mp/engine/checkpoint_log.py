@@ -451,14 +451,15 @@ class CheckpointLog:
                 f"{reason}; opened with repair=False, so it cannot be appended to",
             )
 
-    def prepare_head(self, user_id: bytes) -> "_Background":
-        """Start writing (and fsyncing) ``HEAD``'s replacement for ``user_id`` in the background.
+    def prepare_head(self, user_id: bytes, in_background: bool = True) -> "_Background":
+        """Write (and fsync) ``HEAD``'s replacement for ``user_id``, on a thread by default.
 
         Hand the result to :meth:`append`, or to :meth:`discard_head` if the checkpoint is
-        abandoned. A coordinator starts it when a barrier begins, so that only the record's
-        fsync and the rename remain once the workers have prepared.
+        abandoned. A coordinator does it, inline, while the workers prepare (a thread start
+        costs more than the work there), so that only the record's fsync and the rename remain
+        once they have answered.
         """
-        return _Background(layout.prepare_atomic, self.head_path, encode_head(user_id))
+        return _Background(layout.prepare_atomic, self.head_path, encode_head(user_id), thread=in_background)
 
     def discard_head(self, prepared: "_Background") -> None:
         try:
@@ -619,16 +620,20 @@ __all__ = [
 
 
 class _Background:
-    """Run ``fn(*args)`` on a thread; ``wait()`` returns its result or raises its error."""
+    """Run ``fn(*args)`` on a thread (or here, with ``thread=False``); ``wait()`` returns its
+    result or raises its error."""
 
-    def __init__(self, fn, *args) -> None:
+    def __init__(self, fn, *args, thread: bool = True) -> None:
         self._result = None
         self._error: Optional[BaseException] = None
-        self._thread: Optional[threading.Thread] = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        try:
-            self._thread.start()
-        except RuntimeError:  # no thread to be had (a process at its limit): do it here
-            self._thread = None
+        self._thread: Optional[threading.Thread] = None
+        if thread:
+            self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+            try:
+                self._thread.start()
+            except RuntimeError:  # no thread to be had (a process at its limit): do it here
+                self._thread = None
+        if self._thread is None:
             self._run(fn, args)
 
     def _run(self, fn, args) -> None:

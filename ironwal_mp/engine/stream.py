@@ -34,7 +34,7 @@ class Stream:
         self.dir = stream_dir
         self.reader = reader
         self.lock = threading.Lock()
-        self._sync_lock = threading.Lock()
+        self.sync_lock = threading.Lock()  # held for a whole fsync: see make_durable
         self._segments = list(tail.segments)
         self._active_size = tail.active_size
         self._next_id = tail.next_id
@@ -183,27 +183,37 @@ class Stream:
         """Return once every id below ``upto_id`` is on stable storage (shared fsync)."""
         if self._synced_id >= upto_id:
             return
-        with self._sync_lock:
+        with self.sync_lock:
             if self._synced_id >= upto_id:
                 return  # another caller's fsync covered us
-            with self.lock:
-                self._check_writable()
-                target = self._next_id
-                path = self._active_path
+            target, path = self.sync_target()
             if not path:
                 return
             cache = self.reader.fdcache
             entry = cache.acquire(path, True)
             try:
                 _fdatasync(entry.fd)
-                self.fsyncs += 1
             except OSError as exc:
                 self._failed = exc
                 raise _io_error(exc, path, "fsync") from exc
             finally:
                 cache.release(entry)
-            if target > self._synced_id:
-                self._synced_id = target
+            self.mark_durable(target)
+
+    # The two halves of a sync, for syncing several streams with one call (group_sync): hold
+    # ``sync_lock``, take the target, make the file durable, then mark the target durable.
+
+    def sync_target(self) -> tuple[int, str]:
+        """(the id everything written so far ends below, the active segment's path or "")."""
+        with self.lock:
+            self._check_writable()
+            return self._next_id, self._active_path
+
+    def mark_durable(self, target: int) -> None:
+        """Record that ids below ``target`` are on stable storage (hold ``sync_lock``)."""
+        self.fsyncs += 1
+        if target > self._synced_id:
+            self._synced_id = target
 
     # --- truncation -------------------------------------------------------------------------
 

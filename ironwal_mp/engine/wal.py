@@ -12,6 +12,7 @@ from ..errors import WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
+from .group_sync import GroupSyncer
 from .frame import encode_entries, LENGTH
 from .reader import SegmentReader, StreamView
 from .recovery import RecoveryReport, StreamTail, recover_stream
@@ -59,6 +60,7 @@ class Wal:
         self._fdcache = FdCache(opts.max_open_segments)
         self._reader = SegmentReader.for_options(self._fdcache, opts)
         self._streams: Dict[str, Stream] = {}
+        self._syncer = GroupSyncer(opts.group_sync)
         self._open_lock = threading.Lock()  # guards _streams membership only
         self._stream_locks: Dict[str, threading.Lock] = {}
         self._closed = False
@@ -83,12 +85,10 @@ class Wal:
             self._closed = True
             streams = list(self._streams.values())
         try:
-            for stream in streams:
-                try:
-                    stream.make_durable(stream.next_id)
-                except WalError:
-                    pass  # a failed stream already reported its error to its writers
+            # (a failed stream already reported its error to its writers)
+            self._syncer.sync(streams)
         finally:
+            self._syncer.close()
             self._fdcache.close_all()
             if self._lock is not None:
                 self._lock.release()
@@ -199,13 +199,18 @@ class Wal:
         return TxnWriter(self, stream)
 
     def sync(self, stream: Optional[str] = None) -> None:
-        """Fsync one stream, or every stream this handle wrote, now (for ASYNC users)."""
+        """Fsync one stream, or every stream this handle wrote, now (for ASYNC users).
+
+        Several streams are synced together as ``opts.group_sync`` says; the first stream's
+        error, if any, is raised after all were tried.
+        """
         self._check_open()
         targets = [self._streams[stream]] if stream in self._streams else (
             [] if stream is not None else list(self._streams.values())
         )
-        for s in targets:
-            s.make_durable(s.next_id)
+        errors = [err for err in self._syncer.sync(targets) if err is not None]
+        if errors:
+            raise errors[0]
 
     def truncate(self, stream: str, safe_id: int) -> int:
         """Delete whole segments whose ids are all below ``safe_id`` (never the active one)."""
