@@ -191,3 +191,9 @@ def test_syncfs_reports_errors_as_oserror(monkeypatch):
     with pytest.raises(OSError) as info:
         gs.syncfs(w)  # a closed descriptor
     assert info.value.errno == errno.EBADF
+
+
+def test_only_kernels_that_report_syncfs_errors_use_it():
+    assert gs._reports_errors("6.18.44-fc-v669") and gs._reports_errors("5.8.0")
+    assert not gs._reports_errors("5.7.19") and not gs._reports_errors("4.19.0-generic")
+    assert not gs._reports_errors("weird")

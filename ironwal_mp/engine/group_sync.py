@@ -11,6 +11,7 @@ filesystem shared with heavy writers choose ``GroupSync.FDATASYNC``. One stream 
 fdatasynced (that is cheaper than a syncfs). Errors stay exact: if a syncfs fails, each of its
 streams is fdatasynced on its own, and only a stream whose own file fails is reported failed
 (every open file keeps its own record of writeback errors, which a syncfs does not consume).
+Linux reports writeback errors from syncfs only since 5.8, so older kernels never use it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import Executor
 from contextlib import ExitStack
@@ -31,6 +33,8 @@ from .stream import Stream
 
 def _load_syncfs() -> Optional[Callable[[int], int]]:
     """libc's syncfs, or None where there is none (not Linux, or an old C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         fn = libc.syncfs
@@ -41,7 +45,17 @@ def _load_syncfs() -> Optional[Callable[[int], int]]:
     return fn
 
 
-_syncfs = _load_syncfs()
+def _reports_errors(release: str) -> bool:
+    """Whether a Linux kernel of this release reports writeback errors from syncfs (5.8+)."""
+    try:
+        major, minor = (int(part) for part in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+#: None where syncfs cannot be trusted to report errors: then every sync is per file
+_syncfs = _load_syncfs() if _reports_errors(os.uname().release) else None
 
 
 def syncfs(fd: int) -> None:
