@@ -237,6 +237,17 @@ def child_hold_lock(root: str, shard: int, junk: bool, comm: str = "") -> None:
     time.sleep(3600)
 
 
+def child_append_fixed(root: str, shard: int, count: int, size: int) -> None:
+    """Append ``count`` records of ``size`` bytes through the hot path, as fast as possible."""
+    ring = Ring(Names(root), shard)
+    append = ring.make_appender()
+    rec = b"r" * size
+    _say("go")
+    for _ in range(count):
+        append(rec)
+    ring.close()
+
+
 def child_set_view(root: str, shard: int, count: int) -> None:
     """Hammer set_view with (x, x, x) triples."""
     ring = Ring(Names(root), shard)

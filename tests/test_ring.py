@@ -374,11 +374,11 @@ def test_half_written_publish_of_a_killed_holder_is_not_published(make_ring):
     inactive = L.slot_base(gen + 1)
     assert h[inactive + L.NEXT_SEQ] == 113  # the junk is really there
     w = Drainer(ring)
-    got = w.drain()  # next_slice takes the lock: repairs it
+    got = w.drain()  # the worker reads the slot GEN selects, without the lock
     assert got == [(100 + i, r) for i, r in enumerate(recs)]
     assert h[L.GEN] == gen and ring.published() == published_before
     more = [pattern(1000 + i, 30) for i in range(5)]
-    assert [ring.append_one(r) for r in more] == list(range(110, 115))
+    assert [ring.append_one(r) for r in more] == list(range(110, 115))  # (repairs the lock)
     assert w.drain() == [(110 + i, r) for i, r in enumerate(more)]
 
 
@@ -466,6 +466,31 @@ def test_read_view_is_consistent_under_a_writer_thread(make_ring):
         stop.set()
         t.join(HANG)
     assert last > 0
+
+
+def test_lock_free_snapshot_is_never_torn_by_a_publishing_process(make_ring):
+    """The worker reads the published slot without the ring lock (Ring.snapshot). With records
+    of one size and no wrap, every consistent (tail, next_seq) pair satisfies
+    tail = (next_seq - first) * (4 + size): a pair taken from two different publishes would not."""
+    size, count = 12, 150000
+    ring = make_ring(1 << 22, first_seq=7)
+    t0 = ring.snapshot()[0]
+    proc = spawn(make_ring, "child_append_fixed", root(ring), 0, count, size)
+    assert ringutil.read_line(proc) == "go"
+    last = (t0, 7)
+    snaps = 0
+    while True:
+        done = proc.poll() is not None  # (one more snapshot after the producer has finished)
+        tail, next_seq, _, _ = ring.snapshot()
+        assert tail - t0 == (next_seq - 7) * (4 + size), (tail, next_seq)
+        assert (tail, next_seq) >= last
+        last = (tail, next_seq)
+        snaps += 1
+        if done:
+            break
+    assert proc.wait(HANG) == 0
+    assert last[1] == 7 + count and snaps > 1
+    assert ring.next_slice() == L.Slice(t0 & ring.mask, count * (4 + size), 7, count, t0 + count * (4 + size))
 
 
 def test_read_view_is_consistent_under_a_writer_process(make_ring):

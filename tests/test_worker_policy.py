@@ -16,34 +16,48 @@ from workers import worker as W
 
 
 class StubRing:
+    def __init__(self, events: list) -> None:
+        self.events = events
+
     def next_slice(self):
+        self.events.append("check")
         return None
 
 
 class StubWake:
-    def __init__(self, posted: bool) -> None:
-        self.posted = posted
+    """A counting semaphore that logs what is done to it."""
+
+    def __init__(self, posted: bool, events: list) -> None:
+        self.count = 1 if posted else 0
         self.waits: list = []
+        self.events = events
+
+    def release(self):
+        self.events.append("post")
+        self.count += 1
 
     def acquire(self, timeout):
+        self.events.append(f"wait {timeout}")
         self.waits.append(timeout)
-        if not self.posted:
+        if not self.count:
             raise posix_ipc.BusyError("timed out")
+        self.count -= 1
 
 
 def make_worker(states, *, idle_flush=True, flush_interval=0.1, posted=False):
     w = W.Worker.__new__(W.Worker)
     w.shards = {}
+    w.events = []
     for i, (written, durable, state, dirty_age) in enumerate(states):
         st = W.ShardState.__new__(W.ShardState)
-        st.shard, st.ring = i, StubRing()
+        st.shard, st.ring = i, StubRing(w.events)
         st.h = [0] * (L.HEADER_BYTES // 8)
         st.h[L.WRITTEN_SEQ], st.h[L.DURABLE_SEQ], st.h[L.STATE] = written, durable, state
         st.dirty_since = time.monotonic() - dirty_age if written > durable else 0.0
         w.shards[i] = st
     w.idle_flush = idle_flush
     w.flush_interval = flush_interval
-    w.wake = StubWake(posted)
+    w.wake = StubWake(posted, w.events)
     w.synced = []
     w.sync = lambda due: w.synced.append(sorted(st.shard for st in due))
     return w
@@ -52,15 +66,24 @@ def make_worker(states, *, idle_flush=True, flush_interval=0.1, posted=False):
 def test_idle_flush_syncs_every_dirty_shard_once_the_rings_are_quiet():
     w = make_worker([(5, 3, L.ST_OPEN, 0.0), (2, 2, L.ST_OPEN, 0.0), (9, 1, L.ST_OPEN, 0.0)])
     w._sleep()
-    assert w.wake.waits == [W.IDLE_FLUSH_S]
+    assert w.wake.waits == [0, W.IDLE_FLUSH_S]  # (0: the fence's try-wait)
     assert w.synced == [[0, 2]]
     assert all(st.h[L.SLEEPING] == 0 for st in w.shards.values())
+
+
+def test_sleep_fences_between_raising_the_flag_and_checking_the_rings():
+    """A post and a try-wait (each a locked instruction) come before the rings are re-checked,
+    and the try-wait takes back the worker's own post."""
+    w = make_worker([(5, 3, L.ST_OPEN, 0.0), (1, 1, L.ST_OPEN, 0.0)])
+    w._sleep()
+    assert w.events == ["post", "wait 0", "check", "check", f"wait {W.IDLE_FLUSH_S}"]
+    assert w.wake.count == 0
 
 
 def test_idle_flush_waits_out_a_post():
     w = make_worker([(5, 3, L.ST_OPEN, 0.0)], posted=True)
     w._sleep()
-    assert w.wake.waits == [W.IDLE_FLUSH_S]
+    assert w.wake.waits == [0, W.IDLE_FLUSH_S]  # (0: the fence's try-wait)
     assert w.synced == []  # something was published or a command came: the next pass decides
 
 
@@ -68,7 +91,7 @@ def test_a_failed_dirty_shard_is_not_dirty_for_the_idle_step():
     # it is never synced again: counting it would wake the worker every IDLE_FLUSH_S for nothing
     w = make_worker([(5, 3, L.ST_FAILED, 10.0), (4, 4, L.ST_OPEN, 0.0)])
     w._sleep()
-    assert w.wake.waits == [W.IDLE_WAIT_S]
+    assert w.wake.waits == [0, W.IDLE_WAIT_S]
     assert w.synced == []
 
 
@@ -76,7 +99,7 @@ def test_a_failed_dirty_shard_is_not_dirty_for_the_idle_step():
 def test_without_idle_flush_the_interval_decides(age, synced):
     w = make_worker([(5, 3, L.ST_OPEN, age)], idle_flush=False, flush_interval=0.1)
     w._sleep()
-    (wait,) = w.wake.waits
+    _, wait = w.wake.waits
     assert wait <= 0.1 and (wait == 0.0) == (age >= 0.1)  # never sleeps past the interval
     assert w.synced == synced
 

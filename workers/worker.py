@@ -230,7 +230,13 @@ class Worker:
         for st in self.shards.values():
             st.h[L.SLEEPING] = 1
         try:
-            # re-check after raising the flag, or a publish in between would go unnoticed
+            # re-check after raising the flag, or a publish in between would go unnoticed. The
+            # flag stores must be visible before the re-check's loads (x86 may pass a load
+            # ahead of an earlier store): a semaphore post is a locked instruction, a full
+            # barrier; the try-wait takes the post back. (Producers get theirs from the
+            # ring-lock release between their publish and their look at the flag.)
+            self.wake.release()
+            self._pause(0)
             if any(st.ring.next_slice() is not None for st in self.shards.values()):
                 return
             woken = self._pause(wait)

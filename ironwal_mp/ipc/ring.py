@@ -22,6 +22,7 @@ import posix_ipc
 from ..errors import RecordTooLargeError, SharedMemoryError, WalClosedError, WorkerFailedError
 from . import ring_layout as L
 from .names import Names, create_shm
+from .trylock import open_trylock
 
 _LEN = struct.Struct("<I")
 _pack_len = _LEN.pack_into
@@ -369,23 +370,20 @@ class Ring:
         """
         h = self._h
         data = self.data
-        lock = self.lock
-        acquire, release = lock.acquire, lock.release
+        # the same kernel semaphore as self.lock, through a cheaper handle (see trylock.py)
+        acquire, release, handle = open_trylock(self.names.ring_lock(self.shard))
         cap, mask = self.capacity, self.mask
         pack = _pack_len
         wake = self.data_ready.release
-        busy = posix_ipc.BusyError
         slow_lock = self._acquire_slow
         slow = self.publish
         ring = self
         waiter = 1 if strict else 0
 
-        def append(value: bytes) -> int:
+        def append(value: bytes, _handle=handle) -> int:  # (_handle: kept alive with the closure)
             n = len(value)
             need = n + 4
-            try:
-                acquire(0)
-            except busy:
+            if not acquire(False):
                 slow_lock(timeout)
             held = True  # a signal handler may raise anywhere: release exactly once
             try:  # (free in CPython 3.11 unless something raises, e.g. KeyboardInterrupt)
@@ -529,14 +527,25 @@ class Ring:
         h[L.VIEW_DURABLE] = durable
         h[L.VIEW_VER] += 1
 
+    def snapshot(self) -> tuple[int, int, int, int]:
+        """(tail, next_seq, wrap_pos, wrap_seq) of the last complete publish, without the lock.
+
+        Producers fill only the slot GEN does not select, then store GEN; so the slot GEN
+        selected is complete, and it is intact if GEN has not moved while it was read (x86-64
+        keeps loads in order and stores in order, which is all this needs).
+        """
+        h = self._h
+        while True:
+            gen = h[L.GEN]
+            base = L.SLOT1 if gen & 1 else L.SLOT0
+            tail, next_seq, wrap_pos, wrap_seq = h[base], h[base + 1], h[base + 2], h[base + 3]
+            if h[L.GEN] == gen:
+                return tail, next_seq, wrap_pos, wrap_seq
+
     def next_slice(self) -> Optional[L.Slice]:
         """The next run of published records for the worker (None if nothing is pending)."""
         h = self._h
-        self.acquire()
-        try:
-            tail, next_seq, wrap_pos, wrap_seq = self.published()
-        finally:
-            self.release()
+        tail, next_seq, wrap_pos, wrap_seq = self.snapshot()
         return L.next_slice(h[L.HEAD], h[L.HEAD_SEQ], tail, next_seq, wrap_pos, wrap_seq, self.capacity)
 
     def consume(self, s: L.Slice) -> None:

@@ -1,0 +1,72 @@
+"""ipc/trylock.py: the append path's try-acquire and release act on the very semaphore that
+posix_ipc (the slow paths) opens by the same name, with either implementation."""
+
+from __future__ import annotations
+
+import os
+
+import posix_ipc
+import pytest
+
+from ironwal_mp.ipc import trylock
+
+
+@pytest.fixture
+def sem_name():
+    name = f"/ironwal_test_trylock_{os.getpid()}"
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
+    yield name
+    sem.unlink()
+    sem.close()
+    assert not os.path.exists("/dev/shm/sem." + name[1:])
+
+
+@pytest.fixture(params=["semlock", "posix_ipc"])
+def impl(request, monkeypatch):
+    if request.param == "posix_ipc":
+        monkeypatch.setattr(trylock, "_available", False)
+    else:
+        monkeypatch.setattr(trylock, "_available", None)  # probe again, here
+    return request.param
+
+
+def test_try_acquire_and_release_share_the_kernel_semaphore(sem_name, impl):
+    acquire, release, handle = trylock.open_trylock(sem_name)
+    other = posix_ipc.Semaphore(sem_name)
+    try:
+        if impl == "semlock":
+            assert trylock._available, "CPython's SemLock should attach by name on this interpreter"
+        assert acquire(False) is True
+        assert other.value == 0
+        assert acquire(False) is False  # never blocks
+        with pytest.raises(posix_ipc.BusyError):
+            other.acquire(0)  # the slow path sees it held
+        release()
+        assert other.value == 1
+        other.acquire(0)  # taken by the slow path...
+        assert acquire(False) is False
+        release()  # ...and released by the fast one, as the appender does after a slow acquire
+        assert other.value == 1
+    finally:
+        other.close()
+        del handle
+
+
+def test_probe_leaves_nothing_behind():
+    before = set(os.listdir("/dev/shm"))
+    assert trylock._probe() in (True, False)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_a_failing_semlock_falls_back_to_posix_ipc(sem_name, monkeypatch):
+    monkeypatch.setattr(trylock, "_available", True)
+
+    def broken(name):
+        raise OSError("no such interface")
+
+    monkeypatch.setattr(trylock, "_semlock_pair", broken)
+    acquire, release, handle = trylock.open_trylock(sem_name)
+    assert isinstance(handle, posix_ipc.Semaphore)
+    assert acquire(False) is True and acquire(False) is False
+    release()
+    handle.close()
