@@ -106,6 +106,9 @@ class Worker:
                                     st.shard, h[L.HEAD_SEQ], next_seq, on_disk)
                     base = L.slot_base(h[L.GEN])
                     h[base + L.NEXT_SEQ] = on_disk
+                    # every change to a slot moves GEN (by 2 here: the same slot stays current),
+                    # so a producer's cached copy of the slot is known to be stale
+                    h[L.GEN] += 2
                     ring.set_head(tail, on_disk)
             finally:
                 ring.release()

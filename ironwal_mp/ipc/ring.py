@@ -379,8 +379,15 @@ class Ring:
         slow = self.publish
         ring = self
         waiter = 1 if strict else 0
+        # What this closure published last. While GEN still equals last_gen nobody else has
+        # published, so the current slot holds last_tail and last_seq (every change to a slot
+        # bumps GEN): two header loads saved. ``limit``: the tail may grow to it without
+        # reading HEAD again (HEAD only moves forward, so an old one under-reports space).
+        last_gen = -1
+        last_tail = last_seq = limit = 0
 
         def append(value: bytes, _handle=handle) -> int:  # (_handle: kept alive with the closure)
+            nonlocal last_gen, last_tail, last_seq, limit
             n = len(value)
             need = n + 4
             if not acquire(False):
@@ -393,15 +400,20 @@ class Ring:
                     base, nb = 24, 16  # SLOT1 current, SLOT0 next
                 else:
                     base, nb = 16, 24
-                tail = h[base]
+                if gen == last_gen:
+                    tail, seq = last_tail, last_seq
+                else:
+                    tail, seq = h[base], h[base + 1]
                 off = tail & mask
+                end = tail + need
+                if end > limit:
+                    limit = h[32] + cap  # HEAD
                 # strictly less: a block that ends exactly at the end of the area takes the
                 # slow path, which records that crossing for the worker
-                if h[37] == 1 and need < cap - off and tail + need - h[32] <= cap:  # STATE, HEAD
+                if h[37] == 1 and need < cap - off and end <= limit:  # STATE
                     pack(data, off, n)
                     data[off + 4 : off + need] = value
-                    seq = h[base + 1]
-                    h[nb] = tail + need
+                    h[nb] = end
                     h[nb + 1] = seq + 1  # (wrap fields are equal in both slots: _publish_wrap)
                     if waiter:
                         h[11] += 1  # DUR_WAITERS
@@ -409,6 +421,7 @@ class Ring:
                     h[9] = 0
                     held = False  # (before the post: a signal between them costs a repair)
                     release()
+                    last_gen, last_tail, last_seq = gen + 1, end, seq + 1
                     if h[38]:  # SLEEPING
                         wake()
                     return seq

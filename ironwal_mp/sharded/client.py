@@ -32,7 +32,7 @@ from ..ipc.ring import Ring, pid_alive
 from ..options import SyncMode, WalOptions, options_to_dict
 from .manifest import check_shard_count, read_manifest
 from .reads import ShardReader
-from .router import get_router
+from .router import _crc32_v1, get_router
 
 import json
 
@@ -551,20 +551,27 @@ class ShardedWal:
 
 
 def _make_append(route, n: int, appenders: list, rings: list, strict: bool, timeout: float):
-    crc_route = route.__name__ == "_crc32_v1"  # inlined: the one router there is today
+    """The append closure: route, publish, and with STRICT wait until durable."""
+    # the one router there is today is inlined (a call less); another one's result is < n
+    hash_key = crc32 if route is _crc32_v1 else (lambda key: route(key, n))
 
-    def append(key: bytes, value: bytes, _crc=crc32, _bytes=bytes) -> Tuple[int, int]:
+    def append(key: bytes, value: bytes, _hash=hash_key, _bytes=bytes) -> Tuple[int, int]:
         if type(key) is not _bytes:
             key = _as_bytes(key, "key")
         if type(value) is not _bytes:
             value = _as_bytes(value, "value")
-        shard = _crc(key) % n if crc_route else route(key, n)
-        seq = appenders[shard](value)
-        if strict:
-            rings[shard].wait_durable(seq + 1, timeout)
+        shard = _hash(key) % n
+        return shard, appenders[shard](value)
+
+    if not strict:
+        return append
+
+    def append_strict(key: bytes, value: bytes) -> Tuple[int, int]:
+        shard, seq = append(key, value)
+        rings[shard].wait_durable(seq + 1, timeout)
         return shard, seq
 
-    return append
+    return append_strict
 
 
 def check_flush_interval(seconds: object) -> None:
