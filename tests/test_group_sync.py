@@ -16,6 +16,14 @@ from ironwal_mp.errors import StreamFailedError, WalIOError
 needs_syncfs = pytest.mark.skipif(gs._syncfs is None, reason="no syncfs(2) on this platform")
 
 
+@pytest.fixture(autouse=True)
+def tmp_path_takes_syncfs(tmp_path, monkeypatch):
+    """Let the test directory's filesystem take syncfs whatever it is (a tmpfs /tmp, say), so
+    that these tests exercise the group path everywhere."""
+    fs = gs.filesystem_type(os.stat(tmp_path).st_dev)
+    monkeypatch.setattr(gs, "SYNCFS_FILESYSTEMS", gs.SYNCFS_FILESYSTEMS | {fs})
+
+
 def _wal(tmp_path, method=GroupSync.SYNCFS) -> Wal:
     return Wal(WalOptions(root_path=tmp_path / "wal", sync_mode=SyncMode.ASYNC, group_sync=method))
 
@@ -25,6 +33,13 @@ def _write(wal: Wal, names, n=3):
         for i in range(n):
             wal.append(name, b"%s-%d" % (name.encode(), i))
     return [wal._streams[name] for name in names]
+
+
+def _warm(wal: Wal, names) -> None:
+    """Write and sync once: the first group sync per filesystem is per file."""
+    _write(wal, names)
+    wal.sync()
+    assert wal._syncer._dirfds
 
 
 def _count_calls(monkeypatch):
@@ -51,10 +66,55 @@ def test_several_streams_take_one_syncfs(tmp_path, monkeypatch):
         streams = _write(wal, ["a", "b", "c", "d"])
         assert all(s.durable_id < s.next_id for s in streams)
         wal.sync()
-        assert calls == {"syncfs": 1, "fdatasync": []}
+        # the first group sync on a filesystem is per file (see the next test)
+        assert calls["syncfs"] == 0 and len(calls["fdatasync"]) == 4
         assert all(s.durable_id == s.next_id == 3 for s in streams)
+        _write(wal, ["a", "b", "c", "d"])
+        wal.sync()
+        assert calls["syncfs"] == 1 and len(calls["fdatasync"]) == 4
+        assert all(s.durable_id == s.next_id == 6 for s in streams)
         wal.sync()  # nothing new: no call at all
         assert calls["syncfs"] == 1
+
+
+@needs_syncfs
+def test_the_first_group_sync_of_a_filesystem_is_per_file(tmp_path, monkeypatch):
+    """A descriptor opened now would not be told of a writeback error that another process's
+    syncfs already saw; each file's own descriptor still would. So the sync that opens the
+    directory descriptor is per file, and syncfs takes over from the next one."""
+    calls = _count_calls(monkeypatch)
+    with _wal(tmp_path) as wal:
+        _write(wal, ["a", "b"])
+        assert wal._syncer._dirfds == {}
+        wal.sync()
+        assert calls["syncfs"] == 0 and len(calls["fdatasync"]) == 2
+        assert len(wal._syncer._dirfds) == 1
+
+
+def test_filesystems_outside_the_list_are_synced_per_file(tmp_path, monkeypatch):
+    """sshfs, SMB, 9p...: a syncfs there may only reach the server's cache."""
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(gs, "filesystem_type", lambda dev: "fuse.sshfs")
+    with _wal(tmp_path) as wal:
+        for _ in range(3):
+            streams = _write(wal, ["a", "b", "c"])
+            wal.sync()
+        assert calls["syncfs"] == 0 and len(calls["fdatasync"]) == 9
+        assert all(s.durable_id == s.next_id for s in streams)
+
+
+def test_filesystem_type_reads_mountinfo(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "40 22 0:45 / /mnt/remote rw,nosuid shared:20 - fuse.sshfs host:/x rw,user_id=0\n"
+        "41 22 8:17 / /data rw - xfs /dev/sdb1 rw\n"
+    )
+    assert gs.filesystem_type(os.makedev(253, 1), str(info)) == "ext4"
+    assert gs.filesystem_type(os.makedev(0, 45), str(info)) == "fuse.sshfs"
+    assert gs.filesystem_type(os.makedev(8, 17), str(info)) == "xfs"
+    assert gs.filesystem_type(os.makedev(9, 9), str(info)) is None
+    assert gs.filesystem_type(os.makedev(8, 17), str(tmp_path / "missing")) is None
 
 
 def test_one_stream_is_fdatasynced(tmp_path, monkeypatch):
@@ -88,6 +148,7 @@ def test_failed_syncfs_falls_back_to_each_file_and_blames_only_the_failing_one(t
     """A syncfs error says nothing about which file failed: each stream is then fdatasynced on
     its own, and only the stream whose own fdatasync fails is failed."""
     with _wal(tmp_path) as wal:
+        _warm(wal, ["a", "b", "c"])
         a, b, c = _write(wal, ["a", "b", "c"])
         real_fdatasync = stream_module._fdatasync
         bad_fds = set()
@@ -109,7 +170,7 @@ def test_failed_syncfs_falls_back_to_each_file_and_blames_only_the_failing_one(t
         results = wal._syncer.sync([a, b, c])
         assert results[0] is None and results[2] is None
         assert isinstance(results[1], WalIOError)
-        assert a.durable_id == 3 and c.durable_id == 3 and b.durable_id == 0
+        assert a.durable_id == 6 and c.durable_id == 6 and b.durable_id == 3
         assert wal._syncer.use_syncfs  # an I/O error is not "unsupported": keep using syncfs
         with pytest.raises(StreamFailedError):  # b refuses writes from now on
             wal.append("b", b"more")
@@ -128,8 +189,9 @@ def test_unsupported_syncfs_switches_to_fdatasync_for_good(tmp_path, monkeypatch
         calls["n"] += 1
         raise OSError(errno.ENOSYS, "no syncfs")
 
-    monkeypatch.setattr(gs, "syncfs", syncfs)
     with _wal(tmp_path) as wal:
+        _warm(wal, ["a", "b"])
+        monkeypatch.setattr(gs, "syncfs", syncfs)
         streams = _write(wal, ["a", "b"])
         wal.sync()
         assert all(s.durable_id == s.next_id for s in streams)
@@ -149,20 +211,24 @@ def test_streams_on_different_filesystems_are_synced_per_filesystem(tmp_path, mo
         fake = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 3}
         for s in streams:
             wal._syncer._devs[s.dir] = fake[s.name]
+        wal.sync()  # opens a directory per filesystem: per file this once
+        assert calls["syncfs"] == 0 and len(calls["fdatasync"]) == 5
+        _write(wal, ["a", "b", "c", "d", "e"])
         wal.sync()
-        assert calls["syncfs"] == 2 and len(calls["fdatasync"]) == 1
+        assert calls["syncfs"] == 2 and len(calls["fdatasync"]) == 6
         assert all(s.durable_id == s.next_id for s in streams)
 
 
 @needs_syncfs
 def test_a_stream_failed_earlier_is_reported_and_the_rest_synced(tmp_path):
     with _wal(tmp_path) as wal:
+        _warm(wal, ["a", "b", "c"])
         a, b, c = _write(wal, ["a", "b", "c"])
         b._failed = OSError(errno.EIO, "earlier")
         results = wal._syncer.sync([a, b, c])
         assert results[0] is None and results[2] is None
         assert isinstance(results[1], StreamFailedError)
-        assert a.durable_id == c.durable_id == 3 and b.durable_id == 0
+        assert a.durable_id == c.durable_id == 6 and b.durable_id == 3
 
 
 def test_close_syncs_every_stream_and_closes_its_directory(tmp_path):
@@ -172,6 +238,8 @@ def test_close_syncs_every_stream_and_closes_its_directory(tmp_path):
     _write(wal, ["a", "b", "c"])
     wal.close()
     assert all(s.durable_id == s.next_id == 6 for s in streams)
+    assert wal._syncer._dirfds == {}
+    assert wal._syncer.sync(streams) == [None, None, None]  # after close: nothing due, nothing reopened
     assert wal._syncer._dirfds == {}
     with Wal(WalOptions(root_path=tmp_path / "wal")) as again:
         assert [list(again.iter(n)) for n in "abc"] == [

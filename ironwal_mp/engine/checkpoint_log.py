@@ -475,19 +475,24 @@ class CheckpointLog:
         log is truncated back to its previous length and :class:`WalIOError` (or
         :class:`DiskFullError`) is raised: no part of the record stays in the log.
         """
-        if not isinstance(data, CheckpointData):
-            raise TypeError(f"expected CheckpointData, not {type(data).__name__}")
-        record = encode_record(data)
         with self._lock:
-            self._check_writable()
-            if data.user_id in self._by_id:
-                raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
-            prev = self._size
-            created = not os.path.exists(self.log_path)
             try:
-                fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise _io_error(exc, self.log_path, "opening") from exc
+                if not isinstance(data, CheckpointData):
+                    raise TypeError(f"expected CheckpointData, not {type(data).__name__}")
+                record = encode_record(data)
+                self._check_writable()
+                if data.user_id in self._by_id:
+                    raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
+                prev = self._size
+                created = not os.path.exists(self.log_path)
+                try:
+                    fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    raise _io_error(exc, self.log_path, "opening") from exc
+            except BaseException:
+                if prepared_head is not None:  # (a refused append leaves no HEAD.tmp behind)
+                    self.discard_head(prepared_head)
+                raise
             # HEAD's temp file is written and fsynced while the record is: it only becomes HEAD
             # at the rename, after both, so the record still commits before HEAD names it
             head_prep = prepared_head or self.prepare_head(data.user_id)

@@ -11,7 +11,10 @@ filesystem shared with heavy writers choose ``GroupSync.FDATASYNC``. One stream 
 fdatasynced (that is cheaper than a syncfs). Errors stay exact: if a syncfs fails, each of its
 streams is fdatasynced on its own, and only a stream whose own file fails is reported failed
 (every open file keeps its own record of writeback errors, which a syncfs does not consume).
-Linux reports writeback errors from syncfs only since 5.8, so older kernels never use it.
+Linux reports writeback errors from syncfs only since 5.8, so older kernels never use it; nor
+does any filesystem outside ``SYNCFS_FILESYSTEMS`` (a network or FUSE one may only write back
+to its server). A descriptor opened on a filesystem misses errors other processes have already
+seen, so the group sync that opens it is per file.
 """
 
 from __future__ import annotations
@@ -73,6 +76,26 @@ def syncfs(fd: int) -> None:
 #: errors that mean syncfs cannot be used at all here (then every sync is per file)
 _UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
+#: local filesystems whose syncfs ends with the same cache flush as an fdatasync. Network and
+#: FUSE filesystems (sshfs, SMB, 9p...) may only write back to their server and return 0, so
+#: they, and anything not listed, get per-file fdatasyncs.
+SYNCFS_FILESYSTEMS = frozenset({"ext4", "ext3", "xfs", "btrfs"})
+
+
+def filesystem_type(dev: int, mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """The type of the filesystem mounted from device ``dev`` (an ``st_dev``), or None."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open(mountinfo) as fh:
+            for line in fh:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if sep and len(fields) > 2 and fields[2] == want:
+                    return right.split()[0] if right.split() else None
+    except OSError:
+        pass
+    return None
+
 
 class GroupSyncer:
     """Syncs lists of streams with the fewest journal commits the chosen method allows.
@@ -85,12 +108,14 @@ class GroupSyncer:
         self.use_syncfs = method is GroupSync.SYNCFS and _syncfs is not None
         self.pool = pool
         self._dirfds: Dict[int, int] = {}  # st_dev -> an open directory on that filesystem
-        self._devs: Dict[str, int] = {}  # stream directory -> st_dev
-        self._lock = threading.Lock()  # guards _dirfds
+        self._devs: Dict[str, Optional[int]] = {}  # stream directory -> st_dev (None: not eligible)
+        self._lock = threading.Lock()  # guards _dirfds and _closed, and is held over each syncfs
+        self._closed = False
         self.syncfs_calls = 0
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for fd in self._dirfds.values():
                 os.close(fd)
             self._dirfds.clear()
@@ -135,51 +160,54 @@ class GroupSyncer:
 
     def _sync_together(self, dev: int, streams: List[Stream], results: list, slots: List[int]) -> bool:
         """One syncfs for streams on one filesystem; False if they must be synced one by one."""
-        fd = self._dirfd(dev, streams[0].dir)
-        if fd is None:
-            return False
-        with ExitStack() as held:
-            # a fixed order, so two callers syncing overlapping sets cannot deadlock
-            for s in sorted(streams, key=lambda s: s.dir):
-                held.enter_context(s.sync_lock)
-            targets = []
-            for s, slot in zip(streams, slots):
-                try:
-                    targets.append(s.sync_target()[0])
-                except WalError as exc:  # the stream failed earlier
-                    results[slot] = exc
-                    targets.append(None)
-            try:
-                syncfs(fd)
-                self.syncfs_calls += 1
-            except OSError as exc:
-                if exc.errno in _UNSUPPORTED:
-                    self.use_syncfs = False
-                for slot in slots:
-                    results[slot] = None
-                return False  # per file, which finds the file (if any of ours) that failed
-            for s, target in zip(streams, targets):
-                if target is not None:
-                    s.mark_durable(target)
-        return True
-
-    def _dev(self, path: str) -> Optional[int]:
-        dev = self._devs.get(path)
-        if dev is None:
-            try:
-                dev = os.stat(path).st_dev
-            except OSError:
-                return None  # not created yet: nothing to sync, make_durable knows
-            self._devs[path] = dev
-        return dev
-
-    def _dirfd(self, dev: int, path: str) -> Optional[int]:
-        with self._lock:
+        with self._lock:  # (close() may not take the descriptor away mid-call)
+            if self._closed:
+                return False
             fd = self._dirfds.get(dev)
             if fd is None:
+                # Linux reports to a descriptor only the writeback errors that nobody had seen
+                # when it was opened. One found earlier by another process's syncfs would be
+                # missed, so the first sync after opening is per file: each file's own
+                # descriptor still reports its errors.
                 try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                    self._dirfds[dev] = os.open(streams[0].dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
                 except OSError:
-                    return None
-                self._dirfds[dev] = fd
-            return fd
+                    pass
+                return False
+            with ExitStack() as held:
+                # a fixed order, so two callers syncing overlapping sets cannot deadlock
+                for s in sorted(streams, key=lambda s: s.dir):
+                    held.enter_context(s.sync_lock)
+                targets = []
+                for s, slot in zip(streams, slots):
+                    try:
+                        targets.append(s.sync_target()[0])
+                    except WalError as exc:  # the stream failed earlier
+                        results[slot] = exc
+                        targets.append(None)
+                try:
+                    syncfs(fd)
+                    self.syncfs_calls += 1
+                except OSError as exc:
+                    if exc.errno in _UNSUPPORTED:
+                        self.use_syncfs = False
+                    for slot in slots:
+                        results[slot] = None
+                    return False  # per file, which finds the file (if any of ours) that failed
+                for s, target in zip(streams, targets):
+                    if target is not None:
+                        s.mark_durable(target)
+            return True
+
+    def _dev(self, path: str) -> Optional[int]:
+        """The device of ``path`` if a syncfs may stand for fdatasyncs there, else None."""
+        if path in self._devs:
+            return self._devs[path]
+        try:
+            dev: Optional[int] = os.stat(path).st_dev
+        except OSError:
+            return None  # not created yet: nothing to sync, make_durable knows (ask again later)
+        if filesystem_type(dev) not in SYNCFS_FILESYSTEMS:  # type: ignore[arg-type]
+            dev = None
+        self._devs[path] = dev
+        return dev

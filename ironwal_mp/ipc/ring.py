@@ -418,10 +418,10 @@ class Ring:
                     if waiter:
                         h[11] += 1  # DUR_WAITERS
                     h[8] = gen + 1  # the publish
+                    last_gen, last_tail, last_seq = gen + 1, end, seq + 1  # (still under the lock)
                     h[9] = 0
                     held = False  # (before the post: a signal between them costs a repair)
                     release()
-                    last_gen, last_tail, last_seq = gen + 1, end, seq + 1
                     if h[38]:  # SLEEPING
                         wake()
                     return seq
