@@ -71,6 +71,7 @@ class Coordinator:
         self.supervisor: Optional[Supervisor] = None
         self.ckpt_log: Optional[CheckpointLog] = None
         self.clients: Dict[int, int] = {}  # queue token -> pid
+        self._reply_queues: Dict[int, Queue] = {}  # token -> open reply queue (while registered)
         self.stopping = False
         self._req = 0
         self._last_check = 0.0
@@ -82,7 +83,7 @@ class Coordinator:
             os.makedirs(self.root, exist_ok=True)
             self.lock.acquire()
             open_manifest(self.root, self.shard_count)
-            self.ckpt_log = CheckpointLog(self.root)
+            self.ckpt_log = CheckpointLog(self.root, group_sync=self.opts.group_sync)
         except (E.WalError, OSError, ValueError, TypeError) as exc:
             raise StartupError(exc) from exc
         try:
@@ -230,6 +231,7 @@ class Coordinator:
         gone = [t for t, pid in self.clients.items() if not pid_alive(pid)]
         for token in gone:
             del self.clients[token]
+            self._forget_queue(token)
             Queue.unlink_name(self.names.client_queue(token))
         if gone:
             self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
@@ -252,15 +254,25 @@ class Coordinator:
         token = msg.body.get("reply")
         if token is None:
             return
-        try:
-            q = Queue(self.names.client_queue(token))
-        except Exception:
-            return  # the client went away
+        q = self._reply_queues.get(token)
+        if q is None:
+            try:
+                q = Queue(self.names.client_queue(token))
+            except Exception:
+                return  # the client went away
+            if token in self.clients:  # kept open until the client detaches or dies
+                self._reply_queues[token] = q
         try:
             q.send(M.Message(kind, 0, msg.req_id, body), timeout=5.0)
         except E.WalError:
             log.warning("client queue %x is full; dropping a reply", token)
         finally:
+            if self._reply_queues.get(token) is not q:
+                q.close()
+
+    def _forget_queue(self, token: int) -> None:
+        q = self._reply_queues.pop(token, None)
+        if q is not None:
             q.close()
 
     def _error(self, msg: M.Message, exc: BaseException) -> None:
@@ -283,9 +295,10 @@ class Coordinator:
             if msg.kind == M.ATTACH:
                 self._reply(msg, M.OK, {"shard_count": self.shard_count})
             elif msg.kind == M.DETACH:
-                self.clients.pop(msg.body.get("reply"), None)
+                self.clients.pop(token, None)
                 self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
                 self._reply(msg, M.OK, {})
+                self._forget_queue(token)
             elif msg.kind == M.PING:
                 self._reply(msg, M.OK, {"pid": os.getpid()})
             elif msg.kind == M.CHECKPOINT:
@@ -384,9 +397,8 @@ class Coordinator:
         barrier = self._start_barrier(user_id, self.cut())
         head = None
         try:
-            # HEAD's replacement is written and fsynced while the workers prepare (it only
-            # becomes HEAD after the record is durable), once the PREPAREs are out
-            head = self.ckpt_log.prepare_head(user_id, in_background=False)
+            # HEAD's replacement is written while the workers prepare, once the PREPAREs are out
+            head = self.ckpt_log.prepare_head(user_id)
             data = self._finish_barrier(user_id, barrier)
         except BaseException:
             if head is None:  # the barrier was never awaited: its PREPAREs still need an end
@@ -476,6 +488,8 @@ class Coordinator:
             if q is not None:
                 q.unlink()
                 q.close()
+        for token in list(self._reply_queues):
+            self._forget_queue(token)
         for token in self.clients:
             Queue.unlink_name(self.names.client_queue(token))
         for sem in self.wakes:

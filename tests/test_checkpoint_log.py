@@ -562,13 +562,14 @@ def test_crate_style_duplicates_later_record_wins(tmp_path):
     assert log.list() == [(b"a", 3)] and log.latest() == a2
 
 
-def _fail_after(real, exc, *, partial=False):
-    """Wrap ``real``: the first call fails with ``exc`` (after half of the data, if partial)."""
-    state = {"failed": False}
+def _fail_call(real, exc, which, *, partial=False):
+    """Wrap ``real``: its call number ``which`` (from 1) fails with ``exc``, after writing half
+    of the data if ``partial``; every other call goes through."""
+    state = {"n": 0}
 
     def wrapper(fd, data, *args):
-        if not state["failed"]:
-            state["failed"] = True
+        state["n"] += 1
+        if state["n"] == which:
             if partial:
                 real(fd, bytes(data)[: len(data) // 2])
             raise exc
@@ -577,60 +578,120 @@ def _fail_after(real, exc, *, partial=False):
     return wrapper
 
 
-def test_disk_full_during_append_rolls_back(tmp_path, monkeypatch):
+def _files(tmp_path):
+    """(log bytes, HEAD bytes); None for a file that does not exist."""
+    return tuple(_read(str(p)) if p.exists() else None for p in (tmp_path / "checkpoints.log", tmp_path / "HEAD"))
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["HEAD.tmp", "record"])
+def test_disk_full_during_append_rolls_back(tmp_path, monkeypatch, which):
     log = CheckpointLog(str(tmp_path))
     log.append(_data(1))
-    before = (_read(str(tmp_path / "checkpoints.log")), _read(str(tmp_path / "HEAD")))
-    monkeypatch.setattr(layout, "write_all", _fail_after(layout.write_all, OSError(errno.ENOSPC, "No space left"), partial=True))
+    before = _files(tmp_path)
+    monkeypatch.setattr(layout, "write_all", _fail_call(layout.write_all, OSError(errno.ENOSPC, "No space left"), which, partial=True))
     with pytest.raises(DiskFullError) as info:
         log.append(_data(2))
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
-    assert (_read(str(tmp_path / "checkpoints.log")), _read(str(tmp_path / "HEAD"))) == before
+    assert _files(tmp_path) == before and not os.path.exists(tmp_path / "HEAD.tmp")
     assert len(log) == 1 and log.latest() == _data(1) and log.bytes_size == len(before[0])
     log.append(_data(2))  # the next attempt works (the wrapper fails only once)
     assert CheckpointLog(str(tmp_path)).records() == [_data(1), _data(2)]
 
 
-def test_fsync_error_during_append_rolls_back(tmp_path, monkeypatch):
-    log = CheckpointLog(str(tmp_path))
-    log.append(_data(1))
-    before = _read(str(tmp_path / "checkpoints.log"))
-    real_fsync = os.fsync
-    calls = {"n": 0}
+def _failing_sync(monkeypatch, *, syncfs_fails: bool, file_sync_fails: bool):
+    """Make the commit's sync fail: its syncfs, and/or the per-file fdatasyncs after it."""
+    from ironwal_mp.engine import group_sync as gs
 
-    def flaky_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == 1:
+    calls = {"syncfs": 0, "fdatasync": 0}
+    real_syncfs, real_fdatasync = gs.syncfs, os.fdatasync
+
+    def syncfs(fd):
+        calls["syncfs"] += 1
+        if syncfs_fails:
+            raise OSError(errno.EIO, "I/O error (another file)")
+        return real_syncfs(fd)
+
+    def fdatasync(fd):
+        calls["fdatasync"] += 1
+        if file_sync_fails:
             raise OSError(errno.EIO, "I/O error")
-        return real_fsync(fd)
+        return real_fdatasync(fd)
 
-    monkeypatch.setattr(cl.os, "fsync", flaky_fsync)
+    monkeypatch.setattr(gs, "syncfs", syncfs)
+    monkeypatch.setattr(gs.os, "fdatasync", fdatasync)
+    return calls
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["later", "first"])
+def test_sync_error_during_append_rolls_back_log_and_head(tmp_path, monkeypatch, first):
+    """The rename happened before the failed sync: HEAD is put back (or removed) too."""
+    log = CheckpointLog(str(tmp_path))
+    if not first:
+        log.append(_data(1))
+    before = _files(tmp_path)
+    calls = _failing_sync(monkeypatch, syncfs_fails=True, file_sync_fails=True)
     with pytest.raises(WalIOError) as info:
         log.append(_data(2))
+    assert calls["fdatasync"] >= 1  # a failed syncfs is followed by per-file syncs
     assert not isinstance(info.value, DiskFullError) and info.value.errno == errno.EIO
-    monkeypatch.setattr(cl.os, "fsync", real_fsync)
-    assert _read(str(tmp_path / "checkpoints.log")) == before
-    assert len(log) == 1
-    log.append(_data(2))
-    assert len(CheckpointLog(str(tmp_path))) == 2
-
-
-def test_head_write_failure_rolls_back_the_record(tmp_path, monkeypatch):
-    log = CheckpointLog(str(tmp_path))
-    log.append(_data(1))
-    before = (_read(str(tmp_path / "checkpoints.log")), _read(str(tmp_path / "HEAD")))
-
-    def broken(path, data):
-        raise OSError(errno.ENOSPC, "No space left")
-
-    monkeypatch.setattr(layout, "prepare_atomic", broken)  # the HEAD temp file cannot be written
-    with pytest.raises(DiskFullError):
-        log.append(_data(2))
     monkeypatch.undo()
-    assert (_read(str(tmp_path / "checkpoints.log")), _read(str(tmp_path / "HEAD"))) == before
-    assert log.latest() == _data(1) and b"ck-2" not in log
+    log_bytes, head_bytes = _files(tmp_path)
+    assert (log_bytes or None, head_bytes) == before  # (a first append leaves an empty log)
+    assert not os.path.exists(tmp_path / "HEAD.tmp")
+    assert len(log) == (0 if first else 1) and b"ck-2" not in log
+    reopened = CheckpointLog(str(tmp_path))
+    assert not reopened.report.changed and reopened.records() == log.records()
     log.append(_data(2))
     assert CheckpointLog(str(tmp_path)).latest() == _data(2)
+
+
+def test_failed_syncfs_falls_back_to_per_file_syncs(tmp_path, monkeypatch):
+    """A syncfs error may be another file's: the per-file syncs decide, and they pass here."""
+    log = CheckpointLog(str(tmp_path))
+    calls = _failing_sync(monkeypatch, syncfs_fails=True, file_sync_fails=False)
+    log.append(_data(1))
+    assert calls["fdatasync"] == 2  # the log and HEAD (and an fsync of the root)
+    assert CheckpointLog(str(tmp_path)).latest() == _data(1)
+
+
+def test_commit_sync_method(tmp_path, monkeypatch):
+    """One syncfs per append where allowed; with FDATASYNC never a syncfs."""
+    from ironwal_mp import GroupSync
+    from ironwal_mp.engine import group_sync as gs
+
+    if gs.syncfs_device(str(tmp_path)) is None:
+        pytest.skip("syncfs is not used on this filesystem or kernel")
+    calls = _failing_sync(monkeypatch, syncfs_fails=False, file_sync_fails=False)
+    log = CheckpointLog(str(tmp_path))
+    log.append(_data(1))
+    log.append(_data(2))
+    assert calls == {"syncfs": 2, "fdatasync": 0}
+    log = CheckpointLog(str(tmp_path), group_sync=GroupSync.FDATASYNC)
+    log.append(_data(3))
+    assert calls == {"syncfs": 2, "fdatasync": 2}
+    assert CheckpointLog(str(tmp_path)).latest() == _data(3)
+
+
+def test_head_without_its_record_is_dangling_and_falls_back(tmp_path):
+    """The crash the commit's single sync allows: HEAD renamed and durable, the record not."""
+    log = CheckpointLog(str(tmp_path))
+    log.append(_data(1))
+    log.append(_data(2))
+    one = len(encode_record(_data(1)))
+    with open(tmp_path / "checkpoints.log", "r+b") as fh:
+        fh.truncate(one + 5)  # the second record torn; HEAD names it
+    reader = CheckpointLog(str(tmp_path), repair=False)
+    assert reader.report.head_status == "dangling" and reader.latest() == _data(1)
+    repaired = CheckpointLog(str(tmp_path))
+    assert repaired.latest() == _data(1) and _read(str(tmp_path / "HEAD")) == encode_head(b"ck-1")
+
+
+def test_prepared_head_must_match_the_record(tmp_path):
+    log = CheckpointLog(str(tmp_path))
+    head = log.prepare_head(b"ck-1")
+    with pytest.raises(ValueError):
+        log.append(_data(2), head)
+    assert not os.path.exists(tmp_path / "HEAD.tmp") and len(log) == 0
 
 
 def test_append_type_check(tmp_path):

@@ -46,7 +46,9 @@ from ..errors import (
     NoCheckpointsError,
     WalIOError,
 )
+from ..options import GroupSync
 from . import layout
+from .group_sync import sync_files, syncfs_device
 
 CHECKPOINTS_LOG = "checkpoints.log"
 HEAD = "HEAD"
@@ -271,7 +273,7 @@ class CheckpointLog:
     See the module docstring for repair, ``HEAD`` fallback and duplicate-id rules.
     """
 
-    def __init__(self, root: str, *, repair: bool = True) -> None:
+    def __init__(self, root: str, *, repair: bool = True, group_sync: GroupSync = GroupSync.SYNCFS) -> None:
         if not os.path.isdir(root):
             raise WalIOError(f"checkpoint root {root} is not a directory", errno.ENOENT, root)
         self.root = root
@@ -285,6 +287,8 @@ class CheckpointLog:
         self._size = 0  # bytes of the log file on disk
         self._bad_tail: Optional[Tuple[int, str]] = None  # unrepaired problem (repair=False)
         self._failed: Optional[str] = None
+        self._group_sync = group_sync
+        self._use_syncfs: Optional[bool] = None  # decided at the first append
         self.report = CheckpointLogReport(self.log_path)
         self._open()
 
@@ -369,12 +373,9 @@ class CheckpointLog:
         for rec in self._records:
             self._by_id[rec.user_id] = rec  # later records shadow earlier ones
 
-    def _write_head(self, user_id: bytes, prepared: "Optional[_Background]" = None) -> None:
+    def _write_head(self, user_id: bytes) -> None:
         try:
-            if prepared is None:
-                layout.write_file_atomic(self.head_path, encode_head(user_id))
-            else:
-                layout.commit_atomic(prepared.wait(), self.head_path)
+            layout.write_file_atomic(self.head_path, encode_head(user_id))
         except OSError as exc:
             _remove_quietly(self.head_path + ".tmp")
             raise _io_error(exc, self.head_path, "writing") from exc
@@ -451,73 +452,90 @@ class CheckpointLog:
                 f"{reason}; opened with repair=False, so it cannot be appended to",
             )
 
-    def prepare_head(self, user_id: bytes, in_background: bool = True) -> "_Background":
-        """Write (and fsync) ``HEAD``'s replacement for ``user_id``, on a thread by default.
+    def prepare_head(self, user_id: bytes) -> "PreparedHead":
+        """Write ``HEAD``'s replacement naming ``user_id`` to ``HEAD.tmp`` (not synced yet).
 
         Hand the result to :meth:`append`, or to :meth:`discard_head` if the checkpoint is
-        abandoned. A coordinator does it, inline, while the workers prepare (a thread start
-        costs more than the work there), so that only the record's fsync and the rename remain
-        once they have answered.
+        abandoned. A coordinator does it while the workers prepare, so that only the record's
+        write, the rename and one sync remain once they have answered.
         """
-        return _Background(layout.prepare_atomic, self.head_path, encode_head(user_id), thread=in_background)
+        return PreparedHead(self.root, self.head_path, check_checkpoint_id(user_id))
 
-    def discard_head(self, prepared: "_Background") -> None:
-        try:
-            prepared.wait()
-        except OSError:
-            pass
-        _remove_quietly(self.head_path + ".tmp")
+    def discard_head(self, prepared: "PreparedHead") -> None:
+        prepared.close()
+        _remove_quietly(prepared.tmp)
 
-    def append(self, data: CheckpointData, prepared_head: "Optional[_Background]" = None) -> None:
-        """Append ``data`` durably, then make ``HEAD`` name it.
+    def append(self, data: CheckpointData, prepared_head: "Optional[PreparedHead]" = None) -> None:
+        """Append ``data`` durably and make ``HEAD`` name it; both are durable on return.
 
-        :class:`CheckpointExistsError` if the id already has a record. If any step fails, the
-        log is truncated back to its previous length and :class:`WalIOError` (or
-        :class:`DiskFullError`) is raised: no part of the record stays in the log.
+        The record is written, ``HEAD.tmp`` renamed over ``HEAD``, then both (and the rename)
+        are made durable by one sync: a syncfs of the root's filesystem where ``group_sync``
+        allows it, else an fdatasync of each file and an fsync of the root. Ordering between
+        the two is not needed: a crash may leave the record without ``HEAD`` naming it (the
+        checkpoint is listed, not latest, and was never acknowledged) or ``HEAD`` naming a
+        record that is not there (dangling: it falls back to the last record, which is the
+        previous latest). :class:`CheckpointExistsError` if the id already has a record. If a
+        step fails, the log is truncated back to its previous length, ``HEAD`` is put back,
+        and :class:`WalIOError` (or :class:`DiskFullError`) is raised.
         """
         with self._lock:
+            head = prepared_head
             try:
                 if not isinstance(data, CheckpointData):
                     raise TypeError(f"expected CheckpointData, not {type(data).__name__}")
+                if head is not None and head.user_id != data.user_id:
+                    raise ValueError(f"HEAD was prepared for {head.user_id!r}, not {data.user_id!r}")
                 record = encode_record(data)
                 self._check_writable()
                 if data.user_id in self._by_id:
                     raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
+                if head is None:
+                    head = self.prepare_head(data.user_id)
                 prev = self._size
-                created = not os.path.exists(self.log_path)
                 try:
                     fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
                 except OSError as exc:
                     raise _io_error(exc, self.log_path, "opening") from exc
             except BaseException:
-                if prepared_head is not None:  # (a refused append leaves no HEAD.tmp behind)
-                    self.discard_head(prepared_head)
+                if head is not None:  # (a refused append leaves no HEAD.tmp behind)
+                    self.discard_head(head)
                 raise
-            # HEAD's temp file is written and fsynced while the record is: it only becomes HEAD
-            # at the rename, after both, so the record still commits before HEAD names it
-            head_prep = prepared_head or self.prepare_head(data.user_id)
+            if self._use_syncfs is None:
+                self._use_syncfs = self._group_sync is GroupSync.SYNCFS and syncfs_device(self.root) is not None
+            renamed = False
             try:
                 try:
                     os.lseek(fd, prev, os.SEEK_SET)
                     layout.write_all(fd, record)
-                    os.fsync(fd)
-                    if created:
-                        layout.fsync_dir(self.root)
+                    os.replace(head.tmp, self.head_path)
+                    renamed = True
+                    sync_files([fd, head.fd], head.dir_fd, self._use_syncfs)
                 except OSError as exc:
-                    self.discard_head(head_prep)
+                    if renamed:
+                        self._restore_head()
                     self._roll_back(fd, prev)
                     raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
-                try:
-                    self._write_head(data.user_id, head_prep)
-                except WalIOError:
-                    self._roll_back(fd, prev)
-                    raise
             finally:
                 os.close(fd)
+                self.discard_head(head)
             self._size = prev + len(record)
             self._records.append(data)
             self._by_id[data.user_id] = data
             self._head = data.user_id
+
+    def _restore_head(self) -> None:
+        """After a failed append whose rename happened: make ``HEAD`` name what it named before."""
+        try:
+            if self._head is not None:
+                layout.write_file_atomic(self.head_path, encode_head(self._head))
+            else:
+                os.unlink(self.head_path)
+                layout.fsync_dir(self.root)
+        except OSError as exc:
+            # HEAD names the record being rolled back; once that is cut it dangles, which reads
+            # as the last record (the latest before this append), and a repairing open rewrites it
+            _remove_quietly(self.head_path + ".tmp")
+            self._failed = f"could not put HEAD back after a failed append: {exc}"
 
     def _roll_back(self, fd: int, length: int) -> None:
         try:
@@ -614,6 +632,7 @@ __all__ = [
     "CheckpointData",
     "CheckpointLog",
     "CheckpointLogReport",
+    "PreparedHead",
     "check_checkpoint_id",
     "decode_head",
     "decode_payload",
@@ -624,32 +643,32 @@ __all__ = [
 ]
 
 
-class _Background:
-    """Run ``fn(*args)`` on a thread (or here, with ``thread=False``); ``wait()`` returns its
-    result or raises its error."""
+class PreparedHead:
+    """``HEAD.tmp`` written for one id, with the descriptors its commit syncs through.
 
-    def __init__(self, fn, *args, thread: bool = True) -> None:
-        self._result = None
-        self._error: Optional[BaseException] = None
-        self._thread: Optional[threading.Thread] = None
-        if thread:
-            self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-            try:
-                self._thread.start()
-            except RuntimeError:  # no thread to be had (a process at its limit): do it here
-                self._thread = None
-        if self._thread is None:
-            self._run(fn, args)
+    The root's descriptor is opened first: a descriptor is told only of writeback errors that
+    happen after it was opened, and the sync at commit must hear of this file's and the record's.
+    """
 
-    def _run(self, fn, args) -> None:
+    def __init__(self, root: str, head_path: str, user_id: bytes) -> None:
+        self.user_id = user_id
+        self.tmp = head_path + ".tmp"
+        self.fd = -1
         try:
-            self._result = fn(*args)
-        except BaseException as exc:  # handed to wait()
-            self._error = exc
+            self.dir_fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            raise _io_error(exc, root, "opening") from exc
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            layout.write_all(self.fd, encode_head(user_id))
+        except OSError as exc:
+            self.close()
+            _remove_quietly(self.tmp)
+            raise _io_error(exc, self.tmp, "writing") from exc
 
-    def wait(self):
-        if self._thread is not None:
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
+    def close(self) -> None:
+        for name in ("fd", "dir_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
