@@ -696,3 +696,82 @@ def test_appender_killed_while_waiting_leaves_no_phantom_waiter(harness, waits_f
     if strict:
         assert stuck == 0, (f"a dead appender still counts as waiting for durability after 6 s of full-speed "
                             f"load ({appended} appends, {st['fsyncs']} fsyncs; without it: about 10 a second)")
+
+
+# --- 5. the coordinator dies in the middle of checkpoints ---------------------------------------
+
+
+@pytest.mark.parametrize("delay_ms", [15, 40, 90])
+def test_coordinator_killed_during_checkpoints(harness, wal_root, delay_ms):
+    """Checkpoints run back to back while the coordinator is SIGKILLed: after the next open,
+    every acknowledged checkpoint is there with its offsets, at most the one in flight besides
+    (after them all), latest() is one of those two, HEAD is repaired, no HEAD.tmp is left, and
+    every checkpoint's offsets are covered by what its shards hold."""
+    import threading
+
+    from ironwal_mp.engine.checkpoint_log import CheckpointLog
+
+    wal = harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+    acked: List[Tuple[bytes, Tuple[int, ...]]] = []
+    attempted: List[bytes] = []
+    failure: List[BaseException] = []
+    stop = threading.Event()
+
+    def checkpoints() -> None:
+        i = 0
+        while not stop.is_set():
+            wal.append(b"key-%d" % i, b"value-%d" % i)
+            cid = b"ck-%05d" % i
+            attempted.append(cid)
+            try:
+                data = wal.create_checkpoint(cid)
+            except (E.WorkerFailedError, E.WalClosedError) as exc:
+                failure.append(exc)
+                return
+            acked.append((cid, data.offsets))
+            i += 1
+
+    thread = threading.Thread(target=checkpoints)
+    thread.start()
+    try:
+        wait_for(lambda: len(acked) >= 5, "the first checkpoints")
+        time.sleep(delay_ms / 1000)
+        coordinator = wal.stats()["coordinator_pid"]
+        kill(coordinator)
+        thread.join(HANG_S)
+        assert not thread.is_alive(), "create_checkpoint hung after the coordinator died"
+    finally:
+        stop.set()
+        thread.join(HANG_S)
+    assert failure, "the checkpoint loop should have seen the coordinator die"
+    wait_for(lambda: not pid_alive(coordinator), "the killed coordinator to go")
+    wal.close()
+    # as the dead coordinator left it (a process death loses no written byte): the record is
+    # always written before HEAD is renamed to name it, so HEAD never dangles here
+    left = CheckpointLog(wal_root, repair=False)
+    assert left.report.head_status == "ok", left.report
+    assert left.latest().user_id in (acked[-1][0], attempted[-1])
+
+    wal2 = harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+    listed = wal2.list_checkpoints()
+    ids = [cid for cid, _ in listed]
+    acked_ids = [cid for cid, _ in acked]
+    assert ids[: len(acked_ids)] == acked_ids, "an acknowledged checkpoint is missing or out of order"
+    extra = ids[len(acked_ids):]
+    assert extra in ([], [attempted[-1]]), f"unexpected records after the acknowledged ones: {extra}"
+    for cid, offsets in acked:
+        assert wal2.load_checkpoint(cid).offsets == offsets
+    latest_id, latest = wal2.load_latest_checkpoint()
+    assert latest_id == ids[-1]
+    log = CheckpointLog(wal_root, repair=False)
+    assert log.report.head_status == "ok" and not log.report.changed
+    assert not os.path.exists(os.path.join(wal_root, "HEAD.tmp"))
+    stats = wal2.stats()
+    for cid in ids:
+        offsets = wal2.load_checkpoint(cid).offsets
+        for shard, off in enumerate(offsets):
+            assert off <= stats["shards"][shard]["durable_id"], (cid, shard, off)
+            if off:
+                assert wal2.get(shard, off - 1) is not None
+    wal2.close()
+    assert Names(wal_root).leftovers() == []
