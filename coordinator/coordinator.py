@@ -29,6 +29,8 @@ from .barrier import Barrier
 from .supervisor import Supervisor, assign_shards
 
 log = logging.getLogger("ironwal_mp.coordinator")
+#: clients' reply queues kept open (each is a descriptor); beyond this the oldest is closed
+MAX_OPEN_REPLY_QUEUES = 64
 
 TICK_S = 0.05
 PREPARE_TIMEOUT_S = 30.0
@@ -261,6 +263,8 @@ class Coordinator:
             except Exception:
                 return  # the client went away
             if token in self.clients:  # kept open until the client detaches or dies
+                if len(self._reply_queues) >= MAX_OPEN_REPLY_QUEUES:  # the oldest makes room
+                    self._forget_queue(next(iter(self._reply_queues)))
                 self._reply_queues[token] = q
         try:
             q.send(M.Message(kind, 0, msg.req_id, body), timeout=5.0)

@@ -686,6 +686,81 @@ def test_head_without_its_record_is_dangling_and_falls_back(tmp_path):
     assert repaired.latest() == _data(1) and _read(str(tmp_path / "HEAD")) == encode_head(b"ck-1")
 
 
+def _commit_events(monkeypatch):
+    """Record the log's fdatasyncs and HEAD's renames, in order."""
+    events = []
+    real_fdatasync, real_replace = os.fdatasync, os.replace
+
+    def fdatasync(fd):
+        events.append("fdatasync")
+        return real_fdatasync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cl.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(cl.os, "replace", replace)
+    return events
+
+
+def test_record_after_heads_is_made_durable_before_the_rename(tmp_path, monkeypatch):
+    """A crash between write and rename leaves a record newer than HEAD's. A later HEAD that
+    dangles would read as that record (never acknowledged), so while one exists the next record
+    is synced before HEAD is renamed; once HEAD names the last record the single sync is back."""
+    log = CheckpointLog(str(tmp_path))
+    log.append(_data(1))
+    with open(tmp_path / "checkpoints.log", "ab") as fh:  # ck-2 written, its rename never done
+        fh.write(encode_record(_data(2)))
+    log = CheckpointLog(str(tmp_path))
+    assert log.latest() == _data(1) and len(log) == 2
+    events = _commit_events(monkeypatch)
+    log.append(_data(3))
+    assert events[:2] == ["fdatasync", "rename"]
+    events.clear()
+    log.append(_data(4))
+    assert events[0] == "rename"  # HEAD named the last record: one sync after the rename
+    monkeypatch.undo()
+    assert CheckpointLog(str(tmp_path)).latest() == _data(4)
+
+
+def test_prepared_head_opens_the_directory_before_writing(tmp_path, monkeypatch):
+    """The commit's syncfs reports only writeback errors after its descriptor was opened."""
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cl.os, "open", recording_open)
+    log = CheckpointLog(str(tmp_path))
+    opened.clear()
+    log.append(_data(1))
+    assert opened[:3] == [tmp_path.name, "HEAD.tmp", "checkpoints.log"]
+
+
+def test_failed_restore_of_head_refuses_further_appends(tmp_path, monkeypatch):
+    """The sync fails and putting HEAD back fails too: the error is raised, memory still says
+    ck-1, later appends are refused, and a repairing open reads ck-1 (HEAD dangles)."""
+    log = CheckpointLog(str(tmp_path))
+    log.append(_data(1))
+    _failing_sync(monkeypatch, syncfs_fails=True, file_sync_fails=True)
+
+    def broken(path, data):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(layout, "write_file_atomic", broken)
+    with pytest.raises(WalIOError):
+        log.append(_data(2))
+    monkeypatch.undo()
+    assert log.latest() == _data(1) and b"ck-2" not in log
+    with pytest.raises(WalIOError, match="put HEAD back"):
+        log.append(_data(3))
+    reopened = CheckpointLog(str(tmp_path))
+    assert reopened.report.head_status == "dangling" and reopened.latest() == _data(1)
+
+
 def test_prepared_head_must_match_the_record(tmp_path):
     log = CheckpointLog(str(tmp_path))
     head = log.prepare_head(b"ck-1")

@@ -385,11 +385,15 @@ class CheckpointLog:
     def latest(self) -> CheckpointData:
         """The checkpoint ``HEAD`` names, else the last record; :class:`NoCheckpointsError`."""
         with self._lock:
-            if self._head is not None and self._head in self._by_id:
-                return self._by_id[self._head]
-            if self._records:
-                return self._records[-1]
-        raise NoCheckpointsError("no checkpoint has been created yet")
+            rec = self._latest_locked()
+        if rec is None:
+            raise NoCheckpointsError("no checkpoint has been created yet")
+        return rec
+
+    def _latest_locked(self) -> Optional[CheckpointData]:
+        if self._head is not None and self._head in self._by_id:
+            return self._by_id[self._head]
+        return self._records[-1] if self._records else None
 
     def get(self, user_id: bytes) -> CheckpointData:
         """The (latest) record with this id; :class:`CheckpointNotFoundError` if none."""
@@ -491,7 +495,13 @@ class CheckpointLog:
                     raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
                 if head is None:
                     head = self.prepare_head(data.user_id)
+                if self._use_syncfs is None:
+                    self._use_syncfs = self._group_sync is GroupSync.SYNCFS and syncfs_device(self.root) is not None
                 prev = self._size
+                # a dangling HEAD reads as the last record: only safe while that is the latest.
+                # Records after HEAD's (a crash between write and rename left one) would then be
+                # read as latest, so in that state the record is made durable before the rename.
+                ordered = bool(self._records) and self._latest_locked() is not self._records[-1]
                 try:
                     fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT, 0o644)
                 except OSError as exc:
@@ -500,13 +510,13 @@ class CheckpointLog:
                 if head is not None:  # (a refused append leaves no HEAD.tmp behind)
                     self.discard_head(head)
                 raise
-            if self._use_syncfs is None:
-                self._use_syncfs = self._group_sync is GroupSync.SYNCFS and syncfs_device(self.root) is not None
             renamed = False
             try:
                 try:
                     os.lseek(fd, prev, os.SEEK_SET)
                     layout.write_all(fd, record)
+                    if ordered:
+                        os.fdatasync(fd)
                     os.replace(head.tmp, self.head_path)
                     renamed = True
                     sync_files([fd, head.fd], head.dir_fd, self._use_syncfs)
@@ -516,8 +526,10 @@ class CheckpointLog:
                     self._roll_back(fd, prev)
                     raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
             finally:
-                os.close(fd)
-                self.discard_head(head)
+                try:
+                    os.close(fd)
+                finally:
+                    self.discard_head(head)
             self._size = prev + len(record)
             self._records.append(data)
             self._by_id[data.user_id] = data
@@ -661,10 +673,12 @@ class PreparedHead:
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             layout.write_all(self.fd, encode_head(user_id))
-        except OSError as exc:
+        except BaseException as exc:
             self.close()
             _remove_quietly(self.tmp)
-            raise _io_error(exc, self.tmp, "writing") from exc
+            if isinstance(exc, OSError):
+                raise _io_error(exc, self.tmp, "writing") from exc
+            raise
 
     def close(self) -> None:
         for name in ("fd", "dir_fd"):
