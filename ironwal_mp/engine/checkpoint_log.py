@@ -474,11 +474,12 @@ class CheckpointLog:
 
         The record is written, ``HEAD.tmp`` renamed over ``HEAD``, then both (and the rename)
         are made durable by one sync: a syncfs of the root's filesystem where ``group_sync``
-        allows it, else an fdatasync of each file and an fsync of the root. Ordering between
-        the two is not needed: a crash may leave the record without ``HEAD`` naming it (the
-        checkpoint is listed, not latest, and was never acknowledged) or ``HEAD`` naming a
-        record that is not there (dangling: it falls back to the last record, which is the
-        previous latest). :class:`CheckpointExistsError` if the id already has a record. If a
+        allows it, else an fdatasync of each file and an fsync of the root. While the last
+        record is the latest, ordering between the two is not needed: a crash may leave the
+        record without ``HEAD`` naming it (listed, not latest, never acknowledged) or ``HEAD``
+        naming a record that is not there (dangling: it falls back to the last record, the
+        previous latest). When a newer record than the latest is in the log, the record is
+        fdatasynced before the rename (FORMAT.md §9). :class:`CheckpointExistsError` if the id already has a record. If a
         step fails, the log is truncated back to its previous length, ``HEAD`` is put back,
         and :class:`WalIOError` (or :class:`DiskFullError`) is raised.
         """
