@@ -357,7 +357,7 @@ def test_file_preallocated_with_zeros_in_the_middle_of_a_frame(tmp_path):
     assert survivors == hist.expected[: tail.start_id]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_cut_anywhere_in_the_active_segment(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("cut")
@@ -521,7 +521,7 @@ def flip(path: str, offset: int, bit: int) -> None:
     write(path, bytes(data))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_bit_flip_in_the_active_segment_cuts_from_that_frame(pristine, tmp_path_factory, data):
     hist = copy_history(pristine, tmp_path_factory.mktemp("flip"))

@@ -53,7 +53,7 @@ def test_pinned_files_are_not_evicted_and_waiters_block(tmp_path):
     assert t.is_alive() and not got  # waits: the only slot is pinned
     os.fstat(ea.fd)  # still open
     cache.release(ea)
-    t.join(5)
+    t.join(60)
     assert got and not t.is_alive()
     cache.close_all()
 

@@ -432,7 +432,7 @@ def test_holder_killed_before_recording_its_pid_is_repaired(make_ring):
     ringutil.kill_and_reap(proc)
     assert ring.header[L.HOLDER] == 0
     try:
-        ring.acquire(timeout=2.0)
+        ring.acquire(timeout=HANG)  # repaired after STUCK_S; a missing repair still fails, later
         ring.release()
     except WorkerFailedError as exc:
         ring.lock.release()  # free it for the teardown
@@ -516,18 +516,16 @@ def test_lock_free_snapshot_is_never_torn_by_a_publishing_process(make_ring):
     proc = spawn(make_ring, "child_append_fixed", root(ring), 0, count, size)
     assert ringutil.read_line(proc) == "go"
     last = (t0, 7)
-    snaps = 0
     while True:
         done = proc.poll() is not None  # (one more snapshot after the producer has finished)
         tail, next_seq, _, _ = ring.snapshot()
         assert tail - t0 == (next_seq - 7) * (4 + size), (tail, next_seq)
         assert (tail, next_seq) >= last
         last = (tail, next_seq)
-        snaps += 1
         if done:
             break
     assert proc.wait(HANG) == 0
-    assert last[1] == 7 + count and snaps > 1
+    assert last[1] == 7 + count  # (how many snapshots overlap the producer is the scheduler's call)
     assert ring.next_slice() == L.Slice(t0 & ring.mask, count * (4 + size), 7, count, t0 + count * (4 + size))
 
 

@@ -1011,6 +1011,9 @@ def test_coordinator_keeps_reply_queues_only_while_clients_are_attached(wal_root
                 c.stdin.write("\n")
                 c.stdin.flush()
                 assert c.wait(60) == 0
+            deadline = time.monotonic() + 30  # (the coordinator closes it just after answering DETACH)
+            while _coordinator_client_queues(coordinator) - base and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert _coordinator_client_queues(coordinator) - base == set()
         finally:
             for c in clients:

@@ -28,7 +28,7 @@ from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import pid_alive
 from ironwal_mp.options import SyncMode, WalOptions
-from ironwal_mp.sharded.client import ShardedWal
+from ironwal_mp.sharded.client import ShardedWal, connect
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _producer import JUNK_RECORD, make_value, parse_value  # noqa: E402
@@ -291,7 +291,7 @@ def test_worker_killed_under_load_loses_nothing(harness, tmp_path, mode):
     stop = tmp_path / "stop"
     producers = [
         harness.producer(f"p{i}", "--sync", mode.value, "--batches", "--stop-file", str(stop),
-                         "--pace", "0.002", "--max-seconds", "90")
+                         "--pace", "0.002", "--max-seconds", "900")
         for i in range(3)
     ]
     files = [acks for _, acks in producers]
@@ -350,11 +350,11 @@ def test_appender_killed_holding_ring_lock(harness, tmp_path):
     stop = tmp_path / "stop"
     producers = [
         harness.producer(f"p{i}", "--shard", str(target), "--batches", "--stop-file", str(stop),
-                         "--pace", "0.002", "--max-seconds", "90")
+                         "--pace", "0.002", "--max-seconds", "900")
         for i in range(2)
     ]
     producers.append(harness.producer("p2", "--batches", "--stop-file", str(stop), "--pace", "0.002",
-                                      "--max-seconds", "90"))
+                                      "--max-seconds", "900"))
     files = [acks for _, acks in producers]
     wait_for(lambda: running(harness, producers) and all(ack_count(f) >= 100 for f in files),
              "the producers' first acknowledgements")
@@ -403,7 +403,7 @@ def test_appender_killed_holding_ring_lock(harness, tmp_path):
 def test_coordinator_killed_under_async_load(harness, wal_root):
     wal = harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     producers = [
-        harness.producer(f"p{i}", "--sync", "async", "--batches", "--pace", "0.001", "--max-seconds", "90",
+        harness.producer(f"p{i}", "--sync", "async", "--batches", "--pace", "0.001", "--max-seconds", "900",
                          "--no-close", "--checkpoint")
         for i in range(2)
     ]
@@ -556,6 +556,9 @@ def test_full_ring_times_out_naming_the_shard(harness):
     # space returns at once: the worker would post the semaphore on every pass, forever)
     assert wal._rings[1].header[L.SPACE_WAITERS] == 0, "a timed-out appender is still registered as waiting"
     harness.cont(worker)
+    # the 2 s timeout was for the full ring; the rest waits on fsyncs a busy disk may stretch
+    wal = connect(wal.root, sync_mode=SyncMode.ASYNC)
+    harness.handles.append(wal)
     wal.sync()
     verify(wal, entries)
     s, q = wal.append(key, make_value("t", 10_000, 1, 0, 1))  # the shard works again
@@ -683,7 +686,7 @@ def test_appender_killed_while_waiting_leaves_no_phantom_waiter(harness, waits_f
     fast = connect(wal.root, sync_mode=SyncMode.ASYNC)
     harness.handles.append(fast)
     before = wal.stats()["shards"][0]["next_id"]
-    deadline = time.monotonic() + (6 if strict else 1)
+    deadline = time.monotonic() + (30 if strict else 1)  # (left as soon as it clears)
     appended = 0
     while (h[field] or not strict) and time.monotonic() < deadline:
         for _ in range(100):
@@ -694,7 +697,7 @@ def test_appender_killed_while_waiting_leaves_no_phantom_waiter(harness, waits_f
     st = wal.stats()["shards"][0]
     assert st["durable_id"] == st["next_id"] == before + appended
     if strict:
-        assert stuck == 0, (f"a dead appender still counts as waiting for durability after 6 s of full-speed "
+        assert stuck == 0, (f"a dead appender still counts as waiting for durability after 30 s of full-speed "
                             f"load ({appended} appends, {st['fsyncs']} fsyncs; without it: about 10 a second)")
 
 
@@ -720,10 +723,10 @@ def test_coordinator_killed_during_checkpoints(harness, wal_root, delay_ms):
     def checkpoints() -> None:
         i = 0
         while not stop.is_set():
-            wal.append(b"key-%d" % i, b"value-%d" % i)
             cid = b"ck-%05d" % i
-            attempted.append(cid)
             try:
+                wal.append(b"key-%d" % i, b"value-%d" % i)  # (refused too, once the workers see it die)
+                attempted.append(cid)
                 data = wal.create_checkpoint(cid)
             except (E.WorkerFailedError, E.WalClosedError) as exc:
                 failure.append(exc)
@@ -746,10 +749,14 @@ def test_coordinator_killed_during_checkpoints(harness, wal_root, delay_ms):
     assert failure, "the checkpoint loop should have seen the coordinator die"
     wait_for(lambda: not pid_alive(coordinator), "the killed coordinator to go")
     wal.close()
-    # as the dead coordinator left it (a process death loses no written byte): the record is
-    # always written before HEAD is renamed to name it, so HEAD never dangles here
+    # as the dead coordinator left it (a process death loses no written byte): HEAD is put in
+    # place while the workers prepare, so it may name the in-flight checkpoint before its record
+    # is written; that dangling HEAD reads as the last record, the last acknowledged one
     left = CheckpointLog(wal_root, repair=False)
-    assert left.report.head_status == "ok", left.report
+    assert left.report.head_status in ("ok", "dangling"), left.report
+    if left.report.head_status == "dangling":
+        assert left.report.head_id == attempted[-1]
+        assert left.latest().user_id == acked[-1][0]
     assert left.latest().user_id in (acked[-1][0], attempted[-1])
 
     wal2 = harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
@@ -762,7 +769,7 @@ def test_coordinator_killed_during_checkpoints(harness, wal_root, delay_ms):
     for cid, offsets in acked:
         assert wal2.load_checkpoint(cid).offsets == offsets
     latest_id, latest = wal2.load_latest_checkpoint()
-    # the in-flight record may be there without HEAD naming it (killed before the rename)
+    # the in-flight record is the latest only if HEAD named it when the coordinator died
     assert latest_id == (ids[-1] if left.report.head_id == ids[-1] else acked_ids[-1])
     log = CheckpointLog(wal_root, repair=False)
     assert log.report.head_status == "ok" and not log.report.changed
