@@ -769,6 +769,66 @@ def test_prepared_head_must_match_the_record(tmp_path):
     assert not os.path.exists(tmp_path / "HEAD.tmp") and len(log) == 0
 
 
+def test_one_prepared_head_at_a_time(tmp_path):
+    """Two prepared HEADs would share HEAD.tmp (the first rename would publish the second's
+    id), so a second is refused; a used one cannot be used or discarded again."""
+    log = CheckpointLog(str(tmp_path))
+    first = log.prepare_head(b"ck-1")
+    with pytest.raises(RuntimeError, match="already prepared"):
+        log.prepare_head(b"ck-2")
+    with pytest.raises(RuntimeError, match="already prepared"):
+        log.append(_data(2))
+    log.append(_data(1), first)
+    with pytest.raises(ValueError, match="already appended or discarded"):
+        log.append(_data(1), first)
+    second = log.prepare_head(b"ck-2")
+    log.discard_head(first)  # stale: must not remove the second's HEAD.tmp
+    assert _read(str(tmp_path / "HEAD.tmp")) == encode_head(b"ck-2")
+    log.append(_data(2), second)
+    assert CheckpointLog(str(tmp_path)).latest() == _data(2) and not os.path.exists(tmp_path / "HEAD.tmp")
+
+
+@pytest.mark.parametrize("where", ["write", "sync"])
+def test_interrupt_during_append_rolls_back(tmp_path, monkeypatch, where):
+    """A KeyboardInterrupt after the record's write began is rolled back like an I/O error:
+    otherwise the file would hold a record that memory does not, and the next append would
+    be written over it at the old length."""
+    log = CheckpointLog(str(tmp_path))
+    log.append(_data(1))
+    before = _files(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "write":
+        monkeypatch.setattr(layout, "write_all", _fail_call(layout.write_all, KeyboardInterrupt(), 2, partial=True))
+    else:
+        monkeypatch.setattr(cl, "sync_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        log.append(_data(2))
+    monkeypatch.undo()
+    assert _files(tmp_path) == before and not os.path.exists(tmp_path / "HEAD.tmp")
+    assert log.latest() == _data(1) and len(log) == 1
+    log.append(_data(3))
+    reopened = CheckpointLog(str(tmp_path))
+    assert not reopened.report.changed and reopened.records() == [_data(1), _data(3)]
+
+
+@pytest.mark.parametrize("head", [encode_head(b"ck-1"), b"\x05\x00ab"], ids=["dangling", "corrupt"])
+def test_repair_removes_a_head_with_no_records(tmp_path, head):
+    """A power loss during the first checkpoint can leave HEAD without its record. The crate
+    answers CheckpointNotFound for a dangling HEAD, so repair removes it (NoCheckpoints)."""
+    _write(str(tmp_path / "HEAD"), head)
+    reader = CheckpointLog(str(tmp_path), repair=False)
+    assert reader.report.changed and "no records" in " ".join(reader.report.actions)
+    with pytest.raises(NoCheckpointsError):
+        reader.latest()
+    assert os.path.exists(tmp_path / "HEAD")
+    repaired = CheckpointLog(str(tmp_path))
+    assert "removed HEAD" in " ".join(repaired.report.actions) and not os.path.exists(tmp_path / "HEAD")
+    assert not CheckpointLog(str(tmp_path)).report.changed
+
+
 def test_append_type_check(tmp_path):
     with pytest.raises(TypeError):
         CheckpointLog(str(tmp_path)).append((b"x", 1, 0, ()))

@@ -289,6 +289,7 @@ class CheckpointLog:
         self._failed: Optional[str] = None
         self._group_sync = group_sync
         self._use_syncfs: Optional[bool] = None  # decided at the first append
+        self._prepared: Optional[PreparedHead] = None  # the HEAD.tmp not yet appended or discarded
         self.report = CheckpointLogReport(self.log_path)
         self._open()
 
@@ -336,7 +337,17 @@ class CheckpointLog:
             report.head_status = "ok"
         report.head_id = head
         self._head = head if report.head_status == "ok" else None
-        if report.head_status != "ok" and self._records:
+        if report.head_status in ("corrupt", "dangling") and not self._records:
+            # (the crate would answer CheckpointNotFound, not NoCheckpoints, for a dangling one)
+            report.actions.append(f"HEAD is {report.head_status} and there are no records"
+                                  + ("; removed HEAD" if self.repair else ""))
+            if self.repair:
+                try:
+                    os.unlink(self.head_path)
+                    layout.fsync_dir(self.root)
+                except OSError as exc:
+                    raise _io_error(exc, self.head_path, "removing") from exc
+        elif report.head_status != "ok" and self._records:
             last = self._records[-1].user_id
             report.actions.append(
                 f"HEAD is {report.head_status}; latest checkpoint falls back to the last record "
@@ -461,13 +472,34 @@ class CheckpointLog:
 
         Hand the result to :meth:`append`, or to :meth:`discard_head` if the checkpoint is
         abandoned. A coordinator does it while the workers prepare, so that only the record's
-        write, the rename and one sync remain once they have answered.
+        write, the rename and one sync remain once they have answered. One at a time (they would
+        share ``HEAD.tmp``): ``RuntimeError`` while another is outstanding.
         """
-        return PreparedHead(self.root, self.head_path, check_checkpoint_id(user_id))
+        uid = check_checkpoint_id(user_id)
+        with self._lock:
+            return self._prepare_head_locked(uid)
+
+    def _prepare_head_locked(self, uid: bytes) -> "PreparedHead":
+        if self._prepared is not None:
+            raise RuntimeError(f"HEAD is already prepared for {self._prepared.user_id!r}: "
+                               "append or discard that first")
+        self._prepared = PreparedHead(self.root, self.head_path, uid)
+        return self._prepared
 
     def discard_head(self, prepared: "PreparedHead") -> None:
-        prepared.close()
-        _remove_quietly(prepared.tmp)
+        """Abandon a :meth:`prepare_head` (``HEAD`` was never touched)."""
+        with self._lock:
+            self._discard_head_locked(prepared)
+
+    def _discard_head_locked(self, prepared: "PreparedHead") -> None:
+        if self._prepared is not prepared:
+            prepared.close()
+            return  # already appended or discarded: HEAD.tmp may be another's now
+        self._prepared = None
+        try:
+            prepared.close()
+        finally:
+            _remove_quietly(prepared.tmp)
 
     def append(self, data: CheckpointData, prepared_head: "Optional[PreparedHead]" = None) -> None:
         """Append ``data`` durably and make ``HEAD`` name it; both are durable on return.
@@ -488,6 +520,9 @@ class CheckpointLog:
             try:
                 if not isinstance(data, CheckpointData):
                     raise TypeError(f"expected CheckpointData, not {type(data).__name__}")
+                if head is not None and head is not self._prepared:
+                    head = None  # (not ours to discard)
+                    raise ValueError("this prepared HEAD was already appended or discarded")
                 if head is not None and head.user_id != data.user_id:
                     raise ValueError(f"HEAD was prepared for {head.user_id!r}, not {data.user_id!r}")
                 record = encode_record(data)
@@ -495,7 +530,7 @@ class CheckpointLog:
                 if data.user_id in self._by_id:
                     raise CheckpointExistsError(f"a checkpoint with id {data.user_id!r} already exists")
                 if head is None:
-                    head = self.prepare_head(data.user_id)
+                    head = self._prepare_head_locked(data.user_id)
                 if self._use_syncfs is None:
                     self._use_syncfs = self._group_sync is GroupSync.SYNCFS and syncfs_device(self.root) is not None
                 prev = self._size
@@ -509,7 +544,7 @@ class CheckpointLog:
                     raise _io_error(exc, self.log_path, "opening") from exc
             except BaseException:
                 if head is not None:  # (a refused append leaves no HEAD.tmp behind)
-                    self.discard_head(head)
+                    self._discard_head_locked(head)
                 raise
             renamed = False
             try:
@@ -521,16 +556,18 @@ class CheckpointLog:
                     os.replace(head.tmp, self.head_path)
                     renamed = True
                     sync_files([fd, head.fd], head.dir_fd, self._use_syncfs)
-                except OSError as exc:
+                except BaseException as exc:  # (an interrupt too: disk must match memory)
                     if renamed:
                         self._restore_head()
                     self._roll_back(fd, prev)
-                    raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
+                    if isinstance(exc, OSError):
+                        raise _io_error(exc, self.log_path, "appending a checkpoint to") from exc
+                    raise
             finally:
                 try:
                     os.close(fd)
                 finally:
-                    self.discard_head(head)
+                    self._discard_head_locked(head)
             self._size = prev + len(record)
             self._records.append(data)
             self._by_id[data.user_id] = data
