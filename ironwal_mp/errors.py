@@ -83,7 +83,9 @@ class CrcMismatchError(CorruptionError):
 class WalIOError(WalError, OSError):
     """The operating system refused a read, write or sync.
 
-    Nothing from the failed call was acknowledged; the log on disk is as before the call.
+    Nothing from the failed call was acknowledged. A failed write leaves the log on disk as it
+    was before the call. A failed sync leaves entries written since the last sync in doubt
+    (they may or may not be there after a reopen), and the stream refuses writes until then.
     """
 
     def __init__(self, message: str, errno_: int | None = None, path: str | None = None) -> None:

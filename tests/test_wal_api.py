@@ -122,7 +122,7 @@ def test_bytes_like_accepted_other_types_refused(tmp_path):
             wal.get("s", -1)
 
 
-@pytest.mark.parametrize("name", ["", "..", "a/b", ".x", "x" * 201, "a b"])
+@pytest.mark.parametrize("name", ["", "..", "a/b", ".x", "x" * 201, "a b", "ledger\n", "LOCK\n"])
 def test_unsafe_stream_names_refused_everywhere(tmp_path, name):
     with Wal(opts(tmp_path)) as wal:
         for call in (
@@ -334,3 +334,112 @@ def test_sharded_fixture_shards_read_as_streams(fixtures_dir, fixture_copy):
             name = f"shard_{s:02d}"
             assert [e.hex() for e in wal.iter(name, 0)] == shard["entries_hex"]
             assert wal.next_id(name) == shard["next_id"]
+
+
+# --- interrupted and failed steps -----------------------------------------------------------
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["mid-write", "after-write", "mid-rotate"])
+def test_an_interrupted_append_fails_the_stream_until_reopened(tmp_path, monkeypatch, where):
+    """A KeyboardInterrupt between two steps of an append may leave a frame or a segment that
+    memory does not know of. Appending on would give out ids at the wrong place (a later,
+    acknowledged entry lost or duplicated on reopen), so the stream refuses until reopened;
+    the reopen keeps every acknowledged entry."""
+    from ironwal_mp import StreamFailedError
+    from ironwal_mp.engine import sparse_index, stream as stream_mod
+
+    wal = Wal(opts(tmp_path, max_segment_size=200, compression=CompressionType.NONE))
+    acked = [wal.append("s", b"a" * 50) for _ in range(2)]
+    if where == "mid-write":
+
+        def half(fd, data):
+            os.write(fd, bytes(data)[: len(data) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(layout, "write_all", half)
+    elif where == "after-write":
+        monkeypatch.setattr(sparse_index.SparseIndex, "add", _interrupt)
+    else:
+        monkeypatch.setattr(stream_mod.layout, "fsync_dir", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        wal.append("s", b"b" * 150)  # (past 200 bytes: mid-rotate rotates here)
+    monkeypatch.undo()
+    with pytest.raises(StreamFailedError):
+        wal.append("s", b"c")
+    assert [wal.get("s", i) for i in acked] == [b"a" * 50] * 2
+    wal.close()
+    with Wal(opts(tmp_path)) as wal:
+        kept = list(wal.iter("s", 0))
+        assert kept[:2] == [b"a" * 50] * 2 and kept[2:] in ([], [b"b" * 150])  # never acknowledged
+        n = wal.append("s", b"d")
+        assert n == len(kept) and wal.get("s", n) == b"d"
+    with Wal(opts(tmp_path)) as wal:
+        assert list(wal.iter("s", 0)) == kept + [b"d"]
+
+
+@pytest.mark.parametrize("mode", [SyncMode.ASYNC, SyncMode.BATCH_ONLY])
+def test_close_raises_a_sync_that_fails_in_it(tmp_path, monkeypatch, mode):
+    """Unsynced appends are made durable by close(); if that fsync fails, close says so."""
+    import errno
+
+    from ironwal_mp import WalIOError
+    from ironwal_mp.engine import stream as stream_mod
+
+    wal = Wal(opts(tmp_path, sync_mode=mode))
+    wal.append("s", b"x")
+
+    def failing(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(stream_mod, "_fdatasync", failing)
+    with pytest.raises(WalIOError) as info:
+        wal.close()
+    assert info.value.errno == errno.EIO and "may or may not" in str(info.value)
+    assert wal.closed
+    monkeypatch.undo()
+    with Wal(opts(tmp_path)) as again:  # the directory was released
+        assert again.next_id("s") in (0, 1)
+
+
+def test_a_late_sync_does_not_bring_back_a_truncated_segment(tmp_path, monkeypatch):
+    """A sync took the active segment's path, then rotations sealed (synced) it and truncation
+    deleted it before the sync opened it: the sync must not create it again, empty, which
+    would read as a stream missing its first ids."""
+    wal = Wal(opts(tmp_path, sync_mode=SyncMode.ASYNC, max_segment_size=100, compression=CompressionType.NONE))
+    wal.append("s", b"a" * 80)
+    st = wal._streams["s"]
+    stale = st.sync_target()
+    first = stale[1]
+    for _ in range(3):
+        wal.append("s", b"b" * 80)  # rotates: the first segment is sealed and fsynced
+    assert wal.truncate("s", 2) >= 1 and not os.path.exists(first)
+    monkeypatch.setattr(st, "sync_target", lambda: stale)
+    st.make_durable(st.next_id)  # (the sync that asked before the rotations)
+    assert not os.path.exists(first)
+    monkeypatch.undo()
+    wal.close()
+    with Wal(opts(tmp_path)) as wal:
+        assert list(wal.iter("s", wal.first_id("s")))[-1] == b"b" * 80
+
+
+def test_ids_past_u64_are_refused(tmp_path):
+    """Ids are u64 on disk: an append that would need id 2**64 fails with a WalIOError, and a
+    segment file named past 2**64 is not taken for a segment."""
+    import errno
+
+    from ironwal_mp import WalIOError
+
+    assert layout.parse_segment_name("%020d.wal" % (2**64 - 1)) == 2**64 - 1
+    assert layout.parse_segment_name("99999999999999999999.wal") is None
+    assert layout.parse_segment_name("00000000000000000000.wal\n") is None
+    with Wal(opts(tmp_path)) as wal:
+        wal.append("s", b"x")
+        st = wal._streams["s"]
+        st._next_id = 2**64 - 2  # (as a stream near the end of its ids would be)
+        with pytest.raises(WalIOError) as info:
+            wal.append_batch("s", [b"a", b"b", b"c"])
+        assert info.value.errno == errno.EOVERFLOW

@@ -78,7 +78,9 @@ class FdCache:
                     self._cond.wait()
                 finally:
                     self._waiting -= 1
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT if writable else os.O_RDONLY
+            # (never O_CREAT: segments are created on purpose; a late sync must not bring back
+            # one that truncation has just deleted)
+            flags = os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
             self.opens += 1
             entry = OpenFile(key, fd)

@@ -23,8 +23,9 @@ HEAD_STATE = "head.state"
 HEAD_STATE_VERSION = 1
 BROKEN_SUFFIX = ".broken"
 
-_SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
-_STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+_SEGMENT_RE = re.compile(r"(\d{20})\.wal")  # (fullmatch: "$" would also allow a trailing newline)
+ID_LIMIT = 1 << 64  #: ids are u64: every id is below this
+_STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 MAX_STREAM_NAME = 200
 #: files of a WAL root or stream directory that a stream may not be named after
 _RESERVED_NAMES = {SEGMENTS_IDX, HEAD_STATE, "LOCK", "MANIFEST", "HEAD", "checkpoints.log"}
@@ -35,8 +36,10 @@ def segment_name(start_id: int) -> str:
 
 
 def parse_segment_name(name: str) -> Optional[int]:
-    match = _SEGMENT_RE.match(name)
-    return int(match.group(1)) if match else None
+    match = _SEGMENT_RE.fullmatch(name)
+    if match is None or int(match.group(1)) >= ID_LIMIT:
+        return None
+    return int(match.group(1))
 
 
 def check_stream_name(name: object) -> str:
@@ -55,7 +58,7 @@ def check_stream_name(name: object) -> str:
         reason = "contains NUL"
     elif name.startswith("."):
         reason = "starts with '.'"
-    elif not _STREAM_NAME_RE.match(name):
+    elif not _STREAM_NAME_RE.fullmatch(name):
         reason = "only ASCII letters, digits, '_', '-' and '.' are allowed"
     elif name in _RESERVED_NAMES:
         reason = "reserved file name"

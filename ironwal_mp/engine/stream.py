@@ -103,20 +103,30 @@ class Stream:
                 )
                 + stored
             )
+            if start + count > layout.ID_LIMIT:
+                raise WalIOError(f"stream {self.name!r} has run out of ids (they are u64)", errno.EOVERFLOW, self.dir)
             size = self._active_size
-            if not self._segments:
-                self._create_first_segment(start)
-                size = 0
-            elif size and (
-                size + len(frame) > self._max_segment_size
-                or (self._max_entries is not None and start - self._segments[-1] + count > self._max_entries)
-            ):
-                self._rotate(start)
-                size = 0
-            self._write(frame, size)
-            self._index.add(start, size)
-            self._active_size = size + len(frame)
-            self._next_id = start + count
+            try:
+                if not self._segments:
+                    self._create_first_segment(start)
+                    size = 0
+                elif size and (
+                    size + len(frame) > self._max_segment_size
+                    or (self._max_entries is not None and start - self._segments[-1] + count > self._max_entries)
+                ):
+                    self._rotate(start)
+                    size = 0
+                self._write(frame, size)
+                self._index.add(start, size)
+                self._active_size = size + len(frame)
+                self._next_id = start + count
+            except WalIOError:
+                raise  # rolled back, or the stream marked failed
+            except BaseException as exc:
+                # an interrupt between two steps: the files may hold a segment or frame that
+                # memory does not; writing on would misplace ids, so only a reopen goes on
+                self._failed = exc
+                raise
             self.frames_written += 1
             self.bytes_written += len(frame)
             return start
@@ -158,7 +168,7 @@ class Stream:
             self.fsyncs += 1
         except OSError as exc:
             self._failed = exc
-            raise _io_error(exc, self._active_path, "fsync") from exc
+            raise _io_error(exc, self._active_path, "fsync", written=True) from exc
         finally:
             cache.release(entry)
         path = self._path(start)
@@ -190,12 +200,17 @@ class Stream:
             if not path:
                 return
             cache = self.reader.fdcache
-            entry = cache.acquire(path, True)
+            try:
+                entry = cache.acquire(path, True)
+            except FileNotFoundError:
+                if self._synced_id >= target:
+                    return  # sealed (and so synced) by a rotation, then truncated away meanwhile
+                raise
             try:
                 _fdatasync(entry.fd)
             except OSError as exc:
                 self._failed = exc
-                raise _io_error(exc, path, "fsync") from exc
+                raise _io_error(exc, path, "fsync", written=True) from exc
             finally:
                 cache.release(entry)
             self.mark_durable(target)
@@ -246,8 +261,13 @@ class Stream:
             self.reader.forget(self._path(start))
 
 
-def _io_error(exc: OSError, path: str, action: str) -> WalIOError:
+def _io_error(exc: OSError, path: str, action: str, written: bool = False) -> WalIOError:
+    """``written``: a sync failed, so what was written before it may or may not survive."""
     message = f"{action} failed on {path}: {exc.strerror or exc}"
+    if written:
+        message += ("; entries written before it were not acknowledged as durable and may or may "
+                    "not be there after a reopen (the stream refuses writes until then)")
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return DiskFullError(f"{message} (the disk is full; nothing of this call was kept)", exc.errno, path)
+        detail = "the disk is full" if written else "the disk is full; nothing of this call was kept"
+        return DiskFullError(f"{message} ({detail})", exc.errno, path)
     return WalIOError(message, exc.errno, path)

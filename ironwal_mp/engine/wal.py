@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
 
-from ..errors import WalClosedError, WalError, WalIOError
+from ..errors import StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -85,13 +85,16 @@ class Wal:
             self._closed = True
             streams = list(self._streams.values())
         try:
-            # (a failed stream already reported its error to its writers)
-            self._syncer.sync(streams)
+            # a stream that failed earlier has told its writers; a sync failing now tells nobody
+            # else, so close raises it (what was written since the last sync may be lost)
+            errors = [e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
         finally:
             self._syncer.close()
             self._fdcache.close_all()
             if self._lock is not None:
                 self._lock.release()
+        if errors:
+            raise errors[0]
 
     @property
     def closed(self) -> bool:
