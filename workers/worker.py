@@ -353,11 +353,15 @@ class Worker:
         self.syncer.close()
         if self.pool:
             self.pool.shutdown()
-        self.wal.close()
-        for st in self.shards.values():
-            st.ring.close()
-        self.commands.close()
-        self.replies.close()
+        try:
+            self.wal.close()  # (stop() has synced; an error here was the shard's to report)
+        except WalError as exc:
+            log.error("closing the shards' files: %s", exc)
+        finally:
+            for st in self.shards.values():
+                st.ring.close()
+            self.commands.close()
+            self.replies.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
