@@ -65,6 +65,7 @@ class Coordinator:
         self.env = dict(os.environ, IRONWAL_MP_OPTIONS=opts_json)
         self.lock = RootLock(root)
         self.rings: List[Ring] = []
+        self.kept: Dict[int, Ring] = {}  # rings of an earlier run still holding records
         self.ctl: Optional[C.ControlBlock] = None
         self.requests: Optional[Queue] = None
         self.worker_replies: Optional[Queue] = None
@@ -124,7 +125,7 @@ class Coordinator:
             for _pid, token in old.clients():
                 Queue.unlink_name(self.names.client_queue(token))
             old.close()
-        self.kept: Dict[int, Ring] = {}
+        self.kept = {}
         for shard in range(self.shard_count):
             try:
                 ring = Ring(self.names, shard, wake=False)
@@ -453,6 +454,13 @@ class Coordinator:
     def shutdown(self) -> None:
         if not self.lock.held:
             return  # never touch the objects of a coordinator we did not replace
+        if self.ctl is None:
+            # failed before creating anything (refused MANIFEST, bad checkpoint log...): what is
+            # there is an earlier run's, maybe rings of acknowledged records; the next start sorts it
+            for ring in self.kept.values():
+                ring.close()
+            self.lock.release()
+            return
         if self.ctl is not None:
             self.ctl.f[C.STATE] = C.ST_CLOSING
         if self.supervisor is not None:
@@ -463,7 +471,8 @@ class Coordinator:
                 except E.WalError:
                     pass
             self.supervisor.wait_all(STOP_TIMEOUT_S)
-        self.kept = {}
+        # (kept rings not yet taken into self.rings, should creating the rest have failed)
+        self.kept = {s: r for s, r in self.kept.items() if r not in self.rings}
         for ring in self.rings:
             ring.acquire()
             try:

@@ -450,7 +450,10 @@ def test_coordinator_killed_under_async_load(harness, wal_root):
 # --- 4. everything dies before the acknowledged entries were written ------------------------
 
 
-def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root):
+@pytest.mark.parametrize("refused_open_first", [False, True], ids=["reopen", "refused-open-first"])
+def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root, refused_open_first):
+    """Everything is SIGKILLed while rings hold acknowledged records; the next open writes
+    them. An open refused first (another shard count) must leave those rings alone."""
     wal = harness.open(3, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     entries: List[Entry] = []
 
@@ -497,6 +500,11 @@ def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root):
     wal.close()
 
     stale = ipc_objects(wal_root)
+    if refused_open_first:
+        with pytest.raises(E.ShardCountMismatchError):
+            harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+        assert {p: i for p, i in ipc_objects(wal_root).items() if "_ring" in p} == \
+            {p: i for p, i in stale.items() if "_ring" in p}, "a refused open removed kept rings"
     wal2 = harness.open(3, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     fresh = ipc_objects(wal_root)
     names = Names(wal_root)
