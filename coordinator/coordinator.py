@@ -222,6 +222,7 @@ class Coordinator:
             if self.supervisor.gave_up(w):
                 self._fail_worker(w)
                 continue
+            self._drain_commands(w)
             self.supervisor.restart(w)
             self._publish_workers()
         now = time.monotonic()
@@ -238,6 +239,15 @@ class Coordinator:
             Queue.unlink_name(self.names.client_queue(token))
         if gone:
             self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+
+    def _drain_commands(self, w: int) -> None:
+        """Drop requests queued for a dead worker (its answers were given on its behalf)."""
+        while True:
+            try:
+                if self.worker_queues[w].receive(0) is None:
+                    return
+            except ValueError:
+                continue  # a fragment of a message the dead one had begun to read
 
     def _fail_worker(self, w: int) -> None:
         """A worker that cannot stay up: fail its shards so clients get an error, not a hang."""
@@ -368,6 +378,10 @@ class Coordinator:
         failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
         if failed:
             raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
+        down = self.supervisor.dead()
+        if down:  # (a PREPARE would wait in its queue; enough of them fill it and stall us)
+            raise E.CheckpointAbortedError(
+                f"checkpoint {user_id!r} aborted: workers {down} are down and being restarted; try again")
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id
@@ -391,7 +405,8 @@ class Coordinator:
         if not barrier.done:
             barrier.on_timeout()
         if barrier.error is not None:
-            self._ask_workers(M.ABORT, {w: {} for w in barrier.by_worker})
+            down = set(self.supervisor.dead())  # (a restarted worker starts with an empty queue)
+            self._ask_workers(M.ABORT, {w: {} for w in barrier.by_worker if w not in down})
             raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: {barrier.error}")
         return CheckpointData(user_id, time.time_ns(), self.shard_count, tuple(barrier.offsets))
 

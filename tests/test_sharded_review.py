@@ -65,9 +65,16 @@ def test_a_worker_that_cannot_restart_fails_its_shards(wal_root):
         victim = wal.stats()["shards"][0]["worker_pid"]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
+        attempts = 0
         while wal.stats()["shards"][0]["state"] != "failed":
             assert time.monotonic() < deadline, "shard 0 was never marked failed"
-            time.sleep(0.2)
+            # checkpoints meanwhile abort, however many: requests to the dead worker must not
+            # pile up in its queue until the coordinator stalls on it (WalClosedError)
+            with pytest.raises(CheckpointAbortedError):
+                wal.create_checkpoint(b"meanwhile-%d" % attempts)
+            attempts += 1
+            time.sleep(0.05)
+        assert attempts > 0
         with pytest.raises(WorkerFailedError):
             wal.append(shard0[0], b"y")
         with pytest.raises(CheckpointAbortedError):
