@@ -1042,3 +1042,36 @@ def test_a_failure_after_attaching_releases_the_attachment(wal_root, monkeypatch
     assert not processes_of(wal_root)
     with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1) as wal:
         assert wal.append(b"k", b"v")[1] == 0
+
+
+def test_processes_opening_one_root_at_once_all_attach(wal_root):
+    """Several processes call ShardedWal(opts, n) on one root at the same moment: one starts the
+    coordinator, the others attach to it (none sees its start-up answer swept away)."""
+    go = os.path.join(os.path.dirname(wal_root), "go")
+    code = ("import os, sys, time\n"
+            "from ironwal_mp import ShardedWal, WalOptions, SyncMode\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
+            "w = ShardedWal(WalOptions(root_path=sys.argv[1], sync_mode=SyncMode.STRICT), 4, workers=1)\n"
+            "print(w.append(sys.argv[3].encode(), b'v')[0], flush=True)\n"
+            "sys.stdin.readline()\n"
+            "w.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, wal_root, go, f"key-{i}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    try:
+        time.sleep(1.0)  # (all are waiting for the go file by then, or soon after)
+        open(go, "w").close()
+        shards = [p.stdout.readline().strip() for p in procs]
+        errors = [p.stderr.read() for p in procs if p.poll() is not None]
+        assert all(s.isdigit() for s in shards), (shards, errors)
+        for p in procs:  # the starter last: closing it stops the coordinator
+            p.stdin.write("\n")
+            p.stdin.flush()
+        for p in procs:
+            assert p.wait(120) == 0, p.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 4, workers=1) as wal:
+        assert sum(s["next_id"] for s in wal.stats()["shards"]) == 4

@@ -243,7 +243,18 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
             msg = notify.receive(0.05)
             if msg is not None:
                 break
+            # Another coordinator's sweep of stale objects (one starting at the same time, or one
+            # shutting down) may have removed this queue, and with it the answer: look for it
+            ctl = _running(names)
+            if ctl is not None:
+                ours = ctl.coordinator_pid == proc.pid
+                ctl.close()
+                if ours:
+                    msg = M.Message(M.READY, 0, 0, {})
+                    break
             if proc.poll() is not None:
+                if lock_holder(root) not in (None, proc.pid):
+                    raise E.WalLockedError(f"{root} is being started by another process")
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 try:  # the coordinator leads its own process group: its workers go with it
@@ -263,6 +274,18 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
     return proc
 
 
+def _wait_for_starter(root: str, timeout: float) -> None:
+    """While another process holds ``root`` and its coordinator is not ready yet, wait."""
+    names = Names(root)
+    deadline = time.monotonic() + max(timeout, 60.0)
+    while lock_holder(root) is not None and time.monotonic() < deadline:
+        ctl = _running(names)
+        if ctl is not None:
+            ctl.close()
+            return
+        time.sleep(0.05)
+
+
 def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], timeout: float,
           start: bool) -> _Attachment:
     root = os.path.abspath(os.fspath(opts.root_path))
@@ -273,7 +296,7 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
                 try:
                     proc = _start(root, opts, service, timeout)
                 except E.WalLockedError:
-                    time.sleep(0.2 * (attempt + 1))  # another process is starting it: attach to that
+                    _wait_for_starter(root, timeout)  # another process is starting it: attach to that
                     continue
                 att = _attach(root, timeout)
                 if att is None:
