@@ -210,3 +210,56 @@ def attached_member(root: str, idx: int, barrier, out_q) -> None:
         except Exception:  # noqa: BLE001
             pass
         out_q.put((idx, type(exc).__name__, str(exc)))
+
+
+
+def close_under_threads(root: str, rounds: int) -> dict:
+    """Close this process's handles while its other threads append and wait (run in a child).
+
+    The WAL runs on (another process started it). Per round: STRICT threads contend for one
+    shard's lock and wait for durability, ASYNC threads fill the small ring and wait for
+    space; on even rounds the workers are stopped (SIGSTOP) so that every thread is inside a
+    semaphore wait when the handles close. Returns how each thread ended, by tag.
+    """
+    import signal
+    import threading
+
+    from ironwal_mp import WalClosedError
+
+    outcomes: dict = {}
+    for r in range(rounds):
+        strict = connect(root, sync_mode=SyncMode.STRICT)
+        fast = connect(root, sync_mode=SyncMode.ASYNC)
+        workers = strict.stats()["worker_pids"]
+        started = threading.Barrier(9)
+
+        def run(wal, tag: str) -> None:
+            started.wait()
+            try:
+                while True:
+                    wal.append(b"same-key", tag.encode() * 40)
+            except WalClosedError:
+                outcomes[tag] = outcomes.get(tag, 0) + 1
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                outcomes[tag] = repr(exc)
+
+        threads = [threading.Thread(target=run, args=(strict if i < 4 else fast, f"{'sa'[i >= 4]}{i}"))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        started.wait()
+        if r % 2 == 0:
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        try:
+            fast.close()
+            strict.close()
+            for t in threads:
+                t.join(60)
+                if t.is_alive():
+                    outcomes["hung"] = outcomes.get("hung", 0) + 1
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+    return outcomes

@@ -36,6 +36,8 @@ STUCK_S = 1.0
 REPAIR_TAKEOVER_S = 10.0
 #: a waiter count that stays unchanged with nobody able to wait, this long, is cleared
 STALE_S = 1.0
+#: how long close() waits for this process's other threads to leave the ring's semaphores
+CLOSE_WAIT_S = 2.0
 
 
 def pid_alive(pid: int) -> bool:
@@ -122,12 +124,32 @@ class Ring:
         self._unclaimed_since: Optional[float] = None
         #: called while waiting, to raise if the WAL is gone (set by the client)
         self.liveness: Optional[Callable[[], None]] = None
+        # One item per call of this process inside a semaphore wait (list.append and pop are
+        # atomic under the GIL): close() must not sem_close under a waiting thread. The
+        # single-record fast path never waits there and is not counted (see close()).
+        self._busy: list = []
+        self._closing = False
 
     @property
     def header(self) -> memoryview:
         return self._h
 
-    def close(self) -> None:
+    def close(self, release_memory: bool = True) -> None:
+        """Detach from the ring's memory and semaphores.
+
+        Other threads of this process may be waiting on its semaphores: they are told to stop
+        (WalClosedError) and the semaphores are closed only once none is inside a wait (sem_close
+        under a waiter is a use-after-free). ``release_memory=False`` leaves the mapping to
+        reference counting, for callers whose other threads may still be on the append fast
+        path (a view released under it would leave the ring lock held for good).
+        """
+        self._closing = True
+        self.liveness = None  # (also breaks the client's ring <-> attachment cycle)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._busy:
+            return  # a thread is stuck inside a wait: leave all of it to the process's exit
         for sem in (self.lock, self._repair, self.data_ready, self.space_free, self.durable_sem):
             if sem is None:
                 continue
@@ -135,12 +157,24 @@ class Ring:
                 sem.close()
             except posix_ipc.Error:
                 pass
+        if not release_memory:
+            return
         try:
             self._h.release()
             self.data.release()
             self._mm.close()
         except (BufferError, ValueError):
             pass  # a view is still exported somewhere; the mapping goes with the process
+
+    def _closed_error(self) -> WalClosedError:
+        return WalClosedError(f"shard {self.shard}: this process closed its handle on the ring")
+
+    def _enter(self) -> None:
+        """Count this call as inside the ring's semaphores (pair with ``_busy.pop()``)."""
+        self._busy.append(None)
+        if self._closing:  # (checked after counting: close() either waits for us or we see it)
+            self._busy.pop()
+            raise self._closed_error()
 
     @staticmethod
     def object_names(names: Names, shard: int) -> list[str]:
@@ -164,14 +198,17 @@ class Ring:
 
     def acquire(self, timeout: float = 30.0) -> None:
         """Take the ring lock; repair it if its holder died. Raises WorkerFailedError on timeout."""
-        lock = self.lock
+        self._enter()
         try:
-            lock.acquire(0)
-        except posix_ipc.BusyError:
-            self._acquire_slow(timeout)
-        h = self._h
-        h[L.HOLDER] = self._pid
-        h[L.LOCKS] += 1
+            try:
+                self.lock.acquire(0)
+            except posix_ipc.BusyError:
+                self._acquire_slow(timeout)
+            h = self._h
+            h[L.HOLDER] = self._pid
+            h[L.LOCKS] += 1
+        finally:
+            self._busy.pop()
 
     def release(self) -> None:
         self._h[L.HOLDER] = 0
@@ -181,9 +218,11 @@ class Ring:
         deadline = time.monotonic() + REPAIR_TAKEOVER_S
         while True:
             try:
-                self._repair.acquire(max(0.0, deadline - time.monotonic()))
+                self._repair.acquire(POLL_S)  # (in short waits: close() may be waiting for us)
                 return
-            except posix_ipc.SignalError:
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                if self._closing:
+                    raise self._closed_error() from None
                 if time.monotonic() >= deadline:
                     raise posix_ipc.BusyError("repair semaphore") from None
 
@@ -199,6 +238,13 @@ class Ring:
         posting) leaves no pid: such a lock is repaired once it has stayed held with no
         progress at all (GEN, LOCKS, REPAIRS unchanged) for STUCK_S.
         """
+        self._enter()
+        try:
+            self._acquire_wait(timeout)
+        finally:
+            self._busy.pop()
+
+    def _acquire_wait(self, timeout: float) -> None:
         now = time.monotonic()
         deadline = now + timeout
         seen, since = self._progress(), now
@@ -208,6 +254,8 @@ class Ring:
                 return
             except (posix_ipc.BusyError, posix_ipc.SignalError):  # (a signal handler ran)
                 pass
+            if self._closing:
+                raise self._closed_error()
             now = time.monotonic()
             state = self._progress()
             holder = state[3]
@@ -217,8 +265,9 @@ class Ring:
                 seen, since = state, now
             elif holder == 0 and now - since >= STUCK_S:
                 self._repair_if(state, dead=0)
-            if self.liveness is not None:
-                self.liveness()
+            live = self.liveness
+            if live is not None:
+                live()
             if now > deadline:
                 raise WorkerFailedError(
                     f"shard {self.shard}: ring lock not obtained in {timeout:.0f}s "
@@ -272,6 +321,13 @@ class Ring:
         Blocks while the ring is full (backpressure). With ``strict``, registers as a durable
         waiter in the same critical section (see :meth:`wait_durable`).
         """
+        self._enter()
+        try:
+            return self._publish(block, count, strict, timeout)
+        finally:
+            self._busy.pop()
+
+    def _publish(self, block: bytes, count: int, strict: bool, timeout: float) -> int:
         need = len(block)
         cap = self.capacity
         if need > cap:
@@ -416,7 +472,10 @@ class Ring:
                     held = False  # (before the post: a signal between them costs a repair)
                     release()
                     if h[38]:  # SLEEPING
-                        wake()
+                        try:
+                            wake()
+                        except posix_ipc.ExistentialError:
+                            pass  # closed by another thread just now; the worker's timer drains it
                     return seq
                 h[9] = 0
                 held = False
@@ -436,6 +495,13 @@ class Ring:
 
     def wait_durable(self, upto_seq: int, timeout: float = 30.0, registered: bool = True) -> None:
         """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter."""
+        self._enter()
+        try:
+            self._wait_durable(upto_seq, timeout, registered)
+        finally:
+            self._busy.pop()
+
+    def _wait_durable(self, upto_seq: int, timeout: float, registered: bool) -> None:
         h = self._h
         try:
             if h[L.DURABLE_SEQ] >= upto_seq:
@@ -474,8 +540,11 @@ class Ring:
             return
         except (posix_ipc.BusyError, posix_ipc.SignalError):  # the caller re-checks its condition
             pass
-        if self.liveness is not None:
-            self.liveness()
+        if self._closing:
+            raise self._closed_error()
+        live = self.liveness
+        if live is not None:
+            live()
         state = self._h[L.STATE]
         if state in (L.ST_FAILED, L.ST_CLOSED):
             raise _state_error(self.shard, state)
@@ -493,6 +562,18 @@ class Ring:
         h = self._h
         base = L.slot_base(h[L.GEN])
         return h[base], h[base + 1], h[base + 2], h[base + 3]
+
+    def next_seq(self, timeout: float = 30.0) -> int:
+        """The id the next publish will get (read under the lock)."""
+        self._enter()
+        try:
+            self.acquire(timeout)
+            try:
+                return self.next_seq_locked()
+            finally:
+                self.release()
+        finally:
+            self._busy.pop()
 
     def next_seq_locked(self) -> int:
         h = self._h

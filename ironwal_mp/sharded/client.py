@@ -128,15 +128,25 @@ class _Attachment:
         return msg.body
 
     def close_objects(self) -> None:
+        """Close what this process attached. Other threads may still be inside calls: each
+        wait among them sees ``closed`` within a poll and raises WalClosedError first."""
         self.closed = True
         if self.reader is not None:
             self.reader.close()
         for ring in self.rings:
-            ring.close()
-        self.requests.close()
-        if self.replies is not None:
-            self.replies.unlink()
-            self.replies.close()
+            # (the mapping itself is left to reference counting: a thread may be on the
+            # append fast path, which is not counted; see Ring.close)
+            ring.close(release_memory=False)
+        # a thread waiting for a reply holds req_lock and gives up within 0.1 s of `closed`
+        locked = self.req_lock.acquire(timeout=5.0)
+        try:
+            self.requests.close()
+            if self.replies is not None:
+                self.replies.unlink()
+                self.replies.close()
+        finally:
+            if locked:
+                self.req_lock.release()
         self.ctl.close()
 
 
@@ -397,6 +407,8 @@ class ShardedWal:
             return
         self._closed = True
         self.append = _closed_append  # type: ignore[method-assign]
+        # a closure fetched earlier (``app = wal.append``) refuses too
+        self._appenders[:] = [_closed_publish] * len(self._appenders)
         self._finalizer()
 
     @property
@@ -471,10 +483,7 @@ class ShardedWal:
         """Return once everything appended so far (by anyone) is durable on every shard."""
         self._check()
         for ring in self._rings:
-            ring.acquire(self._timeout)
-            target = ring.next_seq_locked()
-            ring.release()
-            ring.wait_durable(target, self._timeout, registered=False)
+            ring.wait_durable(ring.next_seq(self._timeout), self._timeout, registered=False)
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -617,6 +626,10 @@ def check_flush_interval(seconds: object) -> None:
 
 
 def _closed_append(key: bytes, value: bytes) -> Tuple[int, int]:
+    raise E.WalClosedError("this ShardedWal handle is closed")
+
+
+def _closed_publish(value: bytes) -> int:
     raise E.WalClosedError("this ShardedWal handle is closed")
 
 
