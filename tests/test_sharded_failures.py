@@ -450,10 +450,12 @@ def test_coordinator_killed_under_async_load(harness, wal_root):
 # --- 4. everything dies before the acknowledged entries were written ------------------------
 
 
-@pytest.mark.parametrize("refused_open_first", [False, True], ids=["reopen", "refused-open-first"])
-def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root, refused_open_first):
+@pytest.mark.parametrize("failed_open_first", [None, "refused", "start-timed-out"],
+                         ids=["reopen", "refused-open-first", "timed-out-start-first"])
+def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root, failed_open_first, monkeypatch):
     """Everything is SIGKILLed while rings hold acknowledged records; the next open writes
-    them. An open refused first (another shard count) must leave those rings alone."""
+    them. An open that fails first (refused: another shard count; or its coordinator killed
+    by the starter for not starting in time) must leave those rings alone."""
     wal = harness.open(3, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     entries: List[Entry] = []
 
@@ -500,11 +502,19 @@ def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root, ref
     wal.close()
 
     stale = ipc_objects(wal_root)
-    if refused_open_first:
+    if failed_open_first == "refused":
         with pytest.raises(E.ShardCountMismatchError):
             harness.open(4, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+    elif failed_open_first == "start-timed-out":
+        from ironwal_mp.sharded import client
+
+        monkeypatch.setattr(client, "START_WAIT_S", 0.0)
+        with pytest.raises(E.WorkerFailedError, match="did not start in time"):
+            harness.open(3, SyncMode.ASYNC, workers=2, ring_size=1 << 16, timeout=0.2)
+        monkeypatch.undo()
+    if failed_open_first:
         assert {p: i for p, i in ipc_objects(wal_root).items() if "_ring" in p} == \
-            {p: i for p, i in stale.items() if "_ring" in p}, "a refused open removed kept rings"
+            {p: i for p, i in stale.items() if "_ring" in p}, f"a failed open ({failed_open_first}) removed kept rings"
     wal2 = harness.open(3, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     fresh = ipc_objects(wal_root)
     names = Names(wal_root)

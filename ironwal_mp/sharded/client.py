@@ -42,6 +42,8 @@ import posix_ipc
 DEFAULT_RING_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_FLUSH_INTERVAL = C.DEFAULT_FLUSH_US / 1e6
+#: a starting coordinator gets at least this long (recovery may take a while) before it is killed
+START_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
            "--notify", f"{token:x}", "--starter", str(os.getpid())]
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-        deadline = time.monotonic() + max(timeout, 60.0)
+        deadline = time.monotonic() + max(timeout, START_WAIT_S)
         while True:
             msg = notify.receive(0.05)
             if msg is not None:
@@ -272,9 +274,10 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                 except ProcessLookupError:
                     pass
                 proc.wait()
-                if lock_holder(root) is None:  # it held the directory: clear what it created
-                    names.remove_all(keep=[names.client_queue(token)])
-                raise E.WorkerFailedError("the coordinator did not start in time")
+                # What it leaves is what a killed coordinator leaves, and may include rings of an
+                # earlier run that hold acknowledged records: the next start-up sorts them out
+                raise E.WorkerFailedError("the coordinator did not start in time (it was killed; "
+                                          "the next open recovers what it left)")
     finally:
         notify.unlink()
         notify.close()
