@@ -35,6 +35,8 @@ MAX_OPEN_REPLY_QUEUES = 64
 TICK_S = 0.05
 PREPARE_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
+#: how long start-up waits for an earlier run's workers to finish draining before killing them
+LEFTOVER_WAIT_S = 15.0
 STOP_TIMEOUT_S = 60.0
 
 
@@ -108,20 +110,23 @@ class Coordinator:
 
         Rings that still hold published records are kept: their workers resume from them.
         """
+        # Every live worker of this root is a leftover (we hold LOCK), also one that its
+        # coordinator started but died before publishing: none may write beside ours
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        for pid, _ in processes_of(self.root, roles=("workers",)):
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if pid_alive(pid):
+                log.warning("killing leftover worker %d", pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                gone_by = time.monotonic() + 5.0
+                while pid_alive(pid) and time.monotonic() < gone_by:  # (its files close as it goes)
+                    time.sleep(0.005)
         old = C.ControlBlock.try_open(self.names)
         if old is not None:
-            deadline = time.monotonic() + 15
-            # only pids that still are this root's workers: old pids may have been reused
-            ours = {pid for pid, _ in processes_of(self.root, roles=("workers",))}
-            for pid in (p for p in old.worker_pids() if p in ours):
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if pid_alive(pid):
-                    log.warning("killing leftover worker %d", pid)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
             for _pid, token in old.clients():
                 Queue.unlink_name(self.names.client_queue(token))
             old.close()
@@ -187,7 +192,8 @@ class Coordinator:
 
     def _wait_workers_open(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not all(r.header[L.STATE] == L.ST_OPEN for r in self.rings):
+        # (a shard its worker could not resume is failed, not pending: the others serve)
+        while not all(r.header[L.STATE] in (L.ST_OPEN, L.ST_FAILED) for r in self.rings):
             dead = self.supervisor.dead()
             if dead:
                 raise StartupError(E.WorkerFailedError(

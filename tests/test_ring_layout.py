@@ -358,3 +358,21 @@ def test_exact_fill_marker_taken_alone():
     assert sim.take() is None
     assert sim.produce([payload(2, 10)])
     assert [i for i, _ in sim.take()] == [51]
+
+
+def test_resume_action_decides_from_the_ring_and_the_disk():
+    from ironwal_mp.ipc.ring_layout import ST_CLOSED, ST_FAILED, ST_NEW, ST_OPEN, resume_action
+
+    assert resume_action(ST_NEW, 0, 0, False, 7) == ("fresh", "")
+    for state in (ST_OPEN, ST_CLOSED, ST_FAILED):
+        # the disk ends inside the ring's ids, at either end or between: resume
+        for disk in (10, 12, 15):
+            assert resume_action(state, 10, 15, True, disk) == ("resume", "")
+        # ids written from the ring are missing on disk: fail, with or without unwritten records
+        for unwritten in (False, True):
+            action, why = resume_action(state, 10, 15, unwritten, 9)
+            assert action == "fail" and "end at id 9" in why and "up to 10" in why
+        # the disk is past the ring: harmless if it holds nothing unwritten, else fail
+        assert resume_action(state, 15, 15, False, 20) == ("fresh", "")
+        action, why = resume_action(state, 10, 15, True, 20)
+        assert action == "fail" and "10..15" in why

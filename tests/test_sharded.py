@@ -534,7 +534,18 @@ def test_second_coordinator_from_another_process_is_refused(wal_root):
         )
         assert cli.returncode != 0
         assert b"mismatch" in cli.stderr.lower(), cli.stderr
+        # a worker not started by this coordinator (one whose coordinator died while it
+        # started finds a successor's control block) refuses before it opens any shard
+        shard0 = wal.stats()["shards"][0]
+        stray = subprocess.run(
+            [sys.executable, "-m", "workers", "--root", wal_root, "--shards", "0,1", "--index", "0"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=CHILD_TIMEOUT,
+        )
+        assert stray.returncode != 0
+        assert b"refusing to open shards" in stray.stderr, stray.stderr
         after = wal.stats()
+        assert (after["shards"][0]["worker_pid"], after["shards"][0]["worker_restarts"]) == \
+            (shard0["worker_pid"], shard0["worker_restarts"])
         assert after["coordinator_pid"] == pids["coordinator_pid"]
         assert after["worker_pids"] == pids["worker_pids"] and after["state"] == "ready"
         assert wal.append(b"k", b"after") == (zlib.crc32(b"k") % 4, 1)
@@ -1105,3 +1116,27 @@ def test_closing_under_busy_threads_stops_them_cleanly(wal_root):
         for s in range(2):
             wal.append(P.key_for_shard(s, 2), b"after")
         assert wal.stats()["worker_pids"]
+
+
+def test_open_waits_for_every_leftover_worker_of_the_root(wal_root, tmp_path):
+    # A coordinator killed after starting a worker but before recording its pid leaves a
+    # worker nobody listed; the next start-up must still wait for it (it may be draining into
+    # the shard files). Stand-ins named like workers: of this root, and of a root that merely
+    # begins with its name, which must not be waited for.
+    code = "import sys, time; time.sleep(float(sys.argv[1]))"
+    ours = subprocess.Popen([sys.executable, "-c", code, "2", "-m", "workers", "--root", wal_root,
+                             "--shards", "0", "--index", "0"])
+    other = subprocess.Popen([sys.executable, "-c", code, "60", "-m", "workers", "--root", wal_root + "2",
+                              "--shards", "0", "--index", "0"])
+    try:
+        from ironwal_mp.ipc.names import processes_of
+
+        assert [pid for pid, _ in processes_of(wal_root, roles=("workers",))] == [ours.pid]
+        with open_wal(wal_root, 2) as wal:
+            assert ours.poll() is not None, "the WAL started beside a live leftover worker"
+            assert other.poll() is None, "a worker of another root was waited for or killed"
+            wal.append(b"k", b"v")
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()

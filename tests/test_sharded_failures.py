@@ -666,6 +666,72 @@ def test_worker_killed_between_write_and_consume_writes_nothing_twice(harness):
     assert counts[0] == len(entries) == 85
 
 
+# --- 7b. a shard's files lose acknowledged entries behind the WAL's back ---------------------
+
+
+def test_worker_refuses_to_resume_a_shard_whose_files_lost_entries(harness):
+    """A shard's last frame is cut from its file while its ring still remembers writing it (and
+    holds more, unwritten). Starting the ring at the disk's end would hand out those ids again
+    and drop the unwritten records: the shard fails instead, across reopens, and once the file
+    is restored everything acknowledged is there."""
+    from ironwal_mp.engine import layout
+
+    def key_of(shard: int) -> bytes:
+        return next(b"k%d" % i for i in range(1000) if wal.shard_for(b"k%d" % i) == shard)
+
+    wal = harness.open(2, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+    entries: List[Entry] = []
+
+    def add(shard: int, n: int) -> None:
+        for _ in range(n):
+            value = make_value("r", len(entries), shard, 0, 1)
+            entries.append((*wal.append(key_of(shard), value), value))
+            wal.sync()  # one frame each, so cutting the last frame loses exactly one entry
+
+    add(0, 20)
+    add(1, 5)
+    shard0 = os.path.join(harness.root, "shard_00")
+    segment = os.path.join(shard0, layout.segment_name(layout.list_segments(shard0)[-1]))
+    with open(segment, "rb") as fh:
+        original = fh.read()
+    worker = wal.stats()["shards"][0]["worker_pid"]
+    harness.stop(worker, wal)
+    pending = []
+    for i in range(5):  # acknowledged, left in the ring
+        value = make_value("p", i, 0, 0, 1)
+        pending.append((*wal.append(key_of(0), value), value))
+    os.truncate(segment, len(original) - 3)  # the last frame (id 19) is now torn
+    kill(worker)
+
+    def failed() -> bool:
+        sh = wal.stats()["shards"][0]
+        return sh["worker_pid"] not in (0, worker) and sh["state"] == "failed"
+
+    wait_for(failed, "shard 0 to fail instead of resuming")
+    with pytest.raises(E.WorkerFailedError):
+        wal.append(key_of(0), b"refused")
+    st = wal.stats()["shards"][0]
+    assert (st["next_id"], st["durable_id"]) == (25, 19), st  # the ring kept its records
+    assert wal.get(0, 18) == entries[18][2] and wal.get(0, 19) is None
+    value = make_value("r", len(entries), 1, 0, 1)
+    assert wal.append(key_of(1), value) == (1, 5)  # the other shard serves on
+    entries.append((1, 5, value))
+    with pytest.raises(E.WorkerFailedError):
+        wal.sync()  # (it cannot promise shard 0's pending records)
+    wal.close()
+
+    wal = harness.open(2, SyncMode.ASYNC, workers=2, ring_size=1 << 16)  # the ring was kept
+    assert wal.stats()["shards"][0]["state"] == "failed"
+    wal.close()
+    with open(segment, "wb") as fh:  # the operator restores the file
+        fh.write(original)
+    wal = harness.open(2, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
+    assert wal.stats()["shards"][0]["state"] == "open"
+    wal.sync()
+    assert [wal.get(0, q) for q in range(25)] == [v for s, q, v in entries + pending if s == 0]
+    assert list(wal.iter_shard(1)) == [v for s, q, v in entries if s == 1]
+
+
 # --- 8. an appender dies while it waits ---------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import posix_ipc
 from ironwal_mp.engine.group_sync import GroupSyncer
 from ironwal_mp.engine.stream import Stream
 from ironwal_mp.engine.wal import Wal
-from ironwal_mp.errors import WalError
+from ironwal_mp.errors import WalError, WorkerFailedError
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc import control as C
@@ -68,6 +68,13 @@ class Worker:
         ctl = ControlBlock(self.names)
         # the coordinator that started us; if it died before we got here, getppid() already differs
         self.parent = ctl.coordinator_pid
+        if os.getppid() != self.parent:
+            # a worker whose coordinator died while it started may find a successor's control
+            # block: those shards are (about to be) another worker's, so touch nothing
+            ctl.close()
+            raise WorkerFailedError(
+                f"this worker's parent (pid {os.getppid()}) is not the coordinator of {root} "
+                f"(pid {self.parent}): refusing to open shards another worker may own")
         # written-but-not-durable entries are fsynced at most this long after they were written
         self.flush_interval = (ctl.f[C.FLUSH_US] or C.DEFAULT_FLUSH_US) / 1e6
         self.idle_flush = not ctl.f[C.IDLE_FLUSH_OFF]
@@ -98,12 +105,14 @@ class Worker:
             ring.acquire()
             try:
                 tail, next_seq, _, _ = ring.published()
-                ring.restore_head()
-                fresh = h[L.STATE] == L.ST_NEW or not (h[L.HEAD_SEQ] <= on_disk <= next_seq)
-                if fresh:
+                head, head_seq = ring.restore_head()
+                action, why = L.resume_action(h[L.STATE], head_seq, next_seq, head < tail, on_disk)
+                if action == "fail":  # (under the lock: nothing is published into it after this)
+                    h[L.STATE] = L.ST_FAILED
+                elif action == "fresh":
                     if h[L.STATE] != L.ST_NEW:
-                        log.warning("shard %d: ring ids %d..%d do not fit the disk's %d; starting the ring afresh",
-                                    st.shard, h[L.HEAD_SEQ], next_seq, on_disk)
+                        log.warning("shard %d: ring ids %d..%d are all on disk, which reaches %d; "
+                                    "starting the ring afresh", st.shard, head_seq, next_seq, on_disk)
                     base = L.slot_base(h[L.GEN])
                     h[base + L.NEXT_SEQ] = on_disk
                     # every change to a slot moves GEN (by 2 here: the same slot stays current),
@@ -112,7 +121,11 @@ class Worker:
                     ring.set_head(tail, on_disk)
             finally:
                 ring.release()
-            if not fresh:
+            if action == "fail":  # readers see what the files hold; writers get WorkerFailedError
+                self._publish_durable(st, st.stream.view())
+                self._fail(st, WalError(f"shard {st.shard}: cannot resume: {why}"))
+                continue
+            if action == "resume":
                 skipped = ring.skip_records(on_disk)
                 h[L.RESTARTS] += 1
                 log.info("shard %d: resumed at id %d (skipped %d records already on disk)", st.shard, on_disk, skipped)

@@ -138,27 +138,43 @@ def create_shm(name: str, size: int) -> posix_ipc.SharedMemory:
 
 
 def processes_of(root: str, roles: Optional[tuple] = ("coordinator", "workers")) -> List[Tuple[int, str]]:
-    """(pid, command line) of live processes whose command line names ``root``.
+    """(pid, command line) of live processes of ``root``'s WAL. Zombies are not counted.
 
-    With ``roles``, only those that also name one of them (a WAL's coordinator and workers
-    carry ``-m coordinator`` / ``-m workers`` and ``--root``). Zombies are not counted.
+    With ``roles``: processes started as ``-m <role>`` with ``--root`` naming exactly ``root``
+    (a WAL's coordinator and workers), so that ``/data/wal2``'s are not ``/data/wal``'s. With
+    None: any process whose command line mentions ``root`` at all.
     """
     found = []
     me = os.getpid()
+    want = os.path.abspath(root)
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == me:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                args = [a.decode(errors="replace") for a in fh.read().split(b"\0")]
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 if fh.read().rsplit(b") ", 1)[1][:1] == b"Z":
                     continue
         except (OSError, IndexError):
             continue
-        if root in cmd and (roles is None or any(r in cmd for r in roles)):
+        cmd = " ".join(args).strip()
+        if roles is None:
+            if root in cmd:
+                found.append((int(pid), cmd))
+        elif _root_arg(args) == want and any(r in args for r in roles):
             found.append((int(pid), cmd))
     return found
+
+
+def _root_arg(args: List[str]) -> Optional[str]:
+    """The absolute ``--root`` of a command line (None without one)."""
+    for i, arg in enumerate(args):
+        if arg == "--root" and i + 1 < len(args):
+            return os.path.abspath(args[i + 1])
+        if arg.startswith("--root="):
+            return os.path.abspath(arg[len("--root="):])
+    return None
 
 
 def _listdir(path: str) -> List[str]:

@@ -12,7 +12,7 @@ that every crossing of the end is known to the worker.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 RING_MAGIC = 0x49574D5052494E47  # "IWMPRING"
 RING_VERSION = 1
@@ -117,3 +117,25 @@ def next_slice(
         if not (head == wrap_pos == end):  # (such a wrap at head is already behind us)
             return Slice(head & (capacity - 1), wrap_pos - head, head_seq, wrap_seq - head_seq, end)
     return Slice(head & (capacity - 1), tail - head, head_seq, next_seq - head_seq, tail)
+
+
+def resume_action(state: int, head_seq: int, next_seq: int, unwritten: bool, on_disk: int) -> Tuple[str, str]:
+    """What a starting worker does with a ring, given the shard's next id on disk.
+
+    ``"resume"``: the disk ends inside the ring's ids, so skip what it holds and write the rest.
+    ``"fresh"``: a new ring, or one whose ids the disk has passed with nothing left unwritten;
+    start it at ``on_disk``. ``"fail"``: resuming would give two entries one id, or drop
+    acknowledged records; the second item says why (PROTOCOL.md, "Resume").
+    """
+    if state == ST_NEW:
+        return "fresh", ""
+    if head_seq <= on_disk <= next_seq:
+        return "resume", ""
+    if on_disk < head_seq:
+        return "fail", (f"the shard's files end at id {on_disk}, but ids up to {head_seq} were written "
+                        "from its ring: files were lost or replaced outside ironwal_mp (restore them; "
+                        "reusing those ids would give two entries one id)")
+    if unwritten:
+        return "fail", (f"the ring holds unwritten ids {head_seq}..{next_seq}, but the shard's files "
+                        f"already reach id {on_disk}: they were written to by something else")
+    return "fresh", ""
