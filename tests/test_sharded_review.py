@@ -80,3 +80,81 @@ def test_a_worker_that_cannot_restart_fails_its_shards(wal_root):
         with pytest.raises(CheckpointAbortedError):
             wal.create_checkpoint(b"c")
         assert wal.stats()["shards"][1]["state"] == "open"  # the other worker is unaffected
+
+
+class _Injected(BaseException):
+    """Raised where a signal handler could raise (a timeout, KeyboardInterrupt)."""
+
+
+def _call_boundaries(fn) -> int:
+    """How many Python-function entries and C-call returns one ``fn()`` goes through."""
+    n = [0]
+
+    def count(frame, event, arg):
+        if event in ("call", "c_return"):
+            n[0] += 1
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n[0]
+
+
+def _raise_at(k: int, fn) -> bool:
+    """Run ``fn`` raising _Injected at its k-th call boundary; whether it was raised."""
+    n = [0]
+
+    def hit(frame, event, arg):
+        if event in ("call", "c_return"):
+            n[0] += 1
+            if n[0] == k:
+                sys.setprofile(None)
+                raise _Injected(k)
+
+    sys.setprofile(hit)
+    try:
+        fn()
+    except _Injected:
+        return True
+    finally:
+        sys.setprofile(None)
+    return False
+
+
+def test_an_exception_at_any_call_never_leaves_the_ring_lock_held_under_our_pid(wal_root):
+    # Review finding: a raising signal handler runs at the next call of the main thread; at
+    # the entry of release() (or the return of the list.pop after acquiring) it left the ring
+    # lock held with this live pid recorded, which no other process ever repairs. The profiler
+    # raises at every call boundary of each client path in turn; a lock left held must carry
+    # HOLDER 0 (repaired by the next waiter after STUCK_S), and is mended here to go on.
+    from ironwal_mp import connect
+    from ironwal_mp.ipc import ring_layout as L
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 1) as wal, \
+            connect(wal_root, sync_mode=SyncMode.ASYNC) as fast:
+        ring = wal._rings[0]
+        h = ring.header
+        paths = {
+            "strict append": lambda: wal.append(b"k", b"v"),
+            "strict batch": lambda: wal.append_batch_for_key(b"k", [b"a", b"b"]),
+            "sync": wal.sync,
+            "async append": lambda: fast.append(b"k", b"v"),
+            "async batch": lambda: fast.append_batch([(b"k", b"v"), (b"k2", b"w")]),
+        }
+        held_by_us = []
+        for name, fn in paths.items():
+            fn()  # warm: the first call takes other branches
+            for k in range(1, _call_boundaries(fn) + 1):
+                if not _raise_at(k, fn):
+                    continue
+                if ring.lock.value == 0 and h[L.HOLDER] == os.getpid():
+                    held_by_us.append((name, k))
+                if ring.lock.value == 0:
+                    time.sleep(0.01)  # (the worker may hold it for an instant itself)
+                    if ring.lock.value == 0 and h[L.HOLDER] in (0, os.getpid()):
+                        h[L.HOLDER] = 0
+                        ring.lock.release()
+        assert not held_by_us, f"the ring lock was left held under this live pid: {held_by_us}"
+        wal.append(b"k", b"still works")

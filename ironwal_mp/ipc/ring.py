@@ -7,6 +7,14 @@ Producers serialise on the ring lock (a named semaphore). The holder records its
 producer killed while holding the lock can be detected and the lock repaired: a publish only
 becomes visible with its final GEN store, so a dead holder's half-copied bytes are simply never
 published. The worker is the single writer of the worker line; producers only read it.
+
+Raising signal handlers. CPython runs a signal handler at the next call (or loop jump) of the
+main thread, and a handler that raises (a timeout, KeyboardInterrupt) raises there. On the
+paths appending processes run, the ring lock is therefore held by the pattern: ``acquire()``
+stores HOLDER as its last step; the caller's ``try`` follows at once; the ``finally`` clears
+HOLDER before anything else and calls nothing Python-level before posting the semaphore. An
+exception can then leave the lock held only with HOLDER 0, which the next waiter repairs
+after STUCK_S, never with this live pid recorded, which nobody would repair.
 """
 
 from __future__ import annotations
@@ -204,13 +212,14 @@ class Ring:
                 self.lock.acquire(0)
             except posix_ipc.BusyError:
                 self._acquire_slow(timeout)
-            h = self._h
-            h[L.HOLDER] = self._pid
-            h[L.LOCKS] += 1
         finally:
             self._busy.pop()
+        h = self._h  # (the pid last, and no call after it: see "Raising signal handlers" above)
+        h[L.HOLDER] = self._pid
+        h[L.LOCKS] += 1
 
     def release(self) -> None:
+        """Release the lock (the worker's and coordinator's way; see "Raising signal handlers")."""
         self._h[L.HOLDER] = 0
         self.lock.release()
 
@@ -368,8 +377,8 @@ class Ring:
                     continue
                 h[L.SPACE_WAITERS] += 1
             finally:
-                self._restore_wrap_invariant()  # (an exception may have hit mid-publish)
                 h[L.HOLDER] = 0
+                self._restore_wrap_invariant()  # (an exception may have hit mid-publish)
                 self.lock.release()
             # full: wait for the worker to free space
             if not deadline:
@@ -379,9 +388,12 @@ class Ring:
                 self._wait(self.space_free, deadline, "space in the ring")
             finally:  # also on a timeout: a waiter left counted would make every later wait spin
                 self.acquire(timeout)
-                if h[L.SPACE_WAITERS]:  # (a worker may have reset a stale count)
-                    h[L.SPACE_WAITERS] -= 1
-                self.release()
+                try:
+                    if h[L.SPACE_WAITERS]:  # (a worker may have reset a stale count)
+                        h[L.SPACE_WAITERS] -= 1
+                finally:
+                    h[L.HOLDER] = 0
+                    self.lock.release()
         if h[L.SLEEPING]:
             self.data_ready.release()
         return seq
@@ -513,9 +525,12 @@ class Ring:
                 return
             if not registered:
                 self.acquire(timeout)
-                h[L.DUR_WAITERS] += 1
-                self.release()
-                registered = True
+                try:
+                    h[L.DUR_WAITERS] += 1
+                    registered = True
+                finally:
+                    h[L.HOLDER] = 0
+                    self.lock.release()
             deadline = time.monotonic() + timeout
             self._wake_worker()
             while h[L.DURABLE_SEQ] < upto_seq:
@@ -526,9 +541,12 @@ class Ring:
         finally:
             if registered:
                 self.acquire(timeout)
-                if h[L.DUR_WAITERS]:  # (a worker may have reset a stale count)
-                    h[L.DUR_WAITERS] -= 1
-                self.release()
+                try:
+                    if h[L.DUR_WAITERS]:  # (a worker may have reset a stale count)
+                        h[L.DUR_WAITERS] -= 1
+                finally:
+                    h[L.HOLDER] = 0
+                    self.lock.release()
 
     def _wake_worker(self) -> None:
         if self._h[L.SLEEPING]:
@@ -571,7 +589,8 @@ class Ring:
             try:
                 return self.next_seq_locked()
             finally:
-                self.release()
+                self._h[L.HOLDER] = 0
+                self.lock.release()
         finally:
             self._busy.pop()
 
