@@ -143,12 +143,15 @@ class Coordinator:
             try:
                 tail = ring.published()[0]
                 head, _ = ring.restore_head()
-                if h[L.STATE] != L.ST_NEW:
+                state = h[L.STATE]
+                unresumable = state == L.ST_FAILED and h[L.ERRNO] == L.ERR_CANNOT_RESUME
+                if state != L.ST_NEW:
                     h[L.STATE] = L.ST_CLOSED
             finally:
                 ring.release()
-            if h[L.STATE] != L.ST_NEW and head < tail:
-                log.warning("shard %d: keeping a ring with %d unwritten bytes from an earlier run", shard, tail - head)
+            if state != L.ST_NEW and (head < tail or unresumable):
+                log.warning("shard %d: keeping a ring from an earlier run (%d unwritten bytes%s)", shard,
+                            tail - head, ", failed at resume" if unresumable else "")
                 self.kept[shard] = ring
             else:
                 ring.close()
@@ -497,7 +500,9 @@ class Coordinator:
         for ring in self.rings:
             ring.acquire()
             try:
-                if ring.header[L.STATE] not in (L.ST_FAILED,):
+                failed = ring.header[L.STATE] == L.ST_FAILED
+                unresumable = failed and ring.header[L.ERRNO] == L.ERR_CANNOT_RESUME
+                if not failed:
                     ring.header[L.STATE] = L.ST_CLOSED
                 tail = ring.published()[0]
             finally:
@@ -506,6 +511,9 @@ class Coordinator:
             if head < tail:  # a worker died before draining: keep its records for the next open
                 log.error("shard %d: %d bytes of acknowledged records are not on disk yet; their ring is "
                           "kept and the next open writes them", ring.shard, tail - head)
+                self.kept[ring.shard] = ring
+            elif unresumable:  # it alone remembers which ids were handed out (Worker.resume)
+                log.error("shard %d could not resume; its ring is kept for the next open", ring.shard)
                 self.kept[ring.shard] = ring
             ring.wake_durable_waiters()
         if self.ctl is not None:

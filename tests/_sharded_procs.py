@@ -259,6 +259,11 @@ def close_under_threads(root: str, rounds: int) -> dict:
                 t.join(60)
                 if t.is_alive():
                     outcomes["hung"] = outcomes.get("hung", 0) + 1
+            if r % 2 == 0:  # the workers cannot have cleared them: every waiter took itself back
+                from ironwal_mp.ipc import ring_layout as L
+
+                left = sum(ring.header[L.DUR_WAITERS] + ring.header[L.SPACE_WAITERS] for ring in strict._rings)
+                outcomes["waiters left"] = outcomes.get("waiters left", 0) + left
         finally:
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)

@@ -1111,7 +1111,7 @@ def test_closing_under_busy_threads_stops_them_cleanly(wal_root):
                 os.kill(pid, signal.SIGCONT)
         assert out.returncode == 0, (out.returncode, out.stderr.decode()[-3000:])
         outcomes = json.loads(out.stdout)
-        assert outcomes == {f"{'sa'[i >= 4]}{i}": rounds for i in range(8)}, outcomes
+        assert outcomes == {"waiters left": 0, **{f"{'sa'[i >= 4]}{i}": rounds for i in range(8)}}, outcomes
         # the WAL serves on: every shard takes appends, from this process and a new one
         for s in range(2):
             wal.append(P.key_for_shard(s, 2), b"after")
@@ -1123,20 +1123,54 @@ def test_open_waits_for_every_leftover_worker_of_the_root(wal_root, tmp_path):
     # worker nobody listed; the next start-up must still wait for it (it may be draining into
     # the shard files). Stand-ins named like workers: of this root, and of a root that merely
     # begins with its name, which must not be waited for.
+    # Ours are named three ways: as given, through a symlink, and relative to their directory.
+    os.makedirs(wal_root)
+    link = str(tmp_path / "link")
+    os.symlink(wal_root, link)
     code = "import sys, time; time.sleep(float(sys.argv[1]))"
-    ours = subprocess.Popen([sys.executable, "-c", code, "2", "-m", "workers", "--root", wal_root,
-                             "--shards", "0", "--index", "0"])
-    other = subprocess.Popen([sys.executable, "-c", code, "60", "-m", "workers", "--root", wal_root + "2",
-                              "--shards", "0", "--index", "0"])
+
+    def stand_in(seconds, root, cwd=None):
+        return subprocess.Popen([sys.executable, "-c", code, seconds, "-m", "workers", "--root", root,
+                                 "--shards", "0", "--index", "0"], cwd=cwd)
+
+    ours = [stand_in("2", wal_root), stand_in("2", link), stand_in("2", "wal", cwd=str(tmp_path))]
+    other = stand_in("60", wal_root + "2")
     try:
         from ironwal_mp.ipc.names import processes_of
 
-        assert [pid for pid, _ in processes_of(wal_root, roles=("workers",))] == [ours.pid]
-        with open_wal(wal_root, 2) as wal:
-            assert ours.poll() is not None, "the WAL started beside a live leftover worker"
+        assert sorted(pid for pid, _ in processes_of(wal_root, roles=("workers",))) == sorted(p.pid for p in ours)
+        with open_wal(link, 2) as wal:
+            assert all(p.poll() is not None for p in ours), "the WAL started beside a live leftover worker"
             assert other.poll() is None, "a worker of another root was waited for or killed"
             wal.append(b"k", b"v")
     finally:
-        for proc in (ours, other):
+        for proc in ours + [other]:
             proc.kill()
             proc.wait()
+
+
+def test_a_forked_child_does_not_inherit_the_parents_waits(wal_root):
+    # Review finding: the child of a fork() kept the parent's count of threads inside ring waits,
+    # so its close() waited CLOSE_WAIT_S per ring for threads it does not have, then left the
+    # semaphores open.
+    import threading
+
+    with open_wal(wal_root, 1) as wal:
+        worker = wal.stats()["worker_pids"][0]
+        os.kill(worker, signal.SIGSTOP)
+        try:  # a STRICT append waits while the worker is stopped
+            waiter = threading.Thread(target=wal.append, args=(b"k", b"v"))
+            waiter.start()
+            ring = wal._rings[0]
+            deadline = time.monotonic() + CHILD_TIMEOUT
+            while not ring._busy and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert ring._busy, "the thread never waited"
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if not ring._busy else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "the child inherited the parent's waits"
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        waiter.join(CHILD_TIMEOUT)

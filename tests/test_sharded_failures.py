@@ -669,11 +669,13 @@ def test_worker_killed_between_write_and_consume_writes_nothing_twice(harness):
 # --- 7b. a shard's files lose acknowledged entries behind the WAL's back ---------------------
 
 
-def test_worker_refuses_to_resume_a_shard_whose_files_lost_entries(harness):
+@pytest.mark.parametrize("pending_n", [5, 0], ids=["records-pending", "ring-empty"])
+def test_worker_refuses_to_resume_a_shard_whose_files_lost_entries(harness, pending_n):
     """A shard's last frame is cut from its file while its ring still remembers writing it (and
-    holds more, unwritten). Starting the ring at the disk's end would hand out those ids again
-    and drop the unwritten records: the shard fails instead, across reopens, and once the file
-    is restored everything acknowledged is there."""
+    may hold more, unwritten). Starting the ring at the disk's end would hand out those ids
+    again and drop the unwritten records: the shard fails instead, across reopens (the ring is
+    kept for it even when empty), and once the file is restored everything acknowledged is
+    there."""
     from ironwal_mp.engine import layout
 
     def key_of(shard: int) -> bytes:
@@ -697,7 +699,7 @@ def test_worker_refuses_to_resume_a_shard_whose_files_lost_entries(harness):
     worker = wal.stats()["shards"][0]["worker_pid"]
     harness.stop(worker, wal)
     pending = []
-    for i in range(5):  # acknowledged, left in the ring
+    for i in range(pending_n):  # acknowledged, left in the ring
         value = make_value("p", i, 0, 0, 1)
         pending.append((*wal.append(key_of(0), value), value))
     os.truncate(segment, len(original) - 3)  # the last frame (id 19) is now torn
@@ -711,24 +713,27 @@ def test_worker_refuses_to_resume_a_shard_whose_files_lost_entries(harness):
     with pytest.raises(E.WorkerFailedError):
         wal.append(key_of(0), b"refused")
     st = wal.stats()["shards"][0]
-    assert (st["next_id"], st["durable_id"]) == (25, 19), st  # the ring kept its records
+    assert (st["next_id"], st["durable_id"]) == (20 + pending_n, 19), st  # the ring kept its records
     assert wal.get(0, 18) == entries[18][2] and wal.get(0, 19) is None
     value = make_value("r", len(entries), 1, 0, 1)
     assert wal.append(key_of(1), value) == (1, 5)  # the other shard serves on
     entries.append((1, 5, value))
     with pytest.raises(E.WorkerFailedError):
-        wal.sync()  # (it cannot promise shard 0's pending records)
+        wal.sync()  # (it cannot promise shard 0's records)
     wal.close()
 
     wal = harness.open(2, SyncMode.ASYNC, workers=2, ring_size=1 << 16)  # the ring was kept
     assert wal.stats()["shards"][0]["state"] == "failed"
+    with pytest.raises(E.WorkerFailedError):
+        wal.append(key_of(0), b"refused again")
     wal.close()
     with open(segment, "wb") as fh:  # the operator restores the file
         fh.write(original)
     wal = harness.open(2, SyncMode.ASYNC, workers=2, ring_size=1 << 16)
     assert wal.stats()["shards"][0]["state"] == "open"
     wal.sync()
-    assert [wal.get(0, q) for q in range(25)] == [v for s, q, v in entries + pending if s == 0]
+    assert [wal.get(0, q) for q in range(20 + pending_n)] == [v for s, q, v in entries + pending if s == 0]
+    assert wal.append(key_of(0), b"next") == (0, 20 + pending_n)
     assert list(wal.iter_shard(1)) == [v for s, q, v in entries if s == 1]
 
 

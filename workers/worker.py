@@ -10,6 +10,7 @@ messages from the coordinator (prepare, truncate, stop) are served between passe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -123,7 +124,9 @@ class Worker:
                 ring.release()
             if action == "fail":  # readers see what the files hold; writers get WorkerFailedError
                 self._publish_durable(st, st.stream.view())
-                self._fail(st, WalError(f"shard {st.shard}: cannot resume: {why}"))
+                self._fail(st, WalError(f"shard {st.shard}: cannot resume: {why}. To accept the loss "
+                                        f"instead, stop the WAL and remove /dev/shm{ring.names.ring(st.shard)}"),
+                           L.ERR_CANNOT_RESUME)
                 continue
             if action == "resume":
                 skipped = ring.skip_records(on_disk)
@@ -224,9 +227,9 @@ class Worker:
         st.h[L.DURABLE_SEQ] = view.next_id
         st.ring.wake_durable_waiters()
 
-    def _fail(self, st: ShardState, exc: BaseException) -> None:
+    def _fail(self, st: ShardState, exc: BaseException, code: int = 0) -> None:
         log.error("shard %d failed: %s", st.shard, exc)
-        st.h[L.ERRNO] = getattr(exc, "errno", 0) or 5
+        st.h[L.ERRNO] = code or getattr(exc, "errno", 0) or errno.EIO
         st.h[L.STATE] = L.ST_FAILED
         st.ring.wake_durable_waiters()
         for _ in range(8):

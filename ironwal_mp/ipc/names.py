@@ -140,19 +140,20 @@ def create_shm(name: str, size: int) -> posix_ipc.SharedMemory:
 def processes_of(root: str, roles: Optional[tuple] = ("coordinator", "workers")) -> List[Tuple[int, str]]:
     """(pid, command line) of live processes of ``root``'s WAL. Zombies are not counted.
 
-    With ``roles``: processes started as ``-m <role>`` with ``--root`` naming exactly ``root``
-    (a WAL's coordinator and workers), so that ``/data/wal2``'s are not ``/data/wal``'s. With
-    None: any process whose command line mentions ``root`` at all.
+    With ``roles``: processes started as ``-m <role>`` whose ``--root`` is the same directory
+    as ``root`` (compared as real paths, as the IPC names are: a symlinked spelling is the same
+    WAL, ``/data/wal2`` is not ``/data/wal``'s). With None: any process whose command line
+    mentions ``root`` at all.
     """
     found = []
     me = os.getpid()
-    want = os.path.abspath(root)
+    want = os.path.realpath(root)
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == me:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                args = [a.decode(errors="replace") for a in fh.read().split(b"\0")]
+                args = [os.fsdecode(a) for a in fh.read().split(b"\0")]
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 if fh.read().rsplit(b") ", 1)[1][:1] == b"Z":
                     continue
@@ -162,19 +163,29 @@ def processes_of(root: str, roles: Optional[tuple] = ("coordinator", "workers"))
         if roles is None:
             if root in cmd:
                 found.append((int(pid), cmd))
-        elif _root_arg(args) == want and any(r in args for r in roles):
+        elif any(r in args for r in roles) and _root_arg(int(pid), args) == want:
             found.append((int(pid), cmd))
     return found
 
 
-def _root_arg(args: List[str]) -> Optional[str]:
-    """The absolute ``--root`` of a command line (None without one)."""
+def _root_arg(pid: int, args: List[str]) -> Optional[str]:
+    """The real path of a command line's ``--root`` (None without one, or if unresolvable)."""
+    raw = None
     for i, arg in enumerate(args):
         if arg == "--root" and i + 1 < len(args):
-            return os.path.abspath(args[i + 1])
+            raw = args[i + 1]
+            break
         if arg.startswith("--root="):
-            return os.path.abspath(arg[len("--root="):])
-    return None
+            raw = arg[len("--root="):]
+            break
+    if raw is None:
+        return None
+    if not os.path.isabs(raw):  # relative to that process's working directory
+        try:
+            raw = os.path.join(os.readlink(f"/proc/{pid}/cwd"), raw)
+        except OSError:
+            return None
+    return os.path.realpath(raw)
 
 
 def _listdir(path: str) -> List[str]:

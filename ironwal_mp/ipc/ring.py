@@ -204,16 +204,23 @@ class Ring:
 
     # --- the ring lock ------------------------------------------------------------------
 
-    def acquire(self, timeout: float = 30.0) -> None:
-        """Take the ring lock; repair it if its holder died. Raises WorkerFailedError on timeout."""
-        self._enter()
+    def acquire(self, timeout: float = 30.0, cleanup: bool = False) -> None:
+        """Take the ring lock; repair it if its holder died. Raises WorkerFailedError on timeout.
+
+        ``cleanup``: the bookkeeping of a call already counted, which must still run (and may)
+        after close() began: not refused for closing.
+        """
+        busy = self._busy
+        busy.append(None)
         try:
+            if self._closing and not cleanup:
+                raise self._closed_error()
             try:
                 self.lock.acquire(0)
             except posix_ipc.BusyError:
-                self._acquire_slow(timeout)
+                self._acquire_wait(timeout, cleanup)
         finally:
-            self._busy.pop()
+            busy.pop()
         h = self._h  # (the pid last, and no call after it: see "Raising signal handlers" above)
         h[L.HOLDER] = self._pid
         h[L.LOCKS] += 1
@@ -253,7 +260,7 @@ class Ring:
         finally:
             self._busy.pop()
 
-    def _acquire_wait(self, timeout: float) -> None:
+    def _acquire_wait(self, timeout: float, cleanup: bool = False) -> None:
         now = time.monotonic()
         deadline = now + timeout
         seen, since = self._progress(), now
@@ -263,7 +270,7 @@ class Ring:
                 return
             except (posix_ipc.BusyError, posix_ipc.SignalError):  # (a signal handler ran)
                 pass
-            if self._closing:
+            if self._closing and not cleanup:
                 raise self._closed_error()
             now = time.monotonic()
             state = self._progress()
@@ -275,7 +282,7 @@ class Ring:
             elif holder == 0 and now - since >= STUCK_S:
                 self._repair_if(state, dead=0)
             live = self.liveness
-            if live is not None:
+            if live is not None and not cleanup:
                 live()
             if now > deadline:
                 raise WorkerFailedError(
@@ -387,7 +394,7 @@ class Ring:
             try:
                 self._wait(self.space_free, deadline, "space in the ring")
             finally:  # also on a timeout: a waiter left counted would make every later wait spin
-                self.acquire(timeout)
+                self.acquire(timeout, cleanup=True)
                 try:
                     if h[L.SPACE_WAITERS]:  # (a worker may have reset a stale count)
                         h[L.SPACE_WAITERS] -= 1
@@ -506,12 +513,17 @@ class Ring:
         return self.make_appender(strict, timeout)(data)
 
     def wait_durable(self, upto_seq: int, timeout: float = 30.0, registered: bool = True) -> None:
-        """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter."""
-        self._enter()
+        """Return once the shard's durable id reaches ``upto_seq``; deregister as a waiter.
+
+        Not refused when close() has begun: a record already durable is reported so, and a
+        registration is always taken back; only the wait itself stops (WalClosedError).
+        """
+        busy = self._busy
+        busy.append(None)
         try:
             self._wait_durable(upto_seq, timeout, registered)
         finally:
-            self._busy.pop()
+            busy.pop()
 
     def _wait_durable(self, upto_seq: int, timeout: float, registered: bool) -> None:
         h = self._h
@@ -540,7 +552,7 @@ class Ring:
                 self._wait(self.durable_sem, deadline, "durability")
         finally:
             if registered:
-                self.acquire(timeout)
+                self.acquire(timeout, cleanup=True)
                 try:
                     if h[L.DUR_WAITERS]:  # (a worker may have reset a stale count)
                         h[L.DUR_WAITERS] -= 1
@@ -553,6 +565,8 @@ class Ring:
             self.data_ready.release()
 
     def _wait(self, sem: posix_ipc.Semaphore, deadline: float, what: str) -> None:
+        if self._closing:
+            raise self._closed_error()
         try:
             sem.acquire(POLL_S)
             return

@@ -12,6 +12,7 @@ that every crossing of the end is known to the worker.
 
 from __future__ import annotations
 
+import errno
 from typing import NamedTuple, Tuple
 
 RING_MAGIC = 0x49574D5052494E47  # "IWMPRING"
@@ -49,6 +50,9 @@ WRAP_NONE = (1 << 64) - 1
 
 # ring states (STATE)
 ST_NEW, ST_OPEN, ST_CLOSING, ST_CLOSED, ST_FAILED = 0, 1, 2, 3, 4
+#: ERRNO of a shard failed at resume because its files lost ids its ring wrote: such a ring is
+#: kept across reopens (it alone remembers which ids were handed out)
+ERR_CANNOT_RESUME = errno.ENOTRECOVERABLE
 STATE_NAMES = {ST_NEW: "new", ST_OPEN: "open", ST_CLOSING: "closing", ST_CLOSED: "closed", ST_FAILED: "failed"}
 
 

@@ -162,6 +162,7 @@ def _after_fork_in_child() -> None:
     for att in list(_attachments.values()):
         for ring in att.rings:
             ring._pid = pid
+            ring._busy = []  # the parent's threads inside waits are not the child's
         att.started = None
         att.req_lock = threading.Lock()
         att.token = secrets.randbits(63) or 1
