@@ -394,13 +394,7 @@ class Ring:
             try:
                 self._wait(self.space_free, deadline, "space in the ring")
             finally:  # also on a timeout: a waiter left counted would make every later wait spin
-                self.acquire(timeout, cleanup=True)
-                try:
-                    if h[L.SPACE_WAITERS]:  # (a worker may have reset a stale count)
-                        h[L.SPACE_WAITERS] -= 1
-                finally:
-                    h[L.HOLDER] = 0
-                    self.lock.release()
+                self._uncount(L.SPACE_WAITERS, timeout)
         if h[L.SLEEPING]:
             self.data_ready.release()
         return seq
@@ -552,13 +546,18 @@ class Ring:
                 self._wait(self.durable_sem, deadline, "durability")
         finally:
             if registered:
-                self.acquire(timeout, cleanup=True)
-                try:
-                    if h[L.DUR_WAITERS]:  # (a worker may have reset a stale count)
-                        h[L.DUR_WAITERS] -= 1
-                finally:
-                    h[L.HOLDER] = 0
-                    self.lock.release()
+                self._uncount(L.DUR_WAITERS, timeout)
+
+    def _uncount(self, field: int, timeout: float) -> None:
+        """Take this caller back out of a waiter count (also while close() is under way)."""
+        h = self._h
+        self.acquire(timeout, cleanup=True)
+        try:
+            if h[field]:  # (a worker may have reset a stale count)
+                h[field] -= 1
+        finally:
+            h[L.HOLDER] = 0
+            self.lock.release()
 
     def _wake_worker(self) -> None:
         if self._h[L.SLEEPING]:
