@@ -137,6 +137,7 @@ class Ring:
         # single-record fast path never waits there and is not counted (see close()).
         self._busy: list = []
         self._closing = False
+        self._sems_closed = False
 
     @property
     def header(self) -> memoryview:
@@ -158,6 +159,7 @@ class Ring:
             time.sleep(0.001)
         if self._busy:
             return  # a thread is stuck inside a wait: leave all of it to the process's exit
+        self._sems_closed = True
         for sem in (self.lock, self._repair, self.data_ready, self.space_free, self.durable_sem):
             if sem is None:
                 continue
@@ -515,6 +517,8 @@ class Ring:
         busy = self._busy
         busy.append(None)
         try:
+            if self._sems_closed:  # (arrived after close() finished: nothing left to wait on)
+                raise self._closed_error()
             self._wait_durable(upto_seq, timeout, registered)
         finally:
             busy.pop()
