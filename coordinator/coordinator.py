@@ -19,7 +19,8 @@ from ironwal_mp.engine.rootlock import RootLock
 from ironwal_mp.ipc import control as C
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
-from ironwal_mp.ipc.names import Names, processes_of
+from ironwal_mp.ipc.leftovers import clear_leftovers
+from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring, pid_alive
 from ironwal_mp.options import options_from_dict
@@ -35,8 +36,6 @@ MAX_OPEN_REPLY_QUEUES = 64
 TICK_S = 0.05
 PREPARE_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
-#: how long start-up waits for an earlier run's workers to finish draining before killing them
-LEFTOVER_WAIT_S = 15.0
 STOP_TIMEOUT_S = 60.0
 
 
@@ -110,62 +109,8 @@ class Coordinator:
 
         Rings that still hold published records are kept: their workers resume from them.
         """
-        # Every live worker of this root is a leftover (we hold LOCK), also one that its
-        # coordinator started but died before publishing: none may write beside ours
-        deadline = time.monotonic() + LEFTOVER_WAIT_S
-        for pid, _ in processes_of(self.root, roles=("workers",)):
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if pid_alive(pid):
-                log.warning("killing leftover worker %d", pid)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                gone_by = time.monotonic() + 5.0
-                while pid_alive(pid) and time.monotonic() < gone_by:  # (its files close as it goes)
-                    time.sleep(0.005)
-        old = C.ControlBlock.try_open(self.names)
-        if old is not None:
-            for _pid, token in old.clients():
-                Queue.unlink_name(self.names.client_queue(token))
-            old.close()
-        self.kept = {}
-        for shard in range(self.shard_count):
-            try:
-                ring = Ring(self.names, shard, wake=False)
-            except (posix_ipc.ExistentialError, E.WalError, ValueError):
-                continue  # no (usable) ring of that shard
-            h = ring.header
-            # close it to producers still holding the old mapping, under its lock (repaired if
-            # a dead process holds it), so nothing is published after the decision below
-            ring.acquire()
-            try:
-                tail = ring.published()[0]
-                head, _ = ring.restore_head()
-                state = h[L.STATE]
-                unresumable = state == L.ST_FAILED and h[L.ERRNO] == L.ERR_CANNOT_RESUME
-                if state != L.ST_NEW:
-                    h[L.STATE] = L.ST_CLOSED
-            finally:
-                ring.release()
-            if state != L.ST_NEW and (head < tail or unresumable):
-                log.warning("shard %d: keeping a ring from an earlier run (%d unwritten bytes%s)", shard,
-                            tail - head, ", failed at resume" if unresumable else "")
-                self.kept[shard] = ring
-            else:
-                ring.close()
-        removed = 0
-        stem = self.names.prefix
-        for shard in range(self.shard_count):
-            if shard not in self.kept:
-                Ring.unlink_names(self.names, shard)
-        keep = [r for s in self.kept for r in Ring.object_names(self.names, s)]
-        if self.notify is not None:
-            keep.append(self.names.client_queue(self.notify))
-        removed += self.names.remove_all(keep=keep)
-        if removed:
-            log.info("removed %d stale IPC objects of %s", removed, stem)
+        keep = [self.names.client_queue(self.notify)] if self.notify is not None else []
+        self.kept = clear_leftovers(self.root, self.names, self.shard_count, keep=keep)
 
     def _create_ipc(self) -> None:
         self.ctl = C.ControlBlock(self.names, create=True)

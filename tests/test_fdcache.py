@@ -81,3 +81,21 @@ def test_mapping_grows_with_file(tmp_path):
     assert e.mapping(6)[:6] == b"abcdef"
     cache.release(e)
     cache.close_all()
+
+
+def test_close_all_under_a_pinned_reader_and_after(tmp_path):
+    # A thread still reading when the log closes keeps its descriptor until it lets go (its
+    # number cannot be reused under it); anything asked of the cache later is a closed log
+    from ironwal_mp.errors import WalClosedError
+
+    cache = FdCache(2)
+    a, b = _files(tmp_path, 2)
+    ea = cache.acquire(a)
+    cache.release(cache.acquire(b))
+    cache.close_all()
+    assert os.pread(ea.fd, 10, 0) == b"0"
+    cache.release(ea)
+    with pytest.raises(OSError):
+        os.fstat(ea.fd)
+    with pytest.raises(WalClosedError):
+        cache.acquire(b)

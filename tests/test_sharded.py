@@ -40,6 +40,7 @@ from ironwal_mp import (
     SyncMode,
     WalClosedError,
     WalOptions,
+    WorkerFailedError,
     connect,
 )
 from ironwal_mp.engine import layout
@@ -1116,6 +1117,66 @@ def test_closing_under_busy_threads_stops_them_cleanly(wal_root):
         for s in range(2):
             wal.append(P.key_for_shard(s, 2), b"after")
         assert wal.stats()["worker_pids"]
+
+
+def test_a_call_past_its_check_when_another_thread_closes_still_reads_the_control_block(wal_root):
+    # stats() has passed its closed-check when the last handle closes (here, from inside the
+    # call); the control block it goes on to read must still be mapped, not a released view
+    import sys
+
+    wal = open_wal(wal_root, 2)
+    wal.append(b"k", b"v")
+    closed = []
+
+    def close_inside(frame, event, _arg):
+        if event == "call" and frame.f_code.co_name == "worker_pids" and not closed:
+            sys.setprofile(None)
+            closed.append(True)
+            wal.close()
+
+    sys.setprofile(close_inside)
+    try:
+        st = wal.stats()
+    finally:
+        sys.setprofile(None)
+        wal.close()
+    assert closed and st["shard_count"] == 2
+
+
+def test_an_iteration_that_outlives_close_raises_wal_closed(wal_root):
+    # (its next read needs a descriptor from the closed handle's cache)
+    wal = open_wal(wal_root, 1, SyncMode.ASYNC, ring_size=1 << 20)
+    try:
+        values = [os.urandom(1000) for _ in range(1000)]  # (incompressible: 1 MB to read)
+        for i in range(0, 1000, 50):
+            wal.append_batch_for_key(b"k", values[i:i + 50])
+        wal.sync()
+        it = wal.iter_shard(0)
+        assert next(it) == values[0]
+    finally:
+        wal.close()
+    with pytest.raises(WalClosedError):
+        for _ in it:
+            pass
+
+
+@pytest.mark.parametrize("wait", [0.01, 0.1, 0.15])
+def test_a_start_that_times_out_leaves_no_ipc_objects(wal_root, monkeypatch, wait):
+    # The starter kills a coordinator that is not ready in time, wherever it had got to (a
+    # start here takes about 0.25 s), then clears what it left as a start-up would
+    from ironwal_mp.sharded import client
+
+    monkeypatch.setattr(client, "START_WAIT_S", 0.0)
+    try:
+        ShardedWal(WalOptions(root_path=wal_root), 4, timeout=wait).close()
+        pytest.skip(f"this machine started a WAL within {wait} s")
+    except WorkerFailedError as exc:
+        assert "did not start in time" in str(exc)
+    assert Names(wal_root).leftovers() == []
+    monkeypatch.undo()
+    with open_wal(wal_root, 4) as wal:
+        sid, seq = wal.append(b"k", b"after")
+        assert wal.get(sid, seq) == b"after"
 
 
 def test_open_waits_for_every_leftover_worker_of_the_root(wal_root, tmp_path):

@@ -12,7 +12,7 @@ from ..engine.checkpoint_log import CheckpointLog
 from ..engine.rootlock import lock_holder
 from ..errors import WalError
 from .locate import Target, locate
-from .output import EXIT_FINDING, EXIT_OK, Progress, UsageError, emit_json, size, table
+from .output import EXIT_FINDING, EXIT_OK, Progress, emit_json, size, table
 
 
 def _checkpoints(target: Target) -> Dict[str, Any]:

@@ -6,12 +6,10 @@ running one, or, for a stopped WAL, one started for the call and stopped after i
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict
 
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog
-from ..errors import WalError
 from .locate import locate, open_sharded
 from .output import EXIT_OK, UsageError, emit_json, table
 

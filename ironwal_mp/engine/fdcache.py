@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
+from ..errors import WalClosedError
+
 Key = Tuple[str, bool]  # (path, writable)
 
 
@@ -65,7 +67,8 @@ class FdCache:
         with self._lock:
             while True:
                 if self._closed:
-                    raise ValueError("descriptor cache is closed")
+                    # (an iteration that outlived its handle's close() reaches this)
+                    raise WalClosedError("the log's segment files are closed: its handle was closed")
                 entry = self._files.get(key)
                 if entry is not None:
                     entry.pins += 1

@@ -91,7 +91,11 @@ class ControlBlock:
             self.f[CLIENTS + 2 * i] = pid
             self.f[CLIENTS + 2 * i + 1] = token
 
-    def close(self) -> None:
+    def close(self, release_memory: bool = True) -> None:
+        """Detach. ``release_memory=False`` leaves the mapping to reference counting, for a
+        client whose other threads may be reading the block (a released view raises ValueError)."""
+        if not release_memory:
+            return
         try:
             self.f.release()
             self._mm.close()

@@ -82,6 +82,12 @@ class Names:
     def client_queue(self, token: int) -> str:
         return f"{self.prefix}_cli{token:x}"
 
+    def ring_shards(self) -> List[int]:
+        """Shards whose ring's shared memory exists now."""
+        head = self.prefix.lstrip("/") + "_ring"
+        return sorted(int(e[len(head):]) for e in _listdir(SHM_DIR)
+                      if e.startswith(head) and e[len(head):].isdigit())
+
     def leftovers(self) -> List[str]:
         """Objects with this prefix that exist now (shared memory, semaphores, queues)."""
         stem = self.prefix.lstrip("/")

@@ -22,10 +22,11 @@ from zlib import crc32
 from .. import errors as E
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
 from ..engine.frame import encode_entries
-from ..engine.rootlock import lock_holder
+from ..engine.rootlock import RootLock, lock_holder
 from ..ipc import control as C
 from ..ipc import messages as M
 from ..ipc import ring_layout as L
+from ..ipc.leftovers import clear_leftovers
 from ..ipc.names import Names
 from ..ipc.queues import Queue
 from ..ipc.ring import Ring, pid_alive
@@ -35,8 +36,11 @@ from .reads import ShardReader
 from .router import _crc32_v1, get_router
 
 import json
+import logging
 
 import posix_ipc
+
+log = logging.getLogger("ironwal_mp.client")
 
 #: default ring size per shard: 16 shards fit a 64 MiB /dev/shm several times over
 DEFAULT_RING_SIZE = 1 << 20
@@ -149,7 +153,8 @@ class _Attachment:
         finally:
             if locked:
                 self.req_lock.release()
-        self.ctl.close()
+        # (left mapped like the rings: a thread past check_open() may still read it)
+        self.ctl.close(release_memory=False)
 
 
 _attachments: Dict[str, _Attachment] = {}
@@ -275,10 +280,9 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                 except ProcessLookupError:
                     pass
                 proc.wait()
-                # What it leaves is what a killed coordinator leaves, and may include rings of an
-                # earlier run that hold acknowledged records: the next start-up sorts them out
-                raise E.WorkerFailedError("the coordinator did not start in time (it was killed; "
-                                          "the next open recovers what it left)")
+                _clear_after_killed_start(root, names, keep=[names.client_queue(token)])
+                raise E.WorkerFailedError("the coordinator did not start in time (it was killed; rings "
+                                          "holding acknowledged records are kept for the next open)")
     finally:
         notify.unlink()
         notify.close()
@@ -286,6 +290,27 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
         proc.wait()
         raise _rebuild_error(msg.body)
     return proc
+
+
+def _clear_after_killed_start(root: str, names: Names, keep: List[str]) -> None:
+    """Do the clean-up a start-up does, for what the coordinator we killed left behind.
+
+    It may have created objects, and rings of an earlier run may hold acknowledged records:
+    the same pass as the coordinator's start keeps those and removes the rest. Skipped when
+    another process holds LOCK (its coordinator's start-up does the same).
+    """
+    lock = RootLock(root)
+    try:
+        lock.acquire()
+    except (E.WalLockedError, OSError):
+        return
+    try:
+        for ring in clear_leftovers(root, names, 0, keep=keep).values():
+            ring.close()
+    except (E.WalError, OSError) as exc:
+        log.warning("could not clear what the killed coordinator of %s left: %s", root, exc)
+    finally:
+        lock.release()
 
 
 def _wait_for_starter(root: str, timeout: float) -> None:
