@@ -367,7 +367,7 @@ class Coordinator:
     def checkpoint(self, raw_id: bytes) -> dict:
         user_id = check_checkpoint_id(raw_id)
         if user_id in self.ckpt_log:
-            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; ids are never reused")
+            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; an id is not reused while the log holds it")
         barrier = self._start_barrier(user_id, self.cut())
         head = None
         try:

@@ -149,7 +149,8 @@ class NoCheckpointsError(WalError):
 
 
 class CheckpointExistsError(WalError, ValueError):
-    """A checkpoint with this id already exists; ids are never silently reused."""
+    """A checkpoint with this id already exists: an id names one checkpoint while the log holds it
+    (never silently replaced; compaction frees the ids of the records it drops)."""
 
 
 class CheckpointCorruptedError(CorruptionError):

@@ -74,7 +74,7 @@ def run(args) -> int:
 
     previous = signal.getsignal(signal.SIGINT)
     # the pid keeps ids of runs started in the same second (one after another, or side by side
-    # against `serve`) apart: a checkpoint id is never reused, so a clash would fail the run
+    # against `serve`) apart: an id the log holds is refused, so a clash would fail the run
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     per_shard: Dict[int, int] = {}
     checkpoints: List[bytes] = []

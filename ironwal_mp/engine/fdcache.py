@@ -118,6 +118,17 @@ class FdCache:
             self._files.clear()
             self._cond.notify_all()
 
+    def abandon(self) -> None:
+        """Close every descriptor without taking the lock (in a forked child, where a thread
+        that held it in the parent does not exist); the cache is unusable afterwards."""
+        self._closed = True
+        for entry in list(self._files.values()):
+            try:
+                entry.close()
+            except OSError:
+                pass
+        self._files = OrderedDict()
+
     def _evict_one(self) -> bool:
         for key, entry in self._files.items():  # oldest first
             if entry.pins == 0:

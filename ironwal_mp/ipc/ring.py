@@ -305,7 +305,7 @@ class Ring:
         try:
             self._repair_acquire()
         except posix_ipc.BusyError:
-            # busy for STUCK_S: a repairer died inside this few-microsecond section. Take its
+            # busy for REPAIR_TAKEOVER_S: a repairer died inside this few-microsecond section. Take its
             # place; the finally below then releases the hold it left behind.
             pass
         try:
@@ -345,11 +345,15 @@ class Ring:
         finally:
             self._busy.pop()
 
+    def check_block_size(self, need: int) -> None:
+        """RecordTooLargeError unless a block of ``need`` bytes fits the ring at all."""
+        if need > self.capacity:
+            raise RecordTooLargeError(need, self.capacity, f"shard {self.shard} ring block")
+
     def _publish(self, block: bytes, count: int, strict: bool, timeout: float) -> int:
         need = len(block)
         cap = self.capacity
-        if need > cap:
-            raise RecordTooLargeError(need, cap, f"shard {self.shard} ring block")
+        self.check_block_size(need)
         h = self._h
         deadline = 0.0
         while True:

@@ -85,7 +85,6 @@ class _Attachment:
         self.started: Optional[subprocess.Popen] = None
         self.closed = False
         self.reader: Optional[ShardReader] = None
-        self.reader_opts: Optional[WalOptions] = None
 
     def check_open(self) -> None:
         """WalClosedError if this handle is closed or the coordinator says it is stopping."""
@@ -158,7 +157,39 @@ class _Attachment:
 
 
 _attachments: Dict[str, _Attachment] = {}
-_registry_lock = threading.Lock()
+
+
+class _Registry:
+    """Serialises opening and releasing attachments in this process.
+
+    A handle freed by the garbage collector releases its attachment from a finalizer, which
+    may run inside an open or a release on the same thread (any allocation can trigger a
+    collection): that release is deferred until the lock is let go instead of deadlocking.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self._deferred: List[_Attachment] = []
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
+        while self._deferred and self._owner is None:
+            _release(self._deferred.pop())
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def defer(self, att: _Attachment) -> None:
+        self._deferred.append(att)
+
+
+_registry = _Registry()
 
 
 def _after_fork_in_child() -> None:
@@ -172,8 +203,10 @@ def _after_fork_in_child() -> None:
         att.req_lock = threading.Lock()
         att.token = secrets.randbits(63) or 1
         att.replies = None  # the parent's queue is the parent's
-    global _registry_lock
-    _registry_lock = threading.Lock()
+        if att.reader is not None:  # its locks may be held by parent threads that are not here
+            att.reader = att.reader.after_fork()
+    global _registry
+    _registry = _Registry()
 
 
 if hasattr(os, "register_at_fork"):
@@ -254,6 +287,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
     env["PYTHONPATH"] = project + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "coordinator", "--root", root, *service,
            "--notify", f"{token:x}", "--starter", str(os.getpid())]
+    proc: Optional[subprocess.Popen] = None
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         deadline = time.monotonic() + max(timeout, START_WAIT_S)
@@ -275,14 +309,14 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     raise E.WalLockedError(f"{root} is being started by another process")
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
-                try:  # the coordinator leads its own process group: its workers go with it
-                    os.killpg(proc.pid, 9)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-                _clear_after_killed_start(root, names, keep=[names.client_queue(token)])
+                _kill_start(proc, root, names, keep=[names.client_queue(token)])
                 raise E.WorkerFailedError("the coordinator did not start in time (it was killed; rings "
                                           "holding acknowledged records are kept for the next open)")
+    except BaseException:
+        # (Ctrl-C, or any error while waiting: a coordinator nobody is starter of would run on)
+        if proc is not None and proc.poll() is None:
+            _kill_start(proc, root, names, keep=[names.client_queue(token)])
+        raise
     finally:
         notify.unlink()
         notify.close()
@@ -290,6 +324,16 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
         proc.wait()
         raise _rebuild_error(msg.body)
     return proc
+
+
+def _kill_start(proc: subprocess.Popen, root: str, names: Names, keep: List[str]) -> None:
+    """Kill a coordinator that is still starting, with its workers, and clear what it left."""
+    try:  # the coordinator leads its own process group: its workers go with it
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    _clear_after_killed_start(root, names, keep)
 
 
 def _clear_after_killed_start(root: str, names: Names, keep: List[str]) -> None:
@@ -327,8 +371,9 @@ def _wait_for_starter(root: str, timeout: float) -> None:
 
 def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], timeout: float,
           start: bool) -> _Attachment:
-    root = os.path.abspath(os.fspath(opts.root_path))
-    with _registry_lock:
+    # (the real path, as the IPC names use: two spellings of one WAL share one attachment)
+    root = os.path.realpath(os.fspath(opts.root_path))
+    with _registry:
         for attempt in range(3):
             att = _attach(root, timeout)
             if att is None and start:
@@ -337,16 +382,26 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
                 except E.WalLockedError:
                     _wait_for_starter(root, timeout)  # another process is starting it: attach to that
                     continue
-                att = _attach(root, timeout)
-                if att is None:
-                    raise E.WorkerFailedError(f"the coordinator for {root} stopped right after starting")
-                att.started = proc
+                try:
+                    att = _attach(root, timeout)
+                    if att is None:
+                        raise E.WorkerFailedError(f"the coordinator for {root} stopped right after starting")
+                    att.started = proc
+                except BaseException:
+                    # it serves, but this process holds no handle that would ever stop it
+                    if att is None or att.started is None:
+                        proc.terminate()  # (a clean shut-down: SIGTERM is its stop signal)
+                        _wait_or_kill(proc)
+                    raise
             if att is None:
                 raise E.WalClosedError(
                     f"no coordinator is running for {root}: open it with ShardedWal(opts, shard_count) "
                     "or run `ironwal-mp serve`"
                 )
             if shard_count is not None and att.shard_count != shard_count:
+                if att.refs == 0 and att.started is None:  # attached for this call alone
+                    att.close_objects()
+                    _attachments.pop(root, None)
                 raise E.ShardCountMismatchError(shard_count, att.shard_count)
             att.refs += 1
             return att
@@ -384,6 +439,7 @@ class ShardedWal:
         except (ValueError, TypeError) as exc:
             raise E.ConfigError("ring_size", str(exc)) from None
         check_flush_interval(flush_interval)
+        check_timeout(timeout)
         if not isinstance(idle_flush, bool):
             raise E.ConfigError("idle_flush", f"must be True or False, got {idle_flush!r}")
         self.options = opts
@@ -410,11 +466,10 @@ class ShardedWal:
         self._sync_batches = mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
         if att.reader is None:
             att.reader = ShardReader(self.root, att.rings, self.options)
-        self._reader = att.reader
         # the hot path as a closure on the instance: no bound method is built per call and
         # every name it needs is a local (see ShardedWal.append for the contract)
         self.append = _make_append(self._route, self._n, self._appenders, self._rings, self._strict, self._timeout)
-        self._finalizer = weakref.finalize(self, _release, att)  # runs once: close() or GC
+        self._finalizer = weakref.finalize(self, _release_from_gc, att)  # runs once: close() or GC
 
     # --- pickling: re-attach in the receiving process ----------------------------------------
 
@@ -479,33 +534,47 @@ class ShardedWal:
     def append_batch(self, items: Iterable[Tuple[bytes, bytes]]) -> List[Tuple[int, int]]:
         """Append ``(key, value)`` pairs; return ``(shard, seq)`` for each, in input order.
 
-        Each shard's part of the batch is one frame (atomic on that shard).
+        Each shard's part of the batch is one frame (atomic on that shard); the parts are
+        published one shard after another. Bad arguments (types, a part too large for its
+        ring) are refused before anything is published. An error after that (a failed worker,
+        a timeout, a close) carries ``published``: per input position, the ``(shard, seq)``
+        already published (written unless that shard's worker fails), else None.
         """
         self._check()
         groups: Dict[int, List[int]] = {}
         values: List[bytes] = []
         for i, item in enumerate(items):
+            if isinstance(item, (bytes, bytearray, memoryview, str)):
+                raise TypeError("append_batch takes (key, value) pairs")
             try:
                 key, value = item
             except (TypeError, ValueError):
                 raise TypeError("append_batch takes (key, value) pairs") from None
             values.append(_as_bytes(value, "value"))
             groups.setdefault(self.shard_for(key), []).append(i)
-        out: List[Tuple[int, int]] = [(0, 0)] * len(values)
-        for shard, positions in groups.items():
-            first = self._publish(shard, [values[i] for i in positions])
-            for k, i in enumerate(positions):
-                out[i] = (shard, first + k)
-        return out
+        blocks = {shard: encode_entries([values[i] for i in positions]) for shard, positions in groups.items()}
+        for shard, block in blocks.items():
+            self._rings[shard].check_block_size(len(block))
+        out: List[Optional[Tuple[int, int]]] = [None] * len(values)
+        try:
+            for shard, positions in groups.items():
+                first = self._publish_block(shard, blocks[shard], len(positions))
+                for k, i in enumerate(positions):
+                    out[i] = (shard, first + k)
+        except E.WalError as exc:
+            if any(out):
+                exc.published = out  # type: ignore[attr-defined]
+            raise
+        return out  # type: ignore[return-value]
 
     def _publish(self, shard: int, values: Sequence[bytes]) -> int:
+        return self._publish_block(shard, encode_entries(values), len(values))
+
+    def _publish_block(self, shard: int, block: bytes, count: int) -> int:
         ring = self._rings[shard]
-        block = encode_entries(values)
+        seq = ring.publish(block, count, self._sync_batches, self._timeout)
         if self._sync_batches:
-            seq = ring.publish(block, len(values), True, self._timeout)
-            ring.wait_durable(seq + len(values), self._timeout)
-        else:
-            seq = ring.publish(block, len(values), False, self._timeout)
+            ring.wait_durable(seq + count, self._timeout)
         return seq
 
     def sync(self) -> None:
@@ -527,14 +596,14 @@ class ShardedWal:
         self._check()
         self._check_shard(shard_id)
         _check_seq(seq_id)
-        return self._reader.get(shard_id, seq_id)
+        return self._att.reader.get(shard_id, seq_id)
 
     def iter_shard(self, shard_id: int, start_id: int = 0) -> Iterator[bytes]:
         """A shard's durable entries from ``start_id`` (or the first kept one) on."""
         self._check()
         self._check_shard(shard_id)
         _check_seq(start_id)
-        return self._reader.iter(shard_id, start_id)
+        return self._att.reader.iter(shard_id, start_id)
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -579,7 +648,8 @@ class ShardedWal:
             raise TypeError("keep_latest_n must be an int")
         if keep_latest_n < 1:
             raise ValueError("keep_latest_n must be at least 1")
-        body = self._att.request(M.COMPACT, {"keep": keep_latest_n})
+        # (more than any log holds means all of them; msgpack carries at most 64 bits)
+        body = self._att.request(M.COMPACT, {"keep": min(keep_latest_n, 1 << 32)})
         return CompactionStats(body["before"], body["after"], body["reclaimed"])
 
     # --- observation ------------------------------------------------------------------------
@@ -648,6 +718,12 @@ def _make_append(route, n: int, appenders: list, rings: list, strict: bool, time
     return append_strict
 
 
+def check_timeout(seconds: object) -> None:
+    """ConfigError unless ``seconds`` is a positive, finite number of seconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        raise E.ConfigError("timeout", f"must be a positive, finite number of seconds, got {seconds!r}")
+
+
 def check_flush_interval(seconds: object) -> None:
     """ConfigError unless ``seconds`` is a number of seconds in 0.0001..3600."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0.0001 <= seconds <= 3600:
@@ -662,8 +738,24 @@ def _closed_publish(value: bytes) -> int:
     raise E.WalClosedError("this ShardedWal handle is closed")
 
 
+def _wait_or_kill(proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _release_from_gc(att: _Attachment) -> None:
+    """A handle's finalizer: release now, or once this thread lets go of the registry."""
+    if _registry.held_here():
+        _registry.defer(att)
+    else:
+        _release(att)
+
+
 def _release(att: _Attachment) -> None:
-    with _registry_lock:
+    with _registry:
         att.refs -= 1
         if att.refs > 0 or att.closed:
             return
@@ -673,11 +765,7 @@ def _release(att: _Attachment) -> None:
                     att.request(M.SHUTDOWN, {})
                 except E.WalError:
                     pass
-                try:
-                    att.started.wait(120)
-                except subprocess.TimeoutExpired:
-                    att.started.kill()
-                    att.started.wait()
+                _wait_or_kill(att.started)
             elif att.replies is not None:
                 try:
                     att.request(M.DETACH, {}, timeout=5.0)
@@ -705,7 +793,7 @@ def connect(root_path: "str | os.PathLike[str]", *, sync_mode: SyncMode = SyncMo
 def _as_bytes(value: object, what: str) -> bytes:
     if type(value) is bytes:
         return value  # type: ignore[return-value]
-    if isinstance(value, (bytearray, memoryview)):
+    if isinstance(value, (bytes, bytearray, memoryview)):  # (subclasses too)
         return bytes(value)
     raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
 

@@ -38,6 +38,7 @@ class ShardReader:
     def __init__(self, root: str, rings: List[Ring], opts: WalOptions) -> None:
         self.root = root
         self.rings = rings
+        self.opts = opts
         self.fdcache = FdCache(opts.max_open_segments)
         self.reader = SegmentReader.for_options(self.fdcache, opts)
         self._lock = threading.Lock()
@@ -97,3 +98,9 @@ class ShardReader:
 
     def close(self) -> None:
         self.fdcache.close_all()
+
+    def after_fork(self) -> "ShardReader":
+        """A new reader for a forked child, whose copy of this one's locks may be held for good
+        (by parent threads that do not exist in the child); the inherited descriptors are closed."""
+        self.fdcache.abandon()
+        return ShardReader(self.root, self.rings, self.opts)

@@ -1,0 +1,187 @@
+"""Handles at the edges: bad settings, interrupted starts, fork, GC finalizers, path spellings,
+and batches that cannot be published whole (review regressions, session 7)."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import _sharded_procs as P
+from ironwal_mp import ConfigError, RecordTooLargeError, ShardedWal, SyncMode, WalOptions, WorkerFailedError
+from ironwal_mp.ipc.names import Names, processes_of
+from ironwal_mp.sharded import client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+
+
+def _nothing_left(root: str) -> None:
+    deadline = time.monotonic() + 30
+    while processes_of(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_of(root) == []
+    assert Names(root).leftovers() == []
+
+
+@pytest.mark.parametrize("timeout", [None, "5", -1, 0, math.nan, math.inf, True])
+def test_a_bad_timeout_is_refused_before_anything_starts(wal_root, timeout):
+    with pytest.raises(ConfigError, match="timeout"):
+        ShardedWal(WalOptions(root_path=wal_root), 2, timeout=timeout)
+    _nothing_left(wal_root)
+
+
+@pytest.mark.parametrize("after_receives", [0, 3])
+def test_an_interrupt_while_the_coordinator_starts_kills_it(wal_root, monkeypatch, after_receives):
+    # Ctrl-C while waiting for READY: the coordinator (its own session) must not run on
+    # without the handle that would stop it
+    receive = client.Queue.receive
+    calls = []
+
+    def interrupted(self, timeout=None):
+        calls.append(1)
+        if len(calls) > after_receives:
+            raise KeyboardInterrupt
+        return receive(self, timeout)
+
+    monkeypatch.setattr(client.Queue, "receive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ShardedWal(WalOptions(root_path=wal_root), 2)
+    monkeypatch.undo()
+    _nothing_left(wal_root)
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:  # and it opens normally after
+        assert wal.append(b"k", b"v")[1] == 0
+
+
+def test_an_interrupt_right_after_ready_stops_the_coordinator(wal_root, monkeypatch):
+    attach = client._attach
+    calls = []
+
+    def interrupted(root, timeout):
+        calls.append(1)
+        if len(calls) == 2:  # the attach after READY (the first found nothing running)
+            raise KeyboardInterrupt
+        return attach(root, timeout)
+
+    monkeypatch.setattr(client, "_attach", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ShardedWal(WalOptions(root_path=wal_root), 2)
+    monkeypatch.undo()
+    _nothing_left(wal_root)
+
+
+def test_two_spellings_of_one_root_share_one_attachment(wal_root, tmp_path):
+    link = str(tmp_path / "link")
+    a = ShardedWal(WalOptions(root_path=wal_root), 2)
+    os.symlink(wal_root, link)
+    b = ShardedWal(WalOptions(root_path=link), 2)
+    try:
+        assert a._att is b._att
+        a.close()
+        shard, seq = b.append(b"k", b"still served")  # the starter's other handle is open
+        b.sync()
+        assert b.get(shard, seq) == b"still served"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_forked_child_reads_though_a_parent_thread_held_the_reader_locks(wal_root):
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
+        shard, seq = wal.append(b"k", b"before the fork")
+        assert wal.get(shard, seq) == b"before the fork"
+        reader = wal._att.reader
+        # as if another thread were inside a read at the moment of the fork
+        with reader._lock, reader.fdcache._lock:
+            pid = os.fork()
+            if pid == 0:  # the child: must not wait for locks nobody will release
+                code = 1
+                try:
+                    signal.alarm(20)
+                    ok = wal.get(shard, seq) == b"before the fork" and list(wal.iter_shard(shard)) == [b"before the fork"]
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert wal.get(shard, seq) == b"before the fork"
+
+
+GC_SCRIPT = r"""
+import gc, sys
+from ironwal_mp import ShardedWal, WalOptions
+from ironwal_mp.sharded import client
+
+gc.disable()
+root = sys.argv[1]
+first = ShardedWal(WalOptions(root_path=root), 2)
+first.cycle = first  # freed only by the collector
+del first
+attach = client._attach
+collected = []
+
+def attach_with_a_collection(root, timeout):
+    collected.append(gc.collect())  # (any allocation here could trigger one)
+    return attach(root, timeout)
+
+client._attach = attach_with_a_collection
+second = ShardedWal(WalOptions(root_path=root), 2)
+assert collected and collected[0] > 0, collected
+assert second._att.refs == 1, second._att.refs
+second.append(b"k", b"v")
+second.close()
+print("ok")
+"""
+
+
+def test_a_handle_freed_by_the_collector_inside_an_open_does_not_deadlock(wal_root):
+    out = subprocess.run([sys.executable, "-c", GC_SCRIPT, wal_root], env=CHILD_ENV,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == b"ok", out.stderr.decode()[-2000:]
+    _nothing_left(wal_root)
+
+
+def test_a_batch_part_too_large_for_its_ring_publishes_nothing(wal_root):
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2, ring_size=4096) as wal:
+        small, big = P.key_for_shard(0, 2), P.key_for_shard(1, 2)
+        with pytest.raises(RecordTooLargeError):
+            wal.append_batch([(small, b"small"), (big, b"x" * 5000)])
+        with pytest.raises(RecordTooLargeError):  # each value fits; shard 1's part does not
+            wal.append_batch([(small, b"s" * 40)] * 10 + [(big, b"b" * 40)] * 100)
+        assert [s["next_id"] for s in wal.stats()["shards"]] == [0, 0]
+        assert wal.append_batch([(small, b"a"), (big, b"b")]) == [(0, 0), (1, 0)]
+
+
+def test_a_batch_that_fails_part_way_says_what_was_published(wal_root):
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC)
+    with ShardedWal(opts, 2, workers=2, ring_size=4096, timeout=0.5) as wal:
+        k0, k1 = P.key_for_shard(0, 2), P.key_for_shard(1, 2)
+        worker1 = wal.stats()["shards"][1]["worker_pid"]
+        os.kill(worker1, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerFailedError):
+                for _ in range(1000):  # fill shard 1's ring: its worker does not drain it
+                    wal.append(k1, b"f" * 100)
+            with pytest.raises(WorkerFailedError) as info:
+                wal.append_batch([(k0, b"a"), (k1, b"b"), (k0, b"c")])
+            assert info.value.published == [(0, 0), None, (0, 1)]
+        finally:
+            os.kill(worker1, signal.SIGCONT)
+        wal.sync()
+        assert list(wal.iter_shard(0)) == [b"a", b"c"]
+
+
+def test_argument_edges(wal_root):
+    class Key(bytes):
+        pass
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
+        shard, seq = wal.append(Key(b"k"), Key(b"value"))  # a bytes subclass is bytes
+        assert wal.get(shard, seq) == b"value"
+        with pytest.raises(TypeError, match="pairs"):
+            wal.append_batch([b"ab"])
+        wal.create_checkpoint(b"c")
+        assert wal.compact_checkpoints(2 ** 70).checkpoints_after == 1
