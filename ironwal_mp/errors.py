@@ -33,6 +33,10 @@ class InvalidStreamNameError(WalError, ValueError):
         self.reason = reason
 
 
+class InvalidIdError(WalError, ValueError):
+    """A sequence id or shard id outside its range (negative, past u64, past the shard count)."""
+
+
 class RecordTooLargeError(WalError, ValueError):
     """An entry or batch is larger than the format (or a shard's ring) can hold."""
 

@@ -6,14 +6,15 @@ from ironwal_mp import InvalidStreamNameError
 from ironwal_mp.engine import layout
 
 
-@pytest.mark.parametrize("name", ["orders", "a", "A-b_c.d", "x" * 200, "0", "shard_00"])
+@pytest.mark.parametrize("name", ["orders", "a", "A-b_c.d", "x" * 200, "0", "shard_00", "checkpoints", "HEADLINES", "LOCKS.v2"])
 def test_safe_names_are_kept(name):
     assert layout.check_stream_name(name) == name
 
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 201, "sp ace", "é", "a:b", "segments.idx", "head.state", "LOCK", "MANIFEST", "HEAD", "checkpoints.log"],
+    ["", ".", "..", "a/b", "a\\b", "a\x00b", ".hidden", "x" * 201, "sp ace", "é", "a:b", "segments.idx", "head.state", "LOCK", "MANIFEST", "HEAD", "checkpoints.log",
+     "HEAD.tmp", "checkpoints.log.tmp", "MANIFEST.tmp", "checkpoints.log.broken"],
 )
 def test_unsafe_names_are_refused(name):
     with pytest.raises(InvalidStreamNameError):

@@ -7,6 +7,7 @@ from ironwal_mp import (
     CompressionType,
     ConfigError,
     CorruptionPolicy,
+    CrcMismatchError,
     InvalidStreamNameError,
     ReadStrategy,
     SyncMode,
@@ -443,3 +444,106 @@ def test_ids_past_u64_are_refused(tmp_path):
         with pytest.raises(WalIOError) as info:
             wal.append_batch("s", [b"a", b"b", b"c"])
         assert info.value.errno == errno.EOVERFLOW
+
+
+@pytest.mark.parametrize("read", ["get", "iter"])
+def test_a_damaged_size_field_never_makes_a_payload_read_as_a_frame(tmp_path, read):
+    # Entry 5's bytes hold a valid frame for id 6 (a log of logs). Shortening frame 5's size
+    # fields to end where that embedded frame begins must give a CRC error, never its bytes:
+    # every frame a read walks over (and the sealed segment's index) is CRC-checked
+    import struct
+
+    from ironwal_mp.engine.frame import HEADER, frame_for_entries
+
+    opts = WalOptions(root_path=str(tmp_path), compression="none", max_entries_per_segment=8)
+    with Wal(opts) as wal:
+        for i in range(5):
+            wal.append("s", b"entry-%d" % i)
+        wal.append("s", b"pad" + frame_for_entries(6, [b"EVIL"]))
+        for i in range(6, 12):
+            wal.append("s", b"entry-%d" % i)  # segment 0 (ids 0-7) is sealed
+    seg = os.path.join(str(tmp_path), "s", layout.segment_name(0))
+    buf = bytearray(open(seg, "rb").read())
+    off = 0
+    while HEADER.unpack_from(buf, off)[2] != 5:
+        off += HEADER.size + HEADER.unpack_from(buf, off)[5]
+    struct.pack_into("<II", buf, off + 21, 7, 7)  # disk and uncompressed size: length prefix + b"pad"
+    with open(seg, "wb") as fh:
+        fh.write(buf)
+    with Wal(opts) as wal:
+        with pytest.raises(CrcMismatchError):
+            if read == "get":
+                wal.get("s", 6)
+            else:
+                list(wal.iter("s", 6))
+        assert wal.get("s", 4) == b"entry-4" and wal.get("s", 9) == b"entry-9"
+
+
+def test_a_truncate_that_fails_part_way_is_a_wal_io_error_and_memory_follows_the_disk(tmp_path, monkeypatch):
+    import errno
+
+    from ironwal_mp import DiskFullError, WalIOError
+    from ironwal_mp.engine import stream as stream_mod
+
+    with Wal(WalOptions(root_path=str(tmp_path), max_entries_per_segment=2, sync_mode=SyncMode.ASYNC)) as wal:
+        for i in range(10):
+            wal.append("s", b"e%d" % i)
+
+        def full(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(layout, "write_file_atomic", full)  # the segments.idx rewrite
+        with pytest.raises(DiskFullError, match="after deleting 2 of 2"):
+            wal.truncate("s", 4)
+        monkeypatch.undo()
+        assert wal.first_id("s") == 4 and wal.get("s", 4) == b"e4"
+
+        unlink, calls = os.unlink, []
+
+        def refuse_second(path, *args, **kwargs):
+            calls.append(path)
+            if len(calls) == 2:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(stream_mod.os, "unlink", refuse_second)
+        with pytest.raises(WalIOError, match="after deleting 1 of 2"):
+            wal.truncate("s", 8)
+        monkeypatch.undo()
+        assert wal.first_id("s") == 6 and wal.get("s", 6) == b"e6" and wal.get("s", 5) is None
+        assert wal.truncate("s", 8) == 1 and wal.first_id("s") == 8
+    with Wal(WalOptions(root_path=str(tmp_path), max_entries_per_segment=2)) as wal:  # the idx is rebuilt
+        assert list(wal.iter("s", 0)) == [b"e8", b"e9"]
+
+
+def test_negative_ids_are_argument_errors(tmp_path):
+    from ironwal_mp import InvalidIdError
+
+    with Wal(WalOptions(root_path=str(tmp_path))) as wal:
+        wal.append("s", b"x")
+        for call in (lambda: wal.get("s", -1), lambda: wal.iter("s", -1), lambda: wal.truncate("s", -1)):
+            with pytest.raises(InvalidIdError) as info:
+                call()
+            assert isinstance(info.value, WalError) and isinstance(info.value, ValueError)
+
+
+def test_sync_checks_the_stream_name(tmp_path):
+    with Wal(WalOptions(root_path=str(tmp_path), sync_mode=SyncMode.ASYNC)) as wal:
+        wal.append("s", b"x")
+        with pytest.raises(InvalidStreamNameError):
+            wal.sync("../x")
+        wal.sync("never-written")  # a valid name this handle never wrote: nothing to sync
+        wal.sync("s")
+
+
+def test_an_append_that_races_close_sees_wal_closed_not_a_failed_stream(tmp_path):
+    # (as if close() had run between the append's closed-check and its write)
+    wal = Wal(WalOptions(root_path=str(tmp_path)))
+    wal.append("s", b"x")
+    wal._fdcache.close_all()
+    for _ in range(2):
+        with pytest.raises(WalClosedError):
+            wal.append("s", b"y")
+    wal.close()
+    with Wal(WalOptions(root_path=str(tmp_path))) as wal:
+        assert list(wal.iter("s", 0)) == [b"x"]

@@ -29,6 +29,8 @@ _STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 MAX_STREAM_NAME = 200
 #: files of a WAL root or stream directory that a stream may not be named after
 _RESERVED_NAMES = {SEGMENTS_IDX, HEAD_STATE, "LOCK", "MANIFEST", "HEAD", "checkpoints.log"}
+#: files of a WAL root, whose names with any suffix are never stream names
+_ROOT_FILES = ("LOCK", "MANIFEST", "HEAD", "checkpoints.log")
 
 
 def segment_name(start_id: int) -> str:
@@ -60,8 +62,8 @@ def check_stream_name(name: object) -> str:
         reason = "starts with '.'"
     elif not _STREAM_NAME_RE.fullmatch(name):
         reason = "only ASCII letters, digits, '_', '-' and '.' are allowed"
-    elif name in _RESERVED_NAMES:
-        reason = "reserved file name"
+    elif name in _RESERVED_NAMES or any(name.startswith(f + ".") for f in _ROOT_FILES):
+        reason = "reserved file name"  # (also a root file's temp and .broken copies)
     else:
         return name
     raise InvalidStreamNameError(name, reason)

@@ -95,7 +95,7 @@ class SegmentReader:
             self.fdcache.release(entry)
 
     def sealed_index(self, path: str, start: int) -> tuple[SparseIndex, int]:
-        """(index, valid size) of a sealed segment, built once by a header-only scan."""
+        """(index, valid size) of a sealed segment, built once by a CRC-checked scan."""
         cached = self.indexes.get(path)
         if cached is not None:
             return cached
@@ -104,7 +104,7 @@ class SegmentReader:
         valid = 0
         try:
             for offset, header, _ in scan_frames(
-                self.read_fn(path), 0, start, end=size, chunk=self.chunk, verify=False
+                self.read_fn(path), 0, start, end=size, chunk=self.chunk, decode_lz4=False
             ):
                 index.add(header.start_id, offset)
                 valid = offset + header.frame_size
@@ -120,15 +120,17 @@ class SegmentReader:
         if self.blocks is not None:
             self.blocks.discard_where(lambda key: key[0] == path)  # type: ignore[index]
 
-    def decode(self, path: str, offset: int, header: FrameHeader, stored: bytes) -> List[bytes]:
-        """A frame's entries, CRC-checked; from the block cache when enabled."""
+    def decode(self, path: str, offset: int, header: FrameHeader, stored: bytes,
+               crc_checked: bool = False) -> List[bytes]:
+        """A frame's entries, CRC-checked (unless the caller just did); from the block cache when enabled."""
         blocks = self.blocks
         if blocks is not None:
             hit = blocks.get((path, offset))
             if hit is not None:
                 return hit[0]
         try:
-            check_payload(header, stored)
+            if not crc_checked:
+                check_payload(header, stored)
             entries = decode_entries(raw_payload(header, stored), header.count)
         except FrameError as exc:
             if exc.is_crc:
@@ -159,15 +161,18 @@ class SegmentReader:
         reached, last = first_id, None
         try:
             for off, header, stored in scan_frames(
-                self.read_fn(path), offset, first_id, end=end, chunk=self.chunk, verify=False
-            ):
+                self.read_fn(path), offset, first_id, end=end, chunk=self.chunk, decode_lz4=False
+            ):  # (every frame walked over is CRC-checked: see scan_frames)
                 reached, last = header.start_id + header.count, (off, header, stored)
                 if reached > from_id:
-                    yield off, header, self.decode(path, off, header, stored)
+                    yield off, header, self.decode(path, off, header, stored, crc_checked=True)
         except ScanError as exc:
             if last is not None:  # a gap in ids may be the previous frame's damaged count
                 self.decode(path, *last)
-            raise CorruptionError(path, exc.offset, exc.error.reason) from None
+            err = exc.error
+            if err.is_crc:
+                raise CrcMismatchError(path, exc.offset, err.crc_expected, err.crc_actual) from None
+            raise CorruptionError(path, exc.offset, err.reason) from None
         if reached != end_id:
             # frames must end exactly where the next segment (or the view) begins; the last
             # frame's count is the likely culprit, and it is CRC-covered

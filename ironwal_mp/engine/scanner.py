@@ -32,6 +32,7 @@ def scan_frames(
     end: int,
     chunk: int = 128 * 1024,
     verify: bool = True,
+    decode_lz4: bool = True,
 ) -> Iterator[Tuple[int, FrameHeader, bytes]]:
     """Yield ``(offset, header, stored_payload)`` for each valid frame from ``offset``.
 
@@ -39,8 +40,10 @@ def scan_frames(
     a garbage length from causing a huge read). Raises :class:`ScanError` at the first
     bytes that are not a valid frame: a partial header or payload counts as invalid, so a torn
     tail is reported, not skipped. ``expected_start`` (if given) is the id the first frame must
-    start at; later frames must continue without gaps. ``verify=False`` skips the CRC and LZ4
-    check (used to index headers of sealed segments; reads check what they decode).
+    start at; later frames must continue without gaps. ``verify`` checks each frame's CRC and,
+    with ``decode_lz4``, that an LZ4 frame decodes (its uncompressed size is not CRC-covered).
+    Whoever walks from frame to frame by their sizes verifies: a damaged size field would
+    otherwise land inside a payload, where the user's bytes may look like a valid next frame.
     """
     buf = b""
     buf_off = offset  # file offset of buf[0]
@@ -79,7 +82,7 @@ def scan_frames(
         if verify:
             try:
                 check_payload(header, stored)
-                if header.type == TYPE_LZ4:
+                if decode_lz4 and header.type == TYPE_LZ4:
                     # the uncompressed size is not CRC-covered: prove the frame decodes
                     raw_payload(header, stored)
             except FrameError as exc:

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Optional
 
-from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalError, WalIOError
+from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import CompressionType, WalOptions
 from . import layout
 from .frame import HEADER, MAGIC, MAX_PAYLOAD, choose_payload, frame_crc
@@ -122,6 +122,8 @@ class Stream:
                 self._next_id = start + count
             except WalIOError:
                 raise  # rolled back, or the stream marked failed
+            except WalClosedError:
+                raise  # the handle closed under this call (its files are gone): nothing goes on
             except BaseException as exc:
                 # an interrupt between two steps: the files may hold a segment or frame that
                 # memory does not; writing on would misplace ids, so only a reopen goes on
@@ -244,16 +246,25 @@ class Stream:
                     break
             if not doomed:
                 return 0
-            for start in doomed:  # oldest first: a crash leaves a contiguous suffix
-                path = self._path(start)
-                self.reader.forget(path)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            self._segments = self._segments[len(doomed) :]
-            layout.fsync_dir(self.dir)
-            layout.write_segments_idx(self.dir, self._segments)
+            gone = 0
+            path = self.dir
+            try:
+                for start in doomed:  # oldest first: a crash leaves a contiguous suffix
+                    path = self._path(start)
+                    self.reader.forget(path)
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    self._segments = self._segments[1:]  # as each goes: memory follows the disk
+                    gone += 1
+                path = self.dir
+                layout.fsync_dir(self.dir)
+                layout.write_segments_idx(self.dir, self._segments)
+            except OSError as exc:
+                # (the files are the truth: a stale segments.idx is rebuilt at the next open)
+                raise _io_error(exc, path, f"truncate (after deleting {gone} of {len(doomed)} segments)",
+                                partial=gone > 0) from None
             return len(doomed)
 
     def forget_files(self) -> None:
@@ -261,13 +272,14 @@ class Stream:
             self.reader.forget(self._path(start))
 
 
-def _io_error(exc: OSError, path: str, action: str, written: bool = False) -> WalIOError:
-    """``written``: a sync failed, so what was written before it may or may not survive."""
+def _io_error(exc: OSError, path: str, action: str, written: bool = False, partial: bool = False) -> WalIOError:
+    """``written``: a sync failed, so what was written before it may or may not survive;
+    ``partial``: the call had done part of its work (the action says what)."""
     message = f"{action} failed on {path}: {exc.strerror or exc}"
     if written:
         message += ("; entries written before it were not acknowledged as durable and may or may "
                     "not be there after a reopen (the stream refuses writes until then)")
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        detail = "the disk is full" if written else "the disk is full; nothing of this call was kept"
+        detail = "the disk is full" if written or partial else "the disk is full; nothing of this call was kept"
         return DiskFullError(f"{message} ({detail})", exc.errno, path)
     return WalIOError(message, exc.errno, path)

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
 
-from ..errors import StreamFailedError, WalClosedError, WalError, WalIOError
+from ..errors import InvalidIdError, StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -208,6 +208,8 @@ class Wal:
         error, if any, is raised after all were tried.
         """
         self._check_open()
+        if stream is not None:
+            layout.check_stream_name(stream)  # (a stream this handle never wrote has nothing to sync)
         targets = [self._streams[stream]] if stream in self._streams else (
             [] if stream is not None else list(self._streams.values())
         )
@@ -279,7 +281,7 @@ def _check_id(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must not be negative, got {value}")
+        raise InvalidIdError(f"{name} must not be negative, got {value}")
 
 
 class TxnWriter:

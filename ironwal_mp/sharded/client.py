@@ -589,7 +589,7 @@ class ShardedWal:
         if isinstance(shard_id, bool) or not isinstance(shard_id, int):
             raise TypeError(f"shard_id must be an int, not {type(shard_id).__name__}")
         if not 0 <= shard_id < self._n:
-            raise ValueError(f"shard_id {shard_id} is out of range (0..{self._n - 1})")
+            raise E.InvalidIdError(f"shard_id {shard_id} is out of range (0..{self._n - 1})")
 
     def get(self, shard_id: int, seq_id: int) -> Optional[bytes]:
         """The durable entry ``seq_id`` of a shard, or None (absent, not yet durable, pruned)."""
@@ -802,4 +802,4 @@ def _check_seq(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"ids must be int, not {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"ids must not be negative, got {value}")
+        raise E.InvalidIdError(f"ids must not be negative, got {value}")

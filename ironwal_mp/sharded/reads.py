@@ -80,7 +80,7 @@ class ShardReader:
         path = os.path.join(stream_dir, layout.segment_name(active.seg))
         try:
             for off, header, _ in scan_frames(
-                self.reader.read_fn(path), active.scanned, active.next_id, end=size, verify=False
+                self.reader.read_fn(path), active.scanned, active.next_id, end=size, decode_lz4=False
             ):
                 active.index.add(header.start_id, off)
                 active.scanned = off + header.frame_size
