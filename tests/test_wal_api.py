@@ -547,3 +547,17 @@ def test_an_append_that_races_close_sees_wal_closed_not_a_failed_stream(tmp_path
     wal.close()
     with Wal(WalOptions(root_path=str(tmp_path))) as wal:
         assert list(wal.iter("s", 0)) == [b"x"]
+
+
+def test_mmap_reads_of_a_file_cut_short_underneath_report_corruption(tmp_path):
+    # (another program truncated the active segment while this handle had it open)
+    from ironwal_mp import CorruptionError
+
+    with Wal(WalOptions(root_path=str(tmp_path), read_strategy=ReadStrategy.MMAP)) as wal:
+        for i in range(10):
+            wal.append("s", b"entry-%d" % i)
+        seg = os.path.join(str(tmp_path), "s", layout.segment_name(0))
+        os.truncate(seg, os.path.getsize(seg) // 2)
+        with pytest.raises(CorruptionError):
+            wal.get("s", 9)
+        assert wal.get("s", 0) == b"entry-0"

@@ -72,7 +72,10 @@ class SegmentReader:
             def read(offset: int, size: int) -> bytes:
                 entry = cache.acquire(path)
                 try:
-                    return entry.mapping(offset + size)[offset : offset + size]
+                    try:
+                        return entry.mapping(offset + size)[offset : offset + size]
+                    except EOFError:  # the file ends sooner: a short read, as pread gives
+                        return os.pread(entry.fd, size, offset)
                 finally:
                     cache.release(entry)
 
