@@ -268,7 +268,7 @@ def test_bad_constructor_arguments(wal_root):
     for bad in (0, -1, 1001):
         with pytest.raises(ValueError):
             ShardedWal(opts, bad)
-    for bad in (0, -2, True, "1"):
+    for bad in (0, -2, True, "1", 257):
         with pytest.raises(ConfigError):
             ShardedWal(opts, 2, workers=bad)
     for bad in (1000, 4095, 3 << 12):

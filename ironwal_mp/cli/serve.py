@@ -9,7 +9,8 @@ from .. import WalOptions
 from ..ipc.ring_layout import check_capacity
 from ..options import SyncMode, options_to_dict
 from ..errors import ConfigError
-from ..sharded.client import DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval, service_args
+from ..sharded.client import (DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval, check_workers,
+                              service_args)
 from ..sharded.manifest import open_manifest
 from .output import EXIT_OK, UsageError
 
@@ -26,6 +27,11 @@ def run(args) -> int:
         check_flush_interval(flush)
     except ConfigError as exc:
         raise UsageError(f"--flush-interval: {exc}") from None
+    if args.workers is not None:
+        try:
+            check_workers(args.workers)
+        except ConfigError as exc:
+            raise UsageError(f"--workers: {exc}") from None
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
     open_manifest(root, args.shards)  # a shard-count mismatch is a usage error, said before starting
     os.environ["IRONWAL_MP_OPTIONS"] = json.dumps(options_to_dict(opts))

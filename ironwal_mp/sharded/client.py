@@ -432,8 +432,8 @@ class ShardedWal:
             raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
         if shard_count is not None:
             check_shard_count(shard_count)
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise E.ConfigError("workers", f"must be a positive int, got {workers!r}")
+        if workers is not None:
+            check_workers(workers)
         try:
             L.check_capacity(ring_size)
         except (ValueError, TypeError) as exc:
@@ -716,6 +716,12 @@ def _make_append(route, n: int, appenders: list, rings: list, strict: bool, time
         return shard, seq
 
     return append_strict
+
+
+def check_workers(workers: object) -> None:
+    """ConfigError unless ``workers`` is an int in 1..MAX_WORKERS (the control block's table)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= C.MAX_WORKERS:
+        raise E.ConfigError("workers", f"must be an int in 1..{C.MAX_WORKERS}, got {workers!r}")
 
 
 def check_timeout(seconds: object) -> None:
