@@ -535,7 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tell(M.ERROR, {"type": type(err).__name__, "message": str(err), "args": args_})
             if args.notify is None:  # started by hand: nobody else would see why
                 log.error("cannot serve %s: %s: %s", root, type(err).__name__, err)
-            return 1
+            return M.EXIT_LOCKED if isinstance(err, E.WalLockedError) else 1
         tell(M.READY, {"shard_count": coord.shard_count, "workers": len(coord.assignment), "pid": os.getpid()})
         del notify
         coord.serve()

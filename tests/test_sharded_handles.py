@@ -56,13 +56,16 @@ def test_an_interrupt_while_the_coordinator_starts_kills_it(wal_root, monkeypatc
         assert wal.append(b"k", b"v")[1] == 0
 
 
-def test_an_interrupt_right_after_ready_stops_the_coordinator(wal_root, monkeypatch):
+@pytest.mark.parametrize("attached", [False, True], ids=["before-attaching", "after-attaching"])
+def test_an_interrupt_right_after_ready_stops_the_coordinator(wal_root, monkeypatch, attached):
     attach = client._attach
     calls = []
 
     def interrupted(root, timeout):
         calls.append(1)
         if len(calls) == 2:  # the attach after READY (the first found nothing running)
+            if attached:
+                attach(root, timeout)  # (cached, with no handle yet)
             raise KeyboardInterrupt
         return attach(root, timeout)
 
@@ -71,6 +74,7 @@ def test_an_interrupt_right_after_ready_stops_the_coordinator(wal_root, monkeypa
         ShardedWal(WalOptions(root_path=wal_root), 2)
     monkeypatch.undo()
     _nothing_left(wal_root)
+    assert os.path.realpath(wal_root) not in client._attachments
 
 
 def test_two_spellings_of_one_root_share_one_attachment(wal_root, tmp_path):
@@ -185,3 +189,29 @@ def test_argument_edges(wal_root):
             wal.append_batch([b"ab"])
         wal.create_checkpoint(b"c")
         assert wal.compact_checkpoints(2 ** 70).checkpoints_after == 1
+
+
+def test_a_start_refused_by_lock_is_retried_though_its_message_was_lost(wal_root, monkeypatch):
+    # Another process held LOCK (here: this test) and removed the notify queue in its leftover
+    # pass, so the coordinator's ERROR never arrived; by the time its exit is seen, LOCK is free.
+    # Its exit status says "locked": the opener waits and retries instead of failing.
+    from ironwal_mp.engine.rootlock import RootLock
+
+    os.makedirs(wal_root)
+    lock = RootLock(wal_root).acquire()
+
+    def lost(self, timeout=None):
+        time.sleep(timeout or 0)
+        return None
+
+    def released_meanwhile(root):
+        lock.release()
+        return None
+
+    monkeypatch.setattr(client.Queue, "receive", lost)
+    monkeypatch.setattr(client, "lock_holder", released_meanwhile)
+    try:
+        with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
+            assert wal.append(b"k", b"v")[1] == 0
+    finally:
+        lock.release()

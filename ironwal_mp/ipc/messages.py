@@ -29,6 +29,10 @@ COMPACT = 5
 SHUTDOWN = 6
 PING = 7
 # coordinator -> clients
+#: a coordinator's exit status when another process holds the root's LOCK (its ERROR message
+#: may be lost: a leftover pass can remove the starter's notify queue before it is sent)
+EXIT_LOCKED = 3
+
 OK = 20
 ERROR = 21
 READY = 22

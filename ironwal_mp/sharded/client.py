@@ -180,7 +180,10 @@ class _Registry:
         self._owner = None
         self._lock.release()
         while self._deferred and self._owner is None:
-            _release(self._deferred.pop())
+            try:
+                _release(self._deferred.pop())
+            except Exception as err:  # (the section's own outcome stands)
+                log.warning("releasing a collected handle failed: %s", err)
 
     def held_here(self) -> bool:
         return self._owner == threading.get_ident()
@@ -194,6 +197,8 @@ _registry = _Registry()
 
 def _after_fork_in_child() -> None:
     # the child shares the parent's queues and lock-holder identity; give it its own
+    global _registry
+    _registry = _Registry()  # first: what follows allocates, and a collection may release a handle
     pid = os.getpid()
     for att in list(_attachments.values()):
         for ring in att.rings:
@@ -205,8 +210,6 @@ def _after_fork_in_child() -> None:
         att.replies = None  # the parent's queue is the parent's
         if att.reader is not None:  # its locks may be held by parent threads that are not here
             att.reader = att.reader.after_fork()
-    global _registry
-    _registry = _Registry()
 
 
 if hasattr(os, "register_at_fork"):
@@ -305,7 +308,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     msg = M.Message(M.READY, 0, 0, {})
                     break
             if proc.poll() is not None:
-                if lock_holder(root) not in (None, proc.pid):
+                if proc.returncode == M.EXIT_LOCKED or lock_holder(root) not in (None, proc.pid):
                     raise E.WalLockedError(f"{root} is being started by another process")
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
@@ -386,12 +389,19 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
                     att = _attach(root, timeout)
                     if att is None:
                         raise E.WorkerFailedError(f"the coordinator for {root} stopped right after starting")
-                    att.started = proc
+                    if att.coordinator_pid == proc.pid:  # (else ours is gone and another serves)
+                        att.started = proc
+                    else:
+                        proc.wait()
                 except BaseException:
                     # it serves, but this process holds no handle that would ever stop it
                     if att is None or att.started is None:
                         proc.terminate()  # (a clean shut-down: SIGTERM is its stop signal)
                         _wait_or_kill(proc)
+                        cached = _attachments.get(root)  # (also one cached before `att` was set)
+                        if cached is not None and cached.refs == 0 and cached.coordinator_pid == proc.pid:
+                            cached.close_objects()
+                            del _attachments[root]
                     raise
             if att is None:
                 raise E.WalClosedError(
