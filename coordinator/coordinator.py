@@ -211,7 +211,7 @@ class Coordinator:
         for shard in self.assignment[w]:
             ring = self.rings[shard]
             ring.header[L.ERRNO] = 5
-            ring.header[L.STATE] = L.ST_FAILED
+            ring.set_state(L.ST_FAILED)
             ring.wake_durable_waiters()
             for _ in range(8):
                 ring.space_free.release()
@@ -448,7 +448,7 @@ class Coordinator:
                 failed = ring.header[L.STATE] == L.ST_FAILED
                 unresumable = failed and ring.header[L.ERRNO] == L.ERR_CANNOT_RESUME
                 if not failed:
-                    ring.header[L.STATE] = L.ST_CLOSED
+                    ring.set_state(L.ST_CLOSED)
                 tail = ring.published()[0]
             finally:
                 ring.release()

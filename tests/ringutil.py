@@ -22,6 +22,16 @@ from ironwal_mp.ipc.ring import Ring
 HERE = os.path.dirname(os.path.abspath(__file__))
 _LEN = struct.Struct("<I")
 _PID_CTR = struct.Struct("<II")
+#: the coordinator epoch the test rings are open under (a worker and a client would read it
+#: from the control block), so that appenders take the fast path
+TEST_EPOCH = 0x5EED
+
+
+def attach(root: str, shard: int) -> Ring:
+    """Attach to a test ring as a producer of the test's coordinator epoch."""
+    ring = Ring(Names(root), shard)
+    ring.epoch = TEST_EPOCH
+    return ring
 
 
 # --- record encoding --------------------------------------------------------------------------
@@ -91,7 +101,8 @@ def open_ring(ring: Ring, first_seq: int) -> None:
         h[L.WGEN] = 0
         h[L.WSLOT0] = 0
         h[L.WSLOT0 + 1] = first_seq
-    h[L.STATE] = L.ST_OPEN
+    ring.epoch = TEST_EPOCH
+    ring.set_state(L.ST_OPEN)
 
 
 def worker_object_names(names: Names, ring: Ring) -> List[str]:
@@ -188,7 +199,7 @@ def _say(msg: str) -> None:
 
 def child_producer(root: str, shard: int, n: int, out_path: str) -> None:
     """Append ``n`` records (append_one and small publish batches); write the ids returned."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     pid = os.getpid()
     ids = array.array("q", [-1]) * n
     counter = 0
@@ -218,7 +229,7 @@ def child_hold_lock(root: str, shard: int, junk: bool, comm: str = "") -> None:
     if comm:
         with open("/proc/self/comm", "w") as fh:
             fh.write(comm)
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     ring.acquire()
     if junk:
         h = ring.header
@@ -239,7 +250,7 @@ def child_hold_lock(root: str, shard: int, junk: bool, comm: str = "") -> None:
 
 def child_append_fixed(root: str, shard: int, count: int, size: int) -> None:
     """Append ``count`` records of ``size`` bytes through the hot path, as fast as possible."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     append = ring.make_appender()
     rec = b"r" * size
     _say("go")
@@ -250,7 +261,7 @@ def child_append_fixed(root: str, shard: int, count: int, size: int) -> None:
 
 def child_set_view(root: str, shard: int, count: int) -> None:
     """Hammer set_view with (x, x, x) triples."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     _say("go")
     for x in range(1, count + 1):
         ring.set_view(x, x, x)
@@ -259,14 +270,14 @@ def child_set_view(root: str, shard: int, count: int) -> None:
 
 def child_wait_for_space(root: str, shard: int) -> None:
     """Append to a full ring (blocks waiting for space)."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     _say("waiting")
     ring.append_one(b"late", timeout=3600)
 
 
 def child_wait_durable(root: str, shard: int) -> None:
     """A STRICT append, then a wait for durability that never ends (the test kills us)."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     seq = ring.append_one(b"strict", strict=True)
     _say(f"waiting {seq}")
     ring.wait_durable(seq + 1, timeout=3600)
@@ -274,7 +285,7 @@ def child_wait_durable(root: str, shard: int) -> None:
 
 def child_acquire_raw(root: str, shard: int) -> None:
     """Emulate a producer killed right after its sem_wait returned, before it stored HOLDER."""
-    ring = Ring(Names(root), shard)
+    ring = attach(root, shard)
     ring.lock.acquire()
     _say("locked")
     time.sleep(3600)

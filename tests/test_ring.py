@@ -21,7 +21,7 @@ import pytest
 
 import ringutil
 from ringutil import Drainer, encode, pattern
-from ironwal_mp.errors import RecordTooLargeError, WorkerFailedError
+from ironwal_mp.errors import RecordTooLargeError, WalClosedError, WorkerFailedError
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import Ring
@@ -176,6 +176,35 @@ def test_a_slot_rewritten_without_a_publish_is_reread(make_ring):
     ring.release()
     assert append(b"y") == 500
     assert Drainer(ring).drain() == [(500, b"y")]
+
+
+def test_a_producer_of_another_coordinator_epoch_is_refused(make_ring):
+    """A handle whose coordinator died must not publish into the ring a successor reopened
+    (the same shared memory, kept for its records): the fast path and publish() both raise
+    WalClosedError and publish nothing; the current epoch's producers go on, on the fast path."""
+    ring = make_ring(4096, first_seq=7)
+    h = ring.header
+    stale = ringutil.attach(root(ring), 0)
+    stale.epoch = ringutil.TEST_EPOCH + 1
+    try:
+        for attempt in (lambda: stale.make_appender()(b"x"), lambda: stale.publish(encode([b"y"]), 1),
+                        lambda: stale.make_appender(strict=True)(b"z")):
+            with pytest.raises(WalClosedError, match="another has opened"):
+                attempt()
+        assert ring.next_seq() == 7 and Drainer(ring).drain() == []
+        assert h[L.DUR_WAITERS] == 0 and h[L.HOLDER] == 0
+        locks = h[L.LOCKS]
+        assert ring.make_appender()(b"ok") == 7
+        assert h[L.LOCKS] == locks, "a producer of the ring's own epoch left the fast path"
+        assert Drainer(ring).drain() == [(7, b"ok")]
+        ring.acquire()
+        ring.set_state(L.ST_CLOSING)  # leaving OPEN clears the open epoch with it
+        ring.release()
+        assert h[L.OPEN_EPOCH] == 0
+        with pytest.raises(WalClosedError, match="shutting down"):
+            ring.make_appender()(b"late")
+    finally:
+        stale.close()
 
 
 def test_exact_fill_then_next_record_is_two_runs(make_ring):
@@ -579,7 +608,7 @@ def test_wait_durable_raises_when_the_worker_fails(make_ring):
 
     def fail():
         time.sleep(0.05)
-        h[L.STATE] = L.ST_FAILED
+        ring.set_state(L.ST_FAILED)
 
     t = threading.Thread(target=fail)
     t.start()

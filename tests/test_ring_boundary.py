@@ -14,6 +14,7 @@ from ironwal_mp.engine.frame import decode_entries, encode_entries
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import Ring
+from ringutil import TEST_EPOCH
 
 CAP = 4096
 
@@ -23,7 +24,8 @@ def ring(tmp_path):
     names = Names(str(tmp_path))
     wake = posix_ipc.Semaphore(names.worker_wake(0), posix_ipc.O_CREAT)
     r = Ring(names, 0, capacity=CAP, create=True)
-    r.header[L.STATE] = L.ST_OPEN
+    r.epoch = TEST_EPOCH
+    r.set_state(L.ST_OPEN)
     try:
         yield r
     finally:

@@ -535,6 +535,50 @@ def test_kill_everything_recovers_entries_from_kept_rings(harness, wal_root, fai
     assert sum(counts.values()) == len(entries)
 
 
+def test_a_handle_of_a_killed_coordinator_cannot_publish_into_kept_rings(harness, wal_root):
+    """Handles still attached to a coordinator that was killed see the same shared memory once
+    the next run keeps a ring for its records. They must not publish there: their control
+    requests and waits go to the dead coordinator, so a STRICT caller would be told
+    WalClosedError about a record that is then written. Every append raises WalClosedError
+    and nothing of theirs reaches the files."""
+    wal = harness.open(2, SyncMode.ASYNC, workers=1, ring_size=1 << 16)
+    strict = connect(wal_root, sync_mode=SyncMode.STRICT)
+    harness.handles.append(strict)
+    entries: List[Entry] = []
+    for op in range(20):
+        key = b"key-%d" % op
+        value = make_value("before", op, wal.shard_for(key), 0, 1)
+        entries.append((*wal.append(key, value), value))
+    wal.sync()
+    st = wal.stats()
+    coordinator, workers = st["coordinator_pid"], st["worker_pids"]
+    for pid in workers:
+        harness.stop(pid, wal)
+    for op in range(40):  # acknowledged, left in the rings
+        key = b"key-%d" % op
+        value = make_value("pending", op, wal.shard_for(key), 0, 1)
+        entries.append((*wal.append(key, value), value))
+    os.kill(coordinator, signal.SIGSTOP)
+    harness.stopped.append(coordinator)
+    for pid in workers + [coordinator]:
+        kill(pid)
+    wait_for(lambda: not any(pid_alive(p) for p in workers + [coordinator]), "the killed processes to die")
+
+    wal2 = harness.open(2, SyncMode.ASYNC, workers=1, ring_size=1 << 16)
+    assert all(s["worker_restarts"] >= 1 for s in wal2.stats()["shards"]), "the rings were not kept"
+    for handle, tag in ((wal, "stale-async"), (strict, "stale-strict")):
+        for op in range(10):
+            key = b"key-%d" % op
+            with pytest.raises(E.WalClosedError):
+                handle.append(key, make_value(tag, op, wal2.shard_for(key), 0, 1))
+        key = b"batch"
+        with pytest.raises(E.WalClosedError):
+            handle.append_batch_for_key(key, [make_value(tag, 99, wal2.shard_for(key), k, 2) for k in range(2)])
+    wal2.sync()
+    counts = verify(wal2, entries)  # (an entry nobody acknowledged fails it)
+    assert sum(counts.values()) == len(entries)
+
+
 # --- 5. a stalled worker: backpressure, then a clear timeout --------------------------------
 
 

@@ -79,11 +79,13 @@ class Worker:
         # written-but-not-durable entries are fsynced at most this long after they were written
         self.flush_interval = (ctl.f[C.FLUSH_US] or C.DEFAULT_FLUSH_US) / 1e6
         self.idle_flush = not ctl.f[C.IDLE_FLUSH_OFF]
+        epoch = ctl.epoch
         ctl.close()
         self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
         self.shards: Dict[int, ShardState] = {}
         for shard in shards:
             ring = Ring(self.names, shard)
+            ring.epoch = epoch
             stream = self.wal.open_stream(shard_stream(shard))
             self.shards[shard] = ShardState(shard, ring, stream)
         self.commands = Queue(self.names.worker_queue(index))
@@ -109,7 +111,7 @@ class Worker:
                 head, head_seq = ring.restore_head()
                 action, why = L.resume_action(h[L.STATE], head_seq, next_seq, head < tail, on_disk)
                 if action == "fail":  # (under the lock: nothing is published into it after this)
-                    h[L.STATE] = L.ST_FAILED
+                    ring.set_state(L.ST_FAILED)
                 elif action == "fresh":
                     if h[L.STATE] != L.ST_NEW:
                         log.warning("shard %d: ring ids %d..%d are all on disk, which reaches %d; "
@@ -135,7 +137,7 @@ class Worker:
             h[L.WRITTEN_SEQ] = on_disk
             self._publish_durable(st, st.stream.view())
             h[L.ERRNO] = 0
-            h[L.STATE] = L.ST_OPEN
+            ring.set_state(L.ST_OPEN)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -230,7 +232,7 @@ class Worker:
     def _fail(self, st: ShardState, exc: BaseException, code: int = 0) -> None:
         log.error("shard %d failed: %s", st.shard, exc)
         st.h[L.ERRNO] = code or getattr(exc, "errno", 0) or errno.EIO
-        st.h[L.STATE] = L.ST_FAILED
+        st.ring.set_state(L.ST_FAILED)
         st.ring.wake_durable_waiters()
         for _ in range(8):
             st.ring.space_free.release()
@@ -353,14 +355,14 @@ class Worker:
         for st in self.shards.values():
             st.ring.acquire()
             if st.h[L.STATE] == L.ST_OPEN:
-                st.h[L.STATE] = L.ST_CLOSING
+                st.ring.set_state(L.ST_CLOSING)
             st.ring.release()
         for st in self.shards.values():
             self._drain(st)
         self._sync_if_needed(force=True)
         for st in self.shards.values():
             if st.h[L.STATE] != L.ST_FAILED:
-                st.h[L.STATE] = L.ST_CLOSED
+                st.ring.set_state(L.ST_CLOSED)
             st.ring.wake_durable_waiters()
             for _ in range(8):
                 st.ring.space_free.release()

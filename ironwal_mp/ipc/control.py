@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 
 import posix_ipc
 
@@ -52,6 +53,7 @@ class ControlBlock:
         if create:
             self.f[MAGIC] = CTL_MAGIC
             self.f[COORD_PID] = os.getpid()
+            self.f[EPOCH] = secrets.randbits(63) | 1  # this run's: rings open under it
             self.f[STATE] = ST_STARTING
         elif self.f[MAGIC] != CTL_MAGIC:
             raise SharedMemoryError(f"{name} is not an ironwal_mp control block")
@@ -70,6 +72,11 @@ class ControlBlock:
     @property
     def coordinator_pid(self) -> int:
         return self.f[COORD_PID]
+
+    @property
+    def epoch(self) -> int:
+        """This coordinator run's epoch (random, never 0): its rings are open under it."""
+        return self.f[EPOCH]
 
     def worker_of(self, shard: int) -> int:
         return self.f[WORKER_OF_SHARD + shard]

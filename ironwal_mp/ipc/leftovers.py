@@ -68,7 +68,7 @@ def keep_or_drop_ring(names: Names, shard: int) -> Optional[Ring]:
         state = h[L.STATE]
         unresumable = state == L.ST_FAILED and h[L.ERRNO] == L.ERR_CANNOT_RESUME
         if state != L.ST_NEW:
-            h[L.STATE] = L.ST_CLOSED
+            ring.set_state(L.ST_CLOSED)
     finally:
         ring.release()
     if state != L.ST_NEW and (head < tail or unresumable):

@@ -132,6 +132,9 @@ class Ring:
         self._unclaimed_since: Optional[float] = None
         #: called while waiting, to raise if the WAL is gone (set by the client)
         self.liveness: Optional[Callable[[], None]] = None
+        #: the EPOCH of the coordinator this process serves or attached to (set by the worker
+        #: and the client before use): records are published only into a ring open under it
+        self.epoch = 0
         # One item per call of this process inside a semaphore wait (list.append and pop are
         # atomic under the GIL): close() must not sem_close under a waiting thread. The
         # single-record fast path never waits there and is not counted (see close()).
@@ -175,6 +178,17 @@ class Ring:
             self._mm.close()
         except (BufferError, ValueError):
             pass  # a view is still exported somewhere; the mapping goes with the process
+
+    def set_state(self, state: int) -> None:
+        """Store ``state`` with its OPEN_EPOCH (this ring's ``epoch`` when OPEN, else 0), in
+        the order that never shows an open epoch beside another state."""
+        h = self._h
+        if state == L.ST_OPEN:
+            h[L.STATE] = state
+            h[L.OPEN_EPOCH] = self.epoch
+        else:
+            h[L.OPEN_EPOCH] = 0
+            h[L.STATE] = state
 
     def _closed_error(self) -> WalClosedError:
         return WalClosedError(f"shard {self.shard}: this process closed its handle on the ring")
@@ -360,8 +374,8 @@ class Ring:
             self.acquire(timeout)
             try:
                 state = h[L.STATE]
-                if state != L.ST_OPEN:
-                    raise _state_error(self.shard, state)
+                if state != L.ST_OPEN or h[L.OPEN_EPOCH] != self.epoch:
+                    raise _state_error(self.shard, state, h[L.OPEN_EPOCH] != self.epoch)
                 gen = h[L.GEN]
                 base = L.SLOT1 if gen & 1 else L.SLOT0
                 tail = h[base]
@@ -447,6 +461,9 @@ class Ring:
         slow = self.publish
         ring = self
         waiter = 1 if strict else 0
+        # the ring must be open under this process's coordinator (a zero epoch, which no open
+        # ring shows, never takes this path: the general one then decides)
+        epoch = self.epoch or -1
         # What this closure published last. While GEN still equals last_gen nobody else has
         # published, so the current slot holds last_tail and last_seq (every change to a slot
         # bumps GEN): two header loads saved. ``limit``: the tail may grow to it without
@@ -478,7 +495,7 @@ class Ring:
                     limit = h[32] + cap  # HEAD
                 # strictly less: a block that ends exactly at the end of the area takes the
                 # slow path, which records that crossing for the worker
-                if h[37] == 1 and need < cap - off and end <= limit:  # STATE
+                if h[61] == epoch and need < cap - off and end <= limit:  # OPEN_EPOCH
                     pack(data, off, n)
                     data[off + 4 : off + need] = value
                     h[nb] = end
@@ -793,12 +810,16 @@ class Ring:
             self.release()
 
 
-assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.STATE, L.ST_OPEN, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (
-    9, 8, 16, 24, 37, 1, 32, 38, 11
+assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.OPEN_EPOCH, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (
+    9, 8, 16, 24, 61, 32, 38, 11
 ), "make_appender's literal field indexes are out of date"
 
 
-def _state_error(shard: int, state: int) -> Exception:
+def _state_error(shard: int, state: int, other_epoch: bool = False) -> Exception:
+    if state == L.ST_OPEN and other_epoch:
+        return WalClosedError(
+            f"shard {shard}: the coordinator this handle attached to has stopped, and another "
+            "has opened the WAL since: open it again")
     if state == L.ST_FAILED:
         return WorkerFailedError(f"shard {shard}: its worker failed (see the coordinator's log)")
     if state in (L.ST_CLOSING, L.ST_CLOSED):

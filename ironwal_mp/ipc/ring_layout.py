@@ -44,6 +44,11 @@ PRUNES = 55
 # (head, head_seq) that is true; HEAD and HEAD_SEQ above are mirrors written after it, so a
 # worker killed between two stores leaves a consistent slot for its successor
 WGEN, WSLOT0, WSLOT1 = 56, 57, 59
+#: the epoch (control block EPOCH) of the coordinator under which the ring is OPEN, 0 in any
+#: other state. Producers publish only while it equals the epoch they attached under, so that
+#: a handle of a coordinator that died never publishes into a ring its successor reopened.
+#: Written with STATE (Ring.set_state): set after STATE becomes OPEN, cleared before it leaves.
+OPEN_EPOCH = 61
 FIELDS = 64
 #: WRAP_POS before any wrap: a position no live range ever contains
 WRAP_NONE = (1 << 64) - 1

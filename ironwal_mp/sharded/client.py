@@ -76,6 +76,7 @@ class _Attachment:
         self.rings = [Ring(names, s) for s in range(self.shard_count)]
         for ring in self.rings:
             ring.liveness = self.check_alive
+            ring.epoch = self.ctl.epoch  # publish only while this coordinator has it open
         self.requests = Queue(names.coordinator_queue)
         self.token = secrets.randbits(63) or 1
         self.replies: Optional[Queue] = None  # created on the first control request
