@@ -245,11 +245,7 @@ class Coordinator:
             q.close()
 
     def _error(self, msg: M.Message, exc: BaseException) -> None:
-        args = list(getattr(exc, "args", ()))
-        if isinstance(exc, E.ShardCountMismatchError):
-            args = [exc.expected, exc.found]
-        self._reply(msg, M.ERROR, {"type": type(exc).__name__, "message": str(exc),
-                                   "args": [a if isinstance(a, (int, str, bytes)) else str(a) for a in args]})
+        self._reply(msg, M.ERROR, M.error_body(exc))
 
     def _handle(self, msg: M.Message) -> None:
         token, pid = msg.body.get("reply"), msg.body.get("pid")
@@ -502,10 +498,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--notify", type=lambda s: int(s, 16), default=None, help="client queue token to tell READY/ERROR")
     parser.add_argument("--starter", type=int, default=0, help="pid whose exit shuts this WAL down")
     args = parser.parse_args(argv)
+    if not 0 <= args.workers <= C.MAX_WORKERS:  # (the control block's worker table)
+        parser.error(f"--workers must be in 1..{C.MAX_WORKERS} (0: one per CPU), got {args.workers}")
     logging.basicConfig(level=os.environ.get("IRONWAL_MP_LOG", "WARNING"),
                         format="coordinator [%(process)d] %(levelname)s %(message)s")
     root = os.path.abspath(args.root)
-    workers = args.workers or min(args.shards, os.cpu_count() or 1)
+    workers = args.workers or min(args.shards, os.cpu_count() or 1, C.MAX_WORKERS)
     coord = Coordinator(root, args.shards, workers, args.ring_size,
                         os.environ.get("IRONWAL_MP_OPTIONS", json.dumps({"root_path": root})), args.starter,
                         args.notify, max(100, args.flush_interval_us), not args.no_idle_flush)
@@ -531,8 +529,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             coord.start()
         except StartupError as exc:
             err = exc.error
-            args_ = [err.expected, err.found] if isinstance(err, E.ShardCountMismatchError) else [str(err)]
-            tell(M.ERROR, {"type": type(err).__name__, "message": str(err), "args": args_})
+            tell(M.ERROR, M.error_body(err))
             if args.notify is None:  # started by hand: nobody else would see why
                 log.error("cannot serve %s: %s: %s", root, type(err).__name__, err)
             return M.EXIT_LOCKED if isinstance(err, E.WalLockedError) else 1

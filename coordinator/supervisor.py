@@ -67,6 +67,8 @@ class Supervisor:
             quick = now - self.started_at[index] < QUICK_S
             self.quick_failures[index] = self.quick_failures[index] + 1 if quick else 0
             delay = min(MAX_BACKOFF_S, 0.05 * 2 ** self.quick_failures[index]) if quick else 0.0
+            if self.gave_up(index):
+                delay = 0.0  # no restart follows: fail its shards now, not after a last wait
             self.next_try[index] = now + delay
         if now < self.next_try[index]:
             return False

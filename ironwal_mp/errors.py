@@ -17,7 +17,7 @@ class WalError(Exception):
 
 
 class ConfigError(WalError, ValueError):
-    """An option has an invalid value; the message names the field."""
+    """An option or argument has an invalid value; the message (and ``field``) names it."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"invalid option {field!r}: {message}")
@@ -87,9 +87,11 @@ class CrcMismatchError(CorruptionError):
 class WalIOError(WalError, OSError):
     """The operating system refused a read, write or sync.
 
-    Nothing from the failed call was acknowledged. A failed write leaves the log on disk as it
-    was before the call. A failed sync leaves entries written since the last sync in doubt
-    (they may or may not be there after a reopen), and the stream refuses writes until then.
+    Nothing from the failed call was acknowledged. A failed write is rolled back, so the log
+    on disk is as it was before the call. A failed sync or segment rotation leaves the entries
+    written since the last sync in doubt (they may or may not be there after a reopen), and
+    the stream refuses writes until it is reopened; recovery then makes the files consistent.
+    A failed truncation says how many segments went before it stopped.
     """
 
     def __init__(self, message: str, errno_: int | None = None, path: str | None = None) -> None:
@@ -101,7 +103,8 @@ class WalIOError(WalError, OSError):
 
 
 class DiskFullError(WalIOError):
-    """The file system is out of space (ENOSPC/EDQUOT); the partial write was rolled back."""
+    """The file system is out of space (ENOSPC/EDQUOT). As for any WalIOError: a failed write
+    was rolled back; after a failed sync or rotation the stream refuses writes until reopened."""
 
 
 class ConcurrentTruncationError(WalError):

@@ -898,10 +898,13 @@ def test_compact_with_nothing_to_drop(tmp_path):
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, True, "2", None])
 def test_compact_rejects_bad_n(tmp_path, n):
+    from ironwal_mp.errors import ConfigError
+
     log = CheckpointLog(str(tmp_path))
     log.append(_data(1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError if isinstance(n, int) and not isinstance(n, bool) else TypeError):
         log.compact(n)
+    assert len(log) == 1
 
 
 def test_compact_never_drops_heads_record(tmp_path):

@@ -590,6 +590,11 @@ def test_serve_with_connected_jobs_stats_and_checkpoints(wal_root, tmp_path):
         summary = cli_json("ingest", "-", "--root", wal_root, "--shards", "4", stdin=b"a\nb\n")
         assert summary["records"] == 2
 
+        # a second serve of the directory is refused by LOCK: status 1, and no shut-down claimed
+        second = cli("serve", "--root", wal_root, "--shards", "4", expect=1)
+        assert b"stopped" not in second.stdout and "did not start" in second.stderr_text
+        assert "WalLockedError" in second.stderr_text, second.stderr_text
+
         # repair refuses while serve holds the directory, naming the holder
         refused = cli("repair", wal_root, expect=1)
         line = one_line(refused.stderr_text)
@@ -942,6 +947,18 @@ def test_verify_reports_a_bad_index_file_and_repair_rebuilds_it(tmp_path):
     assert "repaired events:" in rep.stdout_text
     assert os.path.exists(idx)
     assert cli("verify", root).returncode == 0
+
+
+def test_verify_reports_an_index_whose_segment_files_are_gone(tmp_path):
+    root = os.path.join(str(tmp_path), "engine")
+    write_engine_wal(root, "events", 100)
+    stream = os.path.join(root, "events")
+    for name in os.listdir(stream):
+        if layout.parse_segment_name(name) is not None:
+            os.remove(os.path.join(stream, name))
+    proc = cli("verify", root, expect=1)
+    assert f"PROBLEM {os.path.join(stream, layout.SEGMENTS_IDX)}: lists segments" in proc.stdout_text
+    assert "no segment file exists" in proc.stdout_text
 
 
 # --- usage errors: exit 2 and one clear line -------------------------------------------------------------

@@ -32,6 +32,7 @@ from ironwal_mp import (
     CompressionType,
     ConfigError,
     InvalidCheckpointIdError,
+    InvalidIdError,
     NoCheckpointsError,
     PruneStats,
     RecordTooLargeError,
@@ -220,10 +221,11 @@ def test_bad_input(wal_root):
         for shard in ("0", 1.0, True, None):
             with pytest.raises(TypeError):
                 wal.get(shard, 0)
-        with pytest.raises(ValueError):
-            wal.get(0, -1)
-        with pytest.raises(ValueError):
-            wal.iter_shard(0, -5)
+        for bad_seq in (-1, 2**64):
+            with pytest.raises(InvalidIdError):
+                wal.get(0, bad_seq)
+            with pytest.raises(InvalidIdError):
+                wal.iter_shard(0, bad_seq)
         with pytest.raises(TypeError):
             wal.get(0, "1")
         with pytest.raises(TypeError):
@@ -243,7 +245,7 @@ def test_bad_input(wal_root):
                 wal.load_checkpoint(bad_id)
         with pytest.raises(TypeError):
             wal.compact_checkpoints("2")
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError, match="keep_latest_n"):
             wal.compact_checkpoints(0)
         assert wal.checkpoint_count == 0 and wal.list_checkpoints() == []
 
@@ -266,7 +268,7 @@ def test_bad_constructor_arguments(wal_root):
     with pytest.raises(TypeError):
         ShardedWal(opts, "2")
     for bad in (0, -1, 1001):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError, match="shard_count"):
             ShardedWal(opts, bad)
     for bad in (0, -2, True, "1", 257):
         with pytest.raises(ConfigError):

@@ -444,6 +444,11 @@ def test_ids_past_u64_are_refused(tmp_path):
         with pytest.raises(WalIOError) as info:
             wal.append_batch("s", [b"a", b"b", b"c"])
         assert info.value.errno == errno.EOVERFLOW
+        assert wal.append_batch("s", [b"a", b"b"]) == range(2**64 - 2, 2**64)  # the last two ids
+        for append in (lambda: wal.append("s", b"c"), lambda: wal.append_batch("s", [b"c"])):
+            with pytest.raises(WalIOError) as info:  # (next_id is 2**64 now: not a u64 header id)
+                append()
+            assert info.value.errno == errno.EOVERFLOW
 
 
 @pytest.mark.parametrize("read", ["get", "iter"])
@@ -516,15 +521,17 @@ def test_a_truncate_that_fails_part_way_is_a_wal_io_error_and_memory_follows_the
         assert list(wal.iter("s", 0)) == [b"e8", b"e9"]
 
 
-def test_negative_ids_are_argument_errors(tmp_path):
+@pytest.mark.parametrize("bad", [-1, 2**64, 2**70])
+def test_ids_outside_u64_are_argument_errors(tmp_path, bad):
     from ironwal_mp import InvalidIdError
 
     with Wal(WalOptions(root_path=str(tmp_path))) as wal:
         wal.append("s", b"x")
-        for call in (lambda: wal.get("s", -1), lambda: wal.iter("s", -1), lambda: wal.truncate("s", -1)):
+        for call in (lambda: wal.get("s", bad), lambda: wal.iter("s", bad), lambda: wal.truncate("s", bad)):
             with pytest.raises(InvalidIdError) as info:
                 call()
             assert isinstance(info.value, WalError) and isinstance(info.value, ValueError)
+        assert wal.get("s", 2**64 - 1) is None and list(wal.iter("s", 0)) == [b"x"]
 
 
 def test_sync_checks_the_stream_name(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from .. import WalOptions
 from ..ipc.ring_layout import check_capacity
@@ -12,7 +13,7 @@ from ..errors import ConfigError
 from ..sharded.client import (DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval, check_workers,
                               service_args)
 from ..sharded.manifest import open_manifest
-from .output import EXIT_OK, UsageError
+from .output import EXIT_FINDING, EXIT_OK, UsageError
 
 
 def run(args) -> int:
@@ -41,5 +42,9 @@ def run(args) -> int:
           f"jobs attach with ironwal_mp.connect({root!r}); Ctrl-C or SIGTERM stops it", flush=True)
     code = coordinator_main(["--root", root, *service_args(args.shards, args.workers, args.ring_size or DEFAULT_RING_SIZE,
                                                           flush, not args.no_idle_flush)])
+    if code != 0:  # (the coordinator has logged why: another holds LOCK, a bad MANIFEST, ...)
+        print(f"serve: the coordinator for {root} did not start (status {code}); nothing was changed",
+              file=sys.stderr, flush=True)
+        return EXIT_FINDING
     print("stopped: rings drained, files fsynced, IPC objects removed", flush=True)
-    return EXIT_OK if code == 0 else code
+    return EXIT_OK

@@ -82,7 +82,10 @@ def audit_stream(
     audit.side_files = sorted(n for n in os.listdir(stream_dir) if layout.BROKEN_SUFFIX in n)
     idx = layout.read_segments_idx(stream_dir)
     idx_path = os.path.join(stream_dir, layout.SEGMENTS_IDX)
-    if starts and idx is None:
+    if not starts and idx:
+        audit.problems.append(Problem(idx_path, None, f"lists segments {idx}, but no segment file exists "
+                                                      "(the stream's files were removed)"))
+    elif starts and idx is None:
         audit.problems.append(Problem(idx_path, None, "missing or unreadable"))
     elif starts and idx != starts:
         audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}"))

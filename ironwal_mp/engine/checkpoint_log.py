@@ -41,6 +41,7 @@ from ..errors import (
     CheckpointCorruptedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConfigError,
     DiskFullError,
     InvalidCheckpointIdError,
     NoCheckpointsError,
@@ -74,6 +75,14 @@ MAX_PAYLOAD = _PAYLOAD_FIXED + MAX_ID_LEN + 8 * MAX_SHARDS
 
 
 # --- values --------------------------------------------------------------------------------------
+
+
+def check_keep_latest_n(value: object) -> None:
+    """TypeError unless ``value`` is an int; ConfigError unless it is at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"keep_latest_n must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ConfigError("keep_latest_n", f"must be at least 1, got {value}")
 
 
 def check_checkpoint_id(user_id: object) -> bytes:
@@ -600,10 +609,7 @@ class CheckpointLog:
         The record ``HEAD`` names is always kept, so ``latest()`` never changes; ``HEAD`` itself
         is not touched. Returns ``(records_before, records_after, bytes_reclaimed)``.
         """
-        if isinstance(keep_latest_n, bool) or not isinstance(keep_latest_n, int):
-            raise ValueError(f"keep_latest_n must be an int >= 1, got {keep_latest_n!r}")
-        if keep_latest_n < 1:
-            raise ValueError(f"keep_latest_n must be >= 1, got {keep_latest_n}")
+        check_keep_latest_n(keep_latest_n)
         with self._lock:
             self._check_writable()
             before = len(self._records)

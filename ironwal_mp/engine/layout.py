@@ -14,7 +14,7 @@ import struct
 from array import array
 from typing import List, Optional, Sequence
 
-from ..errors import InvalidStreamNameError
+from ..errors import InvalidIdError, InvalidStreamNameError
 
 SEGMENT_SUFFIX = ".wal"
 SEGMENT_NAME_LEN = 24
@@ -25,6 +25,14 @@ BROKEN_SUFFIX = ".broken"
 
 _SEGMENT_RE = re.compile(r"(\d{20})\.wal")  # (fullmatch: "$" would also allow a trailing newline)
 ID_LIMIT = 1 << 64  #: ids are u64: every id is below this
+
+
+def check_id(value: object, name: str) -> None:
+    """TypeError unless ``value`` is an int; InvalidIdError unless it is a u64 id."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value < ID_LIMIT:
+        raise InvalidIdError(f"{name} must be in 0..2**64-1 (ids are u64), got {value}")
 _STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 MAX_STREAM_NAME = 200
 #: files of a WAL root or stream directory that a stream may not be named after

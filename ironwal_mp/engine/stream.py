@@ -96,6 +96,8 @@ class Stream:
         with self.lock:
             self._check_writable()
             start = self._next_id
+            if start + count > layout.ID_LIMIT:  # (before the header: its id field is a u64)
+                raise WalIOError(f"stream {self.name!r} has run out of ids (they are u64)", errno.EOVERFLOW, self.dir)
             frame = (
                 HEADER.pack(
                     MAGIC, frame_crc(start, count, ftype, stored), start, count, ftype,
@@ -103,8 +105,6 @@ class Stream:
                 )
                 + stored
             )
-            if start + count > layout.ID_LIMIT:
-                raise WalIOError(f"stream {self.name!r} has run out of ids (they are u64)", errno.EOVERFLOW, self.dir)
             size = self._active_size
             try:
                 if not self._segments:

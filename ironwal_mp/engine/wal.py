@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
 
-from ..errors import InvalidIdError, StreamFailedError, WalClosedError, WalError, WalIOError
+from ..errors import StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -219,7 +219,7 @@ class Wal:
 
     def truncate(self, stream: str, safe_id: int) -> int:
         """Delete whole segments whose ids are all below ``safe_id`` (never the active one)."""
-        _check_id(safe_id, "safe_id")
+        layout.check_id(safe_id, "safe_id")
         s = self._stream(stream, False)
         return 0 if s is None else s.truncate(safe_id)
 
@@ -235,13 +235,13 @@ class Wal:
 
     def get(self, stream: str, seq_id: int) -> Optional[bytes]:
         """The entry with id ``seq_id``, or None if it is absent or truncated away."""
-        _check_id(seq_id, "seq_id")
+        layout.check_id(seq_id, "seq_id")
         view, stream_dir = self._view(stream)
         return self._reader.get(view, stream_dir, seq_id)
 
     def iter(self, stream: str, start_id: int = 0) -> Iterator[bytes]:
         """Entries in id order from ``start_id`` (or the first kept one) to the current end."""
-        _check_id(start_id, "start_id")
+        layout.check_id(start_id, "start_id")
         view, stream_dir = self._view(stream)
         return self._reader.iter(view, stream_dir, start_id)
 
@@ -275,13 +275,6 @@ class Wal:
             "frames": s.frames_written,
             "bytes": s.bytes_written,
         }
-
-
-def _check_id(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise InvalidIdError(f"{name} must not be negative, got {value}")
 
 
 class TxnWriter:

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import msgpack
 
+from .. import errors as E
+
 MAX_MESSAGE = 1024  # see the module docstring
 _PART_OVERHEAD = 64  # msgpack envelope around a chunk, generously
 
@@ -29,10 +31,6 @@ COMPACT = 5
 SHUTDOWN = 6
 PING = 7
 # coordinator -> clients
-#: a coordinator's exit status when another process holds the root's LOCK (its ERROR message
-#: may be lost: a leftover pass can remove the starter's notify queue before it is sent)
-EXIT_LOCKED = 3
-
 OK = 20
 ERROR = 21
 READY = 22
@@ -50,6 +48,11 @@ STOPPED = 63
 
 KIND_NAMES = {v: k for k, v in dict(globals()).items()
               if isinstance(v, int) and k.isupper() and not k.startswith("_") and k != "MAX_MESSAGE"}
+
+#: a coordinator's exit status when another process holds the root's LOCK (its ERROR message
+#: may be lost: a leftover pass can remove the starter's notify queue before it is sent).
+#: Not a message kind (defined after KIND_NAMES, which would otherwise name kind 3 after it).
+EXIT_LOCKED = 3
 
 
 class Message(NamedTuple):
@@ -78,10 +81,15 @@ class Assembler:
         self._partial: Dict[Tuple[int, int], List[bytes]] = {}
 
     def feed(self, raw: bytes) -> Optional[Message]:
+        """The message ``raw`` completes, or None while parts are missing. ValueError for a
+        part that is not one this codec makes (the receiver drops it and goes on)."""
         try:
             kind, sender, req_id, part, parts, chunk = msgpack.unpackb(raw, raw=False)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ValueError(f"malformed control message: {exc}") from None
+        if not (all(type(v) is int for v in (kind, sender, req_id, part, parts))
+                and type(chunk) is bytes and 0 <= part < parts):
+            raise ValueError("malformed control message: not [kind, sender, req_id, part, parts, chunk]")
         if parts == 1:
             return Message(kind, sender, req_id, _body(chunk))
         key = (sender, req_id)
@@ -97,7 +105,45 @@ class Assembler:
 
 
 def _body(blob: bytes) -> Dict[str, Any]:
-    body = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
+    try:
+        body = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed control message body: {exc}") from None
     if not isinstance(body, dict):
-        raise ValueError("control message body is not a map")
+        raise ValueError("malformed control message: its body is not a map")
     return body
+
+
+# --- errors over the wire (ERROR bodies) ------------------------------------------------------
+
+#: attributes of ironwal_mp errors that travel with them (ints and strings only)
+ERROR_ATTRS = ("errno", "path", "offset", "field", "expected", "found")
+
+
+def error_body(exc: BaseException) -> Dict[str, Any]:
+    """An ERROR message's body for ``exc``: its type name, message and simple attributes."""
+    attrs = {name: getattr(exc, name) for name in ERROR_ATTRS
+             if isinstance(getattr(exc, name, None), (int, str)) and not isinstance(getattr(exc, name), bool)}
+    return {"type": type(exc).__name__, "message": str(exc), "attrs": attrs}
+
+
+def error_from_body(body: Dict[str, Any]) -> Exception:
+    """The error an ERROR body describes: the same ironwal_mp type, message and attributes
+    (a type this side does not know becomes a plain WalError)."""
+    cls = getattr(E, str(body.get("type")), None)
+    message = str(body.get("message", "coordinator error"))
+    if not (isinstance(cls, type) and issubclass(cls, E.WalError)):
+        return E.WalError(message)
+    attrs = body.get("attrs")
+    attrs = attrs if isinstance(attrs, dict) else {}
+    err = cls.__new__(cls)
+    if issubclass(cls, OSError):
+        code = attrs.get("errno")
+        OSError.__init__(err, code if isinstance(code, int) else 0, message)
+    else:
+        Exception.__init__(err, message)
+    for name in ERROR_ATTRS:
+        if name != "errno" and isinstance(attrs.get(name), (int, str)):
+            setattr(err, name, attrs[name])
+    return err
+

@@ -20,8 +20,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from zlib import crc32
 
 from .. import errors as E
-from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
+from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id, check_keep_latest_n
 from ..engine.frame import encode_entries
+from ..engine.layout import check_id
 from ..engine.rootlock import RootLock, lock_holder
 from ..ipc import control as C
 from ..ipc import messages as M
@@ -130,7 +131,7 @@ class _Attachment:
                         raise E.WorkerFailedError(
                             f"the coordinator (pid {self.coordinator_pid}) did not answer a control request in time")
         if msg.kind == M.ERROR:
-            raise _rebuild_error(msg.body)
+            raise M.error_from_body(msg.body)
         return msg.body
 
     def close_objects(self) -> None:
@@ -215,19 +216,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _rebuild_error(body: Dict[str, Any]) -> Exception:
-    cls = getattr(E, str(body.get("type")), None)
-    message = body.get("message", "coordinator error")
-    if not (isinstance(cls, type) and issubclass(cls, E.WalError)):
-        return E.WalError(message)
-    if cls is E.ShardCountMismatchError:
-        expected, found = body["args"]
-        return cls(expected, found)
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    return err
 
 
 def _running(names: Names) -> Optional[C.ControlBlock]:
@@ -326,7 +314,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
         notify.close()
     if msg.kind == M.ERROR:
         proc.wait()
-        raise _rebuild_error(msg.body)
+        raise M.error_from_body(msg.body)
     return proc
 
 
@@ -606,14 +594,14 @@ class ShardedWal:
         """The durable entry ``seq_id`` of a shard, or None (absent, not yet durable, pruned)."""
         self._check()
         self._check_shard(shard_id)
-        _check_seq(seq_id)
+        check_id(seq_id, "seq_id")
         return self._att.reader.get(shard_id, seq_id)
 
     def iter_shard(self, shard_id: int, start_id: int = 0) -> Iterator[bytes]:
         """A shard's durable entries from ``start_id`` (or the first kept one) on."""
         self._check()
         self._check_shard(shard_id)
-        _check_seq(start_id)
+        check_id(start_id, "start_id")
         return self._att.reader.iter(shard_id, start_id)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -655,10 +643,7 @@ class ShardedWal:
     def compact_checkpoints(self, keep_latest_n: int = 10) -> CompactionStats:
         """Rewrite checkpoints.log keeping the newest ``keep_latest_n`` records."""
         self._check()
-        if isinstance(keep_latest_n, bool) or not isinstance(keep_latest_n, int):
-            raise TypeError("keep_latest_n must be an int")
-        if keep_latest_n < 1:
-            raise ValueError("keep_latest_n must be at least 1")
+        check_keep_latest_n(keep_latest_n)
         # (more than any log holds means all of them; msgpack carries at most 64 bits)
         body = self._att.request(M.COMPACT, {"keep": min(keep_latest_n, 1 << 32)})
         return CompactionStats(body["before"], body["after"], body["reclaimed"])
@@ -813,10 +798,3 @@ def _as_bytes(value: object, what: str) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):  # (subclasses too)
         return bytes(value)
     raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
-
-
-def _check_seq(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ids must be int, not {type(value).__name__}")
-    if value < 0:
-        raise E.InvalidIdError(f"ids must not be negative, got {value}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..engine.layout import write_file_atomic
-from ..errors import ManifestError, ShardCountMismatchError
+from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
 
 MANIFEST = "MANIFEST"
@@ -45,7 +45,7 @@ def check_shard_count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"shard_count must be an int, not {type(value).__name__}")
     if not 1 <= value <= MAX_SHARDS:
-        raise ValueError(f"shard_count must be between 1 and {MAX_SHARDS}, got {value}")
+        raise ConfigError("shard_count", f"must be between 1 and {MAX_SHARDS}, got {value}")
     return value
 
 

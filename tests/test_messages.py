@@ -1,0 +1,108 @@
+"""The control-message codec (ipc/messages.py): pure, no queues."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ironwal_mp.ipc import messages as M
+
+
+def test_kind_names_name_every_kind_once():
+    kinds = {"ATTACH", "DETACH", "CHECKPOINT", "PRUNE", "COMPACT", "SHUTDOWN", "PING", "OK", "ERROR",
+             "READY", "PREPARE", "COMMIT", "ABORT", "TRUNCATE", "STOP", "PREPARED", "TRUNCATED", "FAILED",
+             "STOPPED"}
+    assert {M.KIND_NAMES[getattr(M, k)] for k in kinds} == kinds
+    assert len(M.KIND_NAMES) == len(kinds), M.KIND_NAMES
+    # the coordinator's exit status 3 is not a message kind (it once named kind 3 in logs)
+    assert M.KIND_NAMES[M.CHECKPOINT] == "CHECKPOINT" and "EXIT_LOCKED" not in M.KIND_NAMES.values()
+
+
+bodies = st.dictionaries(
+    st.text(max_size=8),
+    st.one_of(st.integers(0, 2**64 - 1), st.binary(max_size=3000), st.text(max_size=50),
+              st.lists(st.integers(-5, 5), max_size=20)),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=bodies, size=st.sampled_from([128, 256, 1024]))
+def test_any_body_round_trips_in_parts_no_larger_than_the_queue_message(body, size):
+    msg = M.Message(M.CHECKPOINT, 4_194_303, 2**64 - 1, body)
+    parts = M.encode(msg, size)
+    assert all(len(p) <= size for p in parts)
+    asm = M.Assembler()
+    got = [asm.feed(p) for p in parts]
+    assert got[:-1] == [None] * (len(parts) - 1)
+    assert got[-1] == msg
+
+
+def test_a_64_kib_checkpoint_id_fits_the_default_size_and_senders_may_interleave():
+    big = M.Message(M.CHECKPOINT, 11, 1, {"id": b"x" * 65535})
+    small = M.Message(M.PING, 12, 1, {})
+    other = M.Message(M.CHECKPOINT, 13, 7, {"id": b"y" * 5000})
+    a, c = M.encode(big), M.encode(other)
+    assert all(len(p) <= M.MAX_MESSAGE for p in a + c) and len(a) > 60
+    asm = M.Assembler()
+    out = []
+    for i in range(max(len(a), len(c))):
+        for parts in (a, c):
+            if i < len(parts) and (m := asm.feed(parts[i])) is not None:
+                out.append(m)
+        if i == 2:
+            out.append(asm.feed(M.encode(small)[0]))
+    assert out == [small, other, big]
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xc1",                                                   # not msgpack
+    msgpack.packb(5),                                          # not an array
+    msgpack.packb([1, 2, 3]),                                  # wrong arity
+    msgpack.packb([1, 2, 3, 0, 1, 5]),                         # chunk is not bytes
+    msgpack.packb(["x", 2, 3, 0, 1, b""]),                     # kind is not an int
+    msgpack.packb([1, 2, 3, 1, 1, b""], use_bin_type=True),    # part outside 0..parts-1
+    msgpack.packb([1, 2, 3, 0, 0, b""], use_bin_type=True),    # no parts at all
+    msgpack.packb([1, 2, 3, 0, 1, msgpack.packb([1])], use_bin_type=True),   # body not a map
+    msgpack.packb([1, 2, 3, 0, 1, b"\xc1"], use_bin_type=True),             # body not msgpack
+])
+def test_a_malformed_part_is_a_value_error_and_the_assembler_goes_on(raw):
+    asm = M.Assembler()
+    with pytest.raises(ValueError, match="malformed control message"):
+        asm.feed(raw)
+    msg = M.Message(M.PING, 1, 2, {"k": 1})
+    assert asm.feed(M.encode(msg)[0]) == msg
+
+
+def test_a_part_out_of_order_drops_that_message_only():
+    msg = M.Message(M.CHECKPOINT, 3, 9, {"id": b"z" * 3000})
+    parts = M.encode(msg)
+    asm = M.Assembler()
+    assert asm.feed(parts[0]) is None
+    with pytest.raises(ValueError, match="out of order"):
+        asm.feed(parts[2])
+    assert [asm.feed(p) for p in parts][-1] == msg
+
+
+def test_errors_cross_with_their_type_message_and_attributes():
+    from ironwal_mp import errors as E
+
+    cases = [
+        E.ShardCountMismatchError(4, 16),
+        E.WalIOError("fsync failed", 28, "/data/shard_01/x.wal"),
+        E.DiskFullError("no space", 28, "/data"),
+        E.CrcMismatchError("/data/s/0.wal", 4096, 1, 2),
+        E.ConfigError("keep_latest_n", "must be at least 1, got 0"),
+        E.CheckpointNotFoundError(b"raft-1"),
+        E.CheckpointAbortedError("shards [3] have failed"),
+    ]
+    for exc in cases:
+        body = msgpack.unpackb(msgpack.packb(M.error_body(exc), use_bin_type=True), raw=False)
+        got = M.error_from_body(body)
+        assert type(got) is type(exc) and str(got) == str(exc)
+        for name in ("errno", "path", "offset", "field", "expected", "found"):
+            assert getattr(got, name, None) == getattr(exc, name, None), (exc, name)
+    assert isinstance(M.error_from_body({"type": "KeyboardInterrupt", "message": "x"}), E.WalError)
+    assert type(M.error_from_body({"type": "NoSuchError", "message": "m"})) is E.WalError
