@@ -276,6 +276,9 @@ class Coordinator:
                 before, after, reclaimed = self.ckpt_log.compact(msg.body["keep"])
                 self._reply(msg, M.OK, {"before": before, "after": after, "reclaimed": reclaimed})
             elif msg.kind == M.SHUTDOWN:
+                if msg.body.get("pid") != self.starter or not self.starter:
+                    raise E.WalError("only the process that started this WAL shuts it down by request "
+                                     "(a WAL run by `serve` stops on SIGTERM or Ctrl-C)")
                 self.stopping = True
                 self._reply(msg, M.OK, {})
             else:

@@ -215,3 +215,27 @@ def test_a_start_refused_by_lock_is_retried_though_its_message_was_lost(wal_root
             assert wal.append(b"k", b"v")[1] == 0
     finally:
         lock.release()
+
+
+SHUTDOWN_FROM_ANOTHER = """
+import sys
+from ironwal_mp import WalError, connect
+from ironwal_mp.ipc import messages as M
+wal = connect(sys.argv[1])
+try:
+    wal._att.request(M.SHUTDOWN, {})
+except WalError as exc:
+    print("refused:", exc)
+wal.close()
+"""
+
+
+def test_only_the_starter_shuts_the_wal_down_by_request(wal_root):
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1) as wal:
+        coordinator = wal.stats()["coordinator_pid"]
+        out = subprocess.run([sys.executable, "-c", SHUTDOWN_FROM_ANOTHER, wal_root], capture_output=True,
+                             timeout=120, text=True)
+        assert out.returncode == 0 and "refused: only the process that started" in out.stdout, out
+        time.sleep(0.3)  # (a coordinator told to stop would be on its way out by now)
+        assert wal.append(b"k", b"v") and wal.stats()["coordinator_pid"] == coordinator
+        wal.sync()
