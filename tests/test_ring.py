@@ -427,6 +427,42 @@ def test_lock_of_a_killed_holder_is_repaired(make_ring, reap):
     assert Drainer(ring).drain() == [(1, b"ok")]
 
 
+@pytest.mark.parametrize("repairer", ["live-but-stopped", "dead", "unrecorded"])
+def test_the_repair_semaphore_is_taken_over_only_from_a_dead_repairer(make_ring, monkeypatch, repairer):
+    """A repairer stalled inside a repair (SIGSTOP, starved) must not be taken for dead: its
+    post when it resumes would leave the repair semaphore at 2, and two repairers could then
+    release one lock twice. A dead one (or one that died before recording itself) is taken over."""
+    import subprocess
+    import sys
+
+    from ironwal_mp.ipc import ring as ring_mod
+
+    monkeypatch.setattr(ring_mod, "REPAIR_TAKEOVER_S", 0.2)
+    ring = make_ring(4096, first_seq=1)
+    h = ring.header
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(HANG)
+    stalled = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ring.lock.acquire(0)  # held by a holder that died ...
+        h[L.HOLDER] = gone.pid
+        ring._repair.acquire(0)  # ... while another repairer is inside its repair
+        h[L.REPAIRER] = {"live-but-stopped": stalled.pid, "dead": gone.pid, "unrecorded": 0}[repairer]
+        if repairer == "live-but-stopped":
+            stalled.send_signal(signal.SIGSTOP)
+            assert not ring.repair_lock(gone.pid), "took the repair from a live repairer"
+            assert ring._repair.value == 0 and h[L.HOLDER] == gone.pid
+            h[L.REPAIRER] = 0  # it resumes and finishes: one post
+            ring._repair.release()
+        assert ring.repair_lock(gone.pid)
+        assert ring._repair.value == 1 and h[L.REPAIRER] == 0 and h[L.HOLDER] == 0
+        ring.acquire(timeout=HANG)
+        ring.release()
+    finally:
+        stalled.kill()
+        stalled.wait(HANG)
+
+
 def test_half_written_publish_of_a_killed_holder_is_not_published(make_ring):
     ring = make_ring(4096, first_seq=100)
     h = ring.header

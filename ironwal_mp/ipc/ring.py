@@ -40,7 +40,7 @@ _unpack_len = _LEN.unpack_from
 POLL_S = 0.05
 #: a lock held this long with no holder recorded and no progress is taken as orphaned
 STUCK_S = 1.0
-#: the repair semaphore held this long is taken as held by a dead repairer
+#: the repair semaphore held this long, by no live REPAIRER, is taken as held by a dead one
 REPAIR_TAKEOVER_S = 10.0
 #: a waiter count that stays unchanged with nobody able to wait, this long, is cleared
 STALE_S = 1.0
@@ -246,17 +246,21 @@ class Ring:
         self._h[L.HOLDER] = 0
         self.lock.release()
 
-    def _repair_acquire(self) -> None:
+    def _repair_acquire(self) -> bool:
+        """Take the repair semaphore, or its place if a repairer died holding it; False when
+        a live repairer has held it for REPAIR_TAKEOVER_S (leave the repair to it)."""
         deadline = time.monotonic() + REPAIR_TAKEOVER_S
         while True:
             try:
                 self._repair.acquire(POLL_S)  # (in short waits: close() may be waiting for us)
-                return
+                return True
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 if self._closing:
                     raise self._closed_error() from None
                 if time.monotonic() >= deadline:
-                    raise posix_ipc.BusyError("repair semaphore") from None
+                    repairer = self._h[L.REPAIRER]
+                    # (0: it died between its two steps and the field, a window of microseconds)
+                    return not (repairer and pid_alive(repairer))
 
     def _progress(self) -> tuple[int, int, int, int]:
         h = self._h
@@ -316,14 +320,13 @@ class Ring:
         Serialised by the repair semaphore, and REPAIRS is part of ``seen``: a second repairer
         that observed the same state finds REPAIRS moved on and leaves the lock alone.
         """
+        # (True after REPAIR_TAKEOVER_S also when a repairer died inside this few-microsecond
+        # section: we take its place, and the finally below releases the hold it left behind)
+        h = self._h
+        if not self._repair_acquire():
+            return False
         try:
-            self._repair_acquire()
-        except posix_ipc.BusyError:
-            # busy for REPAIR_TAKEOVER_S: a repairer died inside this few-microsecond section. Take its
-            # place; the finally below then releases the hold it left behind.
-            pass
-        try:
-            h = self._h
+            h[L.REPAIRER] = self._pid
             now = self._progress()
             if dead and (now[3] != dead or pid_alive(dead)):
                 return False
@@ -343,6 +346,7 @@ class Ring:
             self.lock.release()
             return True
         finally:
+            h[L.REPAIRER] = 0
             self._repair.release()
 
     # --- producer side --------------------------------------------------------------------
