@@ -93,6 +93,8 @@ def test_errors_cross_with_their_type_message_and_attributes():
         E.ShardCountMismatchError(4, 16),
         E.WalIOError("fsync failed", 28, "/data/shard_01/x.wal"),
         E.DiskFullError("no space", 28, "/data"),
+        E.SharedMemoryError("cannot create /x: lower ring_size"),
+        E.WalIOError("no errno", None, "/p"),
         E.CrcMismatchError("/data/s/0.wal", 4096, 1, 2),
         E.ConfigError("keep_latest_n", "must be at least 1, got 0"),
         E.CheckpointNotFoundError(b"raft-1"),

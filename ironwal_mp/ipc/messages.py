@@ -136,11 +136,15 @@ def error_from_body(body: Dict[str, Any]) -> Exception:
         return E.WalError(message)
     attrs = body.get("attrs")
     attrs = attrs if isinstance(attrs, dict) else {}
-    err = cls.__new__(cls)
     if issubclass(cls, OSError):
+        # OSError parses its arguments in __new__, or in __init__ for a subclass that defines
+        # its own __init__ (WalIOError): pass them to both, as a constructor would
         code = attrs.get("errno")
-        OSError.__init__(err, code if isinstance(code, int) else 0, message)
+        args = (code, message) if isinstance(code, int) else (message,)
+        err = cls.__new__(cls, *args)
+        OSError.__init__(err, *args)
     else:
+        err = cls.__new__(cls)
         Exception.__init__(err, message)
     for name in ERROR_ATTRS:
         if name != "errno" and isinstance(attrs.get(name), (int, str)):
