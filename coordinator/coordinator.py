@@ -210,7 +210,7 @@ class Coordinator:
                   w, proc.returncode if proc else "?", self.assignment[w])
         for shard in self.assignment[w]:
             ring = self.rings[shard]
-            ring.header[L.ERRNO] = 5
+            ring.header[L.ERRNO] = L.ERR_GAVE_UP
             ring.set_state(L.ST_FAILED)
             ring.wake_durable_waiters()
             for _ in range(8):

@@ -10,8 +10,10 @@ No timing assertions: timeouts only bound hangs.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -634,6 +636,22 @@ def test_wait_durable_returns_when_the_worker_advances_it(make_ring):
     # an unregistered wait on an id already durable returns at once
     ring.wait_durable(seq, timeout=HANG, registered=False)
     assert h[L.DUR_WAITERS] == 0
+
+
+@pytest.mark.parametrize("code, says", [
+    (errno.ENOSPC, "the disk is full (ENOSPC). Nothing acknowledged is lost"),
+    (L.ERR_GAVE_UP, "kept exiting right after it started"),
+    (L.ERR_CANNOT_RESUME, "cannot resume it"),
+    (errno.EIO, "Input/output error (errno EIO"),
+    (0, "its worker failed (see the coordinator's log)"),
+])
+def test_a_failed_shard_says_why(make_ring, code, says):
+    ring = make_ring(4096, first_seq=1)
+    ring.header[L.ERRNO] = code
+    ring.set_state(L.ST_FAILED)
+    for call in (lambda: ring.append_one(b"x"), lambda: ring.publish(encode([b"y"]), 1)):
+        with pytest.raises(WorkerFailedError, match=re.escape(says)):
+            call()
 
 
 def test_wait_durable_raises_when_the_worker_fails(make_ring):

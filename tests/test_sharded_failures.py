@@ -579,6 +579,59 @@ def test_a_handle_of_a_killed_coordinator_cannot_publish_into_kept_rings(harness
     assert sum(counts.values()) == len(entries)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted for the test (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_fails_the_shards_clearly_and_loses_nothing(small_disk):
+    """Workers hitting ENOSPC fail their shards; appends then raise WorkerFailedError saying
+    the disk is full. Acknowledged records not yet written stay in the kept rings, and once
+    space is freed the next open writes every one of them, and nothing else."""
+    from _sharded_procs import cleanup_root
+
+    root = os.path.join(small_disk, "wal")
+    ballast = os.path.join(small_disk, "ballast")
+    with open(ballast, "wb") as fh:
+        fh.write(bytes(512 << 10))
+    opts = WalOptions(root_path=root, sync_mode=SyncMode.ASYNC, compression="none")
+    acked = []
+    try:
+        wal = ShardedWal(opts, 2, workers=1, timeout=10)
+        try:
+            with pytest.raises(E.WorkerFailedError, match="the disk is full") as info:
+                for i in range(20000):
+                    value = b"%08d" % i + bytes(192)
+                    acked.append((wal.append(b"k%d" % i, value), value))
+            assert "reopen" in str(info.value)
+            shards = wal.stats()["shards"]
+            assert "failed" in [s["state"] for s in shards]
+            assert any(s["next_id"] > s["written_id"] for s in shards), "nothing acknowledged was left unwritten"
+        finally:
+            wal.close()
+        os.remove(ballast)
+        wal = ShardedWal(opts, 2, workers=1, timeout=10)
+        try:
+            wal.sync()
+            wrong = [(s, q) for (s, q), v in acked if wal.get(s, q) != v]
+            assert not wrong, f"{len(wrong)} acknowledged entries lost or wrong, e.g. {wrong[:3]}"
+            assert sum(len(list(wal.iter_shard(s, 0))) for s in range(2)) == len(acked)
+        finally:
+            wal.close()
+    finally:
+        procs, objects = cleanup_root(root)
+    assert procs == [] and objects == []
+
+
 # --- 5. a stalled worker: backpressure, then a clear timeout --------------------------------
 
 

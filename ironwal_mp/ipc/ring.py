@@ -19,6 +19,7 @@ after STUCK_S, never with this live pid recorded, which nobody would repair.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -379,7 +380,7 @@ class Ring:
             try:
                 state = h[L.STATE]
                 if state != L.ST_OPEN or h[L.OPEN_EPOCH] != self.epoch:
-                    raise _state_error(self.shard, state, h[L.OPEN_EPOCH] != self.epoch)
+                    raise _state_error(self.shard, state, h[L.ERRNO], h[L.OPEN_EPOCH] != self.epoch)
                 gen = h[L.GEN]
                 base = L.SLOT1 if gen & 1 else L.SLOT0
                 tail = h[base]
@@ -571,7 +572,7 @@ class Ring:
             while h[L.DURABLE_SEQ] < upto_seq:
                 state = h[L.STATE]
                 if state == L.ST_FAILED:
-                    raise _state_error(self.shard, state)
+                    raise _state_error(self.shard, state, h[L.ERRNO])
                 self._wait(self.durable_sem, deadline, "durability")
         finally:
             if registered:
@@ -607,7 +608,7 @@ class Ring:
             live()
         state = self._h[L.STATE]
         if state in (L.ST_FAILED, L.ST_CLOSED):
-            raise _state_error(self.shard, state)
+            raise _state_error(self.shard, state, self._h[L.ERRNO])
         if time.monotonic() > deadline:
             worker = self._h[L.WORKER_PID]
             raise WorkerFailedError(
@@ -819,16 +820,32 @@ assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.OPEN_EPOCH, L.HEAD, L.SLEEPING, L.D
 ), "make_appender's literal field indexes are out of date"
 
 
-def _state_error(shard: int, state: int, other_epoch: bool = False) -> Exception:
+def _state_error(shard: int, state: int, code: int = 0, other_epoch: bool = False) -> Exception:
+    """The error for a call that found its ring not open to it (``code``: the ring's ERRNO)."""
     if state == L.ST_OPEN and other_epoch:
         return WalClosedError(
             f"shard {shard}: the coordinator this handle attached to has stopped, and another "
             "has opened the WAL since: open it again")
     if state == L.ST_FAILED:
-        return WorkerFailedError(f"shard {shard}: its worker failed (see the coordinator's log)")
+        return WorkerFailedError(f"shard {shard}: {failure_reason(code)}")
     if state in (L.ST_CLOSING, L.ST_CLOSED):
         return WalClosedError(f"shard {shard}: the sharded WAL is shutting down or closed")
     return WorkerFailedError(f"shard {shard}: ring is not open (state {L.STATE_NAMES.get(state, state)})")
+
+
+def failure_reason(code: int) -> str:
+    """Why a shard failed, from its ERRNO, and what to do about it."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ("its worker stopped: the disk is full (ENOSPC). Nothing acknowledged is lost: "
+                "records not yet on disk stay in its ring. Free space, then close and reopen the "
+                "WAL; the next open writes them")
+    if code == L.ERR_GAVE_UP:
+        return "its worker kept exiting right after it started, and the coordinator gave up (see its log)"
+    if code == L.ERR_CANNOT_RESUME:
+        return "its worker cannot resume it: its files lack ids its ring handed out (see the coordinator's log)"
+    if code:
+        return f"its worker failed: {os.strerror(code)} (errno {errno.errorcode.get(code, code)}; see the coordinator's log)"
+    return "its worker failed (see the coordinator's log)"
 
 
 def _shm_error(name: str, size: int, exc: OSError) -> SharedMemoryError:

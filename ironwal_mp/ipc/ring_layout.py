@@ -61,6 +61,8 @@ ST_NEW, ST_OPEN, ST_CLOSING, ST_CLOSED, ST_FAILED = 0, 1, 2, 3, 4
 #: ERRNO of a shard failed at resume because its files lost ids its ring wrote: such a ring is
 #: kept across reopens (it alone remembers which ids were handed out)
 ERR_CANNOT_RESUME = errno.ENOTRECOVERABLE
+#: ERRNO of shards whose worker kept exiting right after starting, so the coordinator gave up
+ERR_GAVE_UP = errno.ESRCH
 STATE_NAMES = {ST_NEW: "new", ST_OPEN: "open", ST_CLOSING: "closing", ST_CLOSED: "closed", ST_FAILED: "failed"}
 
 
