@@ -115,3 +115,16 @@ def test_sync_if_needed_uses_the_configured_interval(interval, age, waiters, syn
     w.shards[0].h[L.DUR_WAITERS] = waiters
     w._sync_if_needed()
     assert w.synced == synced
+
+
+def test_a_reply_the_coordinator_never_takes_is_dropped_and_serving_goes_on():
+    from ironwal_mp.errors import WalClosedError
+    from ironwal_mp.ipc import messages as M
+
+    class FullQueue:
+        def send(self, msg, timeout=10.0, alive=None):
+            raise WalClosedError("control queue /x stayed full for 10s")
+
+    w = make_worker([(5, 5, L.ST_OPEN, 0.0)])
+    w.replies, w.index = FullQueue(), 0
+    w._reply(M.PREPARED, 7, {"durable": {}})  # no exception escapes into the worker's loop

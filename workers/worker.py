@@ -292,7 +292,12 @@ class Worker:
             self._handle(msg)
 
     def _reply(self, kind: int, req_id: int, body: dict) -> None:
-        self.replies.send(M.Message(kind, self.index, req_id, body), alive=self._coordinator_alive)
+        try:
+            self.replies.send(M.Message(kind, self.index, req_id, body), alive=self._coordinator_alive)
+        except WalError as exc:
+            # the coordinator is gone (the loop notices) or has not read for the queue's limit:
+            # its request times out there. Serving the rings goes on either way.
+            log.warning("reply %s to request %d lost: %s", M.KIND_NAMES.get(kind, kind), req_id, exc)
 
     def _coordinator_alive(self) -> None:
         if os.getppid() != self.parent:
