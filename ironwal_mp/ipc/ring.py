@@ -500,7 +500,7 @@ class Ring:
                     limit = h[32] + cap  # HEAD
                 # strictly less: a block that ends exactly at the end of the area takes the
                 # slow path, which records that crossing for the worker
-                if h[61] == epoch and need < cap - off and end <= limit:  # OPEN_EPOCH
+                if h[5] == epoch and need < cap - off and end <= limit:  # OPEN_EPOCH
                     pack(data, off, n)
                     data[off + 4 : off + need] = value
                     h[nb] = end
@@ -816,7 +816,7 @@ class Ring:
 
 
 assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.OPEN_EPOCH, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (
-    9, 8, 16, 24, 61, 32, 38, 11
+    9, 8, 16, 24, 5, 32, 38, 11
 ), "make_appender's literal field indexes are out of date"
 
 

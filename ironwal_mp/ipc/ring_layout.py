@@ -21,8 +21,14 @@ HEADER_BYTES = 4096
 LENGTH_PREFIX = 4
 
 # u64 field indexes in the header. Fields are grouped by writer, one 64-byte line each.
-# line 0: static, written once by the coordinator when it creates the ring
+# line 0: rarely written (at creation, and at state changes): every producer reads it on
+# every append without the worker's constant stores moving the line between CPUs
 MAGIC, VERSION, CAPACITY, SHARD, WORKER_IDX = 0, 1, 2, 3, 4
+#: the epoch (control block EPOCH) of the coordinator under which the ring is OPEN, 0 in any
+#: other state. Producers publish only while it equals the epoch they attached under, so that
+#: a handle of a coordinator that died never publishes into a ring its successor reopened.
+#: Written with STATE (Ring.set_state): set after STATE becomes OPEN, cleared before it leaves.
+OPEN_EPOCH = 5
 # line 1: producers, under the ring lock
 GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS = 8, 9, 10, 11
 # LOCKS counts acquisitions outside the publish fast path (which bumps GEN instead); REPAIRS
@@ -47,11 +53,6 @@ PRUNES = 55
 # (head, head_seq) that is true; HEAD and HEAD_SEQ above are mirrors written after it, so a
 # worker killed between two stores leaves a consistent slot for its successor
 WGEN, WSLOT0, WSLOT1 = 56, 57, 59
-#: the epoch (control block EPOCH) of the coordinator under which the ring is OPEN, 0 in any
-#: other state. Producers publish only while it equals the epoch they attached under, so that
-#: a handle of a coordinator that died never publishes into a ring its successor reopened.
-#: Written with STATE (Ring.set_state): set after STATE becomes OPEN, cleared before it leaves.
-OPEN_EPOCH = 61
 FIELDS = 64
 #: WRAP_POS before any wrap: a position no live range ever contains
 WRAP_NONE = (1 << 64) - 1
