@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from ironwal_mp import CompressionType, Wal, WalOptions
+from ironwal_mp import CompressionType, ShardedWal, SyncMode, Wal, WalOptions
 from ironwal_mp.engine import layout
 from ironwal_mp.engine.frame import HEADER_SIZE
 from ironwal_mp.engine.scanner import scan_frames
@@ -843,11 +843,17 @@ def test_verify_finds_a_torn_tail_and_repair_mends_it(wal_root):
     assert cli("verify", wal_root).stdout_text.rstrip().endswith("OK")
     clean = cli_json("verify", wal_root)
     assert clean["ok"] is True and clean["entries"] == 3000 and clean["problems"] == []
+    # entries after the last checkpoint, as a crash leaves them (a frame torn below a checkpoint
+    # would be a loss of checkpointed entries: verify reports that too, see the next test)
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 4) as wal:
+        key = next(k for k in (b"tail-%d" % i for i in range(1000)) if wal.shard_for(k) == 0)
+        wal.append_batch_for_key(key, [b"tail"] * 5)
 
     stream = os.path.join(wal_root, "shard_00")
     seg = segment_paths(stream)[-1]
     frames = frame_offsets(seg)
     last_off, last_count = frames[-1]
+    assert last_count == 5
     with open(seg, "r+b") as fh:
         fh.truncate(last_off + HEADER_SIZE + 3)  # a torn write: header and a few payload bytes
 
@@ -873,7 +879,7 @@ def test_verify_finds_a_torn_tail_and_repair_mends_it(wal_root):
     assert cli("verify", wal_root).returncode == 0
     doc = cli_json("inspect", wal_root)
     shard0 = doc["streams"][0]
-    assert shard0["next_id"] == summary["shard_next_ids"][0] - last_count
+    assert shard0["next_id"] == summary["shard_next_ids"][0]
     assert shard0["side_files"] == [os.path.basename(side)]
     again = cli("repair", wal_root)
     assert "nothing to repair" in again.stdout_text
@@ -881,6 +887,29 @@ def test_verify_finds_a_torn_tail_and_repair_mends_it(wal_root):
     more = ingest_synthetic(wal_root, 100)
     assert more["shard_next_ids"][0] >= shard0["next_id"]
     assert cli("verify", wal_root).returncode == 0
+
+
+def test_verify_finds_checkpointed_entries_that_are_gone(wal_root, tmp_path):
+    """Every frame left may be sound while entries a checkpoint recorded are gone: a shard
+    directory removed, a segment's files removed, a shard cut at a frame boundary."""
+    import shutil
+
+    ingest_synthetic(wal_root, 3000, "--batch", "100")
+    cases = {}
+    for name in ("shard-removed", "segments-removed", "cut-at-a-frame"):
+        copy = os.path.join(str(tmp_path), name)
+        shutil.copytree(wal_root, copy)
+        cases[name] = copy
+    shutil.rmtree(os.path.join(cases["shard-removed"], "shard_02"))
+    for seg in segment_paths(os.path.join(cases["segments-removed"], "shard_01")):
+        os.remove(seg)
+    seg = segment_paths(os.path.join(cases["cut-at-a-frame"], "shard_00"))[-1]
+    with open(seg, "r+b") as fh:
+        fh.truncate(frame_offsets(seg)[-2][0])  # two whole frames gone, nothing torn
+    for name, root in cases.items():
+        proc = cli("verify", root, expect=1)
+        assert "recorded it reaching" in proc.stdout_text and "entries were lost" in proc.stdout_text, (name, proc.stdout_text)
+        assert cli_json("verify", root, expect=1)["ok"] is False
 
 
 def test_verify_finds_sealed_damage_that_repair_cannot_mend(tmp_path):
@@ -1045,3 +1074,97 @@ def test_usage_errors_of_other_commands(wal_root, tmp_path):
     assert not os.path.exists(wal_root)
     ingest_synthetic(wal_root, 10)
     assert "empty" in usage_error("checkpoint", "create", "", "--root", wal_root)
+
+
+# --- review: what the commands refuse, and reads that never change files -----------------------
+
+
+def test_sharded_commands_refuse_directories_that_hold_something_else(wal_root, tmp_path):
+    tmp = str(tmp_path)
+    engine = os.path.join(tmp, "engine")
+    write_engine_wal(engine, "orders", 20)
+    listing = sorted(os.listdir(engine))
+    line = usage_error("ingest", "--root", engine, "--shards", "2", "--records", "10")
+    assert "is an engine WAL (streams orders)" in line
+    line = usage_error("serve", "--root", os.path.join(engine, "orders"), "--shards", "2")
+    assert "is one stream of an engine WAL" in line
+    afile = os.path.join(tmp, "afile")
+    open(afile, "w").close()
+    for cmd in (["serve", "--root", afile, "--shards", "2"], ["ingest", "--root", afile, "--records", "1"]):
+        assert "is not a directory" in usage_error(*cmd)
+    assert sorted(os.listdir(engine)) == listing, "a refused command wrote into the engine WAL"
+
+    other = os.path.join(tmp, "notes")
+    os.makedirs(other)
+    open(os.path.join(other, "todo.txt"), "w").close()
+    for cmd in ("verify", "inspect", "repair"):
+        assert "holds no WAL" in usage_error(cmd, other)
+    assert os.listdir(other) == ["todo.txt"], "repair left a LOCK in a directory that holds no WAL"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["checkpoint", "compact", "--keep", "0"], "--keep must be at least 1"),
+    (["stats", "--interval", "-1"], "--interval must be a positive number"),
+    (["ingest", "--records", "-5"], "--records must be at least 0"),
+    (["ingest", "--batch", "0", "--records", "5"], "--batch must be at least 1"),
+    (["ingest", "--checkpoint-every", "0", "--records", "5"], "--checkpoint-every must be at least 1"),
+])
+def test_numbers_out_of_range_are_usage_errors(wal_root, args, says):
+    assert says in usage_error(*args, "--root", wal_root)
+    assert not os.path.exists(wal_root)
+
+
+def test_replay_of_a_damaged_stopped_wal_refuses_and_changes_nothing(wal_root):
+    ingest_synthetic(wal_root, 2000, shards=2)
+    seg = segment_paths(os.path.join(wal_root, "shard_00"))[0]
+    with open(seg, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+    def snapshot():
+        out = {}
+        for d, _dirs, files in os.walk(wal_root):
+            for f in files:
+                p = os.path.join(d, f)
+                with open(p, "rb") as fh:
+                    out[p] = zlib.crc32(fh.read())
+        return out
+
+    before = snapshot()
+    proc = cli("replay", "--root", wal_root, expect=1)
+    assert proc.stdout == b"" and "CorruptionError" in proc.stderr_text and "repair" in proc.stderr_text
+    assert snapshot() == before, "replay changed the files"
+
+
+def test_csv_with_a_byte_order_mark_and_csv_that_is_not_utf8(wal_root, tmp_path):
+    good = os.path.join(str(tmp_path), "bom.csv")
+    with open(good, "wb") as fh:
+        fh.write(b"\xef\xbb\xbfid,name\n1,a\n2,b\n")
+    summary = cli_json("ingest", good, "--root", wal_root, "--key", "id", "--shards", "2", "--workers", "1")
+    assert summary["records"] == 2
+    bad = os.path.join(str(tmp_path), "bad.csv")
+    with open(bad, "wb") as fh:
+        fh.write(b"id,name\n1,\xff\xfe\n")
+    line = usage_error("ingest", bad, "--root", wal_root, "--key", "id", "--shards", "2", "--workers", "1")
+    assert "not UTF-8" in line
+
+
+def test_default_batches_of_large_records_are_split_to_fit_the_rings(wal_root, tmp_path):
+    path = os.path.join(str(tmp_path), "big.jsonl")
+    values = write_jsonl(path, [{"id": "same-key", "pad": "x" * 1200, "n": i} for i in range(2000)])
+    summary = cli_json("ingest", path, "--root", wal_root, "--key", "id", "--shards", "1", "--workers", "1")
+    assert summary["records"] == 2000  # 2000 x 1.2 KB in one shard: more than one ring per batch
+    assert [json.loads(e["data"])["n"] for e in replay_json(wal_root)] == list(range(2000))
+
+
+def test_stats_watch_ends_when_the_wal_stops(wal_root, tmp_path):
+    serve = start_serve(tmp_path, wal_root, 2)
+    try:
+        watch = Background(tmp_path, "stats", "stats", "--root", wal_root, "--watch", "--interval", "0.2").start()
+        watch.wait_for(lambda: "total:" in watch.stdout, "a first sample")
+    finally:
+        serve.stop(signal.SIGTERM)
+    assert watch.proc.wait(60) == 1
+    assert "has stopped" in watch.stderr

@@ -101,6 +101,24 @@ def inspect(args) -> int:
     return EXIT_OK
 
 
+def _behind_checkpoints(target: Target, audits: List[StreamAudit]) -> List[Dict[str, Any]]:
+    """Shards that end below what a checkpoint recorded them reaching: entries were lost
+    (files removed, cut or replaced), though every frame left may be sound."""
+    reach: Dict[int, tuple] = {}
+    for rec in CheckpointLog(target.root, repair=False).records():
+        for shard, offset in enumerate(rec.offsets):
+            if offset > reach.get(shard, (0, b""))[0]:
+                reach[shard] = (offset, rec.user_id)
+    out = []
+    for shard, a in enumerate(audits):
+        offset, cid = reach.get(shard, (0, b""))
+        if a.next_id < offset:
+            out.append({"path": a.path, "offset": None,
+                        "reason": f"ends at id {a.next_id}, but checkpoint {cid.decode(errors='replace')!r} "
+                                  f"recorded it reaching {offset}: entries were lost"})
+    return out
+
+
 def verify(args) -> int:
     target = locate(args.path)
     audits = _audit_all(target, not args.json)
@@ -108,15 +126,20 @@ def verify(args) -> int:
     ck = _checkpoints(target)
     for action in ck.get("problems", []):
         problems.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": None, "reason": action})
+    if target.kind == "sharded":
+        problems.extend(_behind_checkpoints(target, audits))
+    kept_aside = [os.path.join(a.path, f) for a in audits for f in a.side_files]
     entries = sum(a.entries for a in audits)
     frames = sum(a.frames for a in audits)
     if args.json:
         emit_json({"path": os.path.abspath(args.path), "ok": not problems, "streams": len(audits),
-                   "frames": frames, "entries": entries, "problems": problems})
+                   "frames": frames, "entries": entries, "problems": problems, "kept_aside": kept_aside})
     else:
         for p in problems:
             where = p["path"] + (f" at offset {p['offset']}" if p["offset"] is not None else "")
             print(f"PROBLEM {where}: {p['reason']}")
+        for path in kept_aside:  # (recovery's copies of what it cut: not damage, but worth a look)
+            print(f"NOTE {path}: bytes a recovery cut, kept aside")
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {os.path.abspath(args.path)}: {len(audits)} streams, {frames:,} frames, "
               f"{entries:,} entries, every CRC checked: {verdict}")

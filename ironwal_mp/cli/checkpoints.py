@@ -24,7 +24,7 @@ def _when(ns: int) -> str:
 
 
 def _sharded_root(path: str) -> str:
-    target = locate(path)
+    target = locate(path, allow_other=True)
     if target.kind != "sharded":
         raise UsageError(f"{target.root} is not a sharded WAL")
     return target.root

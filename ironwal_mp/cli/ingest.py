@@ -91,6 +91,10 @@ def run(args) -> int:
                       f"sync {opts.sync_mode.value}, batch {args.batch}")
             next_ckpt = args.checkpoint_every
             batch: List[Record] = []
+            # a batch's part for one shard must fit that shard's ring: large records make
+            # smaller batches (at most half a ring per part, so producers and worker overlap)
+            part_limit = min(s["ring_capacity"] for s in wal.stats()["shards"]) // 2
+            part_bytes: Dict[int, int] = {}
 
             def flush() -> None:
                 nonlocal count, raw_bytes
@@ -105,6 +109,7 @@ def run(args) -> int:
                 raw_bytes += nbytes
                 progress.update(len(batch), nbytes)
                 batch.clear()
+                part_bytes.clear()
 
             def checkpoint(label: str) -> None:
                 cid = f"ingest-{run_id}-{label}".encode()
@@ -113,7 +118,11 @@ def run(args) -> int:
                 checkpoints.append(cid)
 
             for record in records:
+                shard, need = wal.shard_for(record[0]), 4 + len(record[1])
+                if batch and part_bytes.get(shard, 0) + need > part_limit:
+                    flush()
                 batch.append(record)
+                part_bytes[shard] = part_bytes.get(shard, 0) + need
                 if len(batch) >= args.batch:
                     flush()
                     if next_ckpt is not None and count >= next_ckpt:

@@ -23,7 +23,9 @@ class Target:
     shard_count: Optional[int] = None
 
 
-def locate(path: str) -> Target:
+def locate(path: str, allow_other: bool = False) -> Target:
+    """What ``path`` holds. A directory that holds none of a WAL's files is a UsageError
+    (a mistyped path is never reported as a sound, empty WAL) unless ``allow_other``."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise UsageError(f"{path} is not a directory")
@@ -35,7 +37,24 @@ def locate(path: str) -> Target:
     if is_stream_dir(path):
         return Target("stream", os.path.dirname(path), [os.path.basename(path)])
     streams = sorted(n for n in os.listdir(path) if layout.is_stream_name(n) and is_stream_dir(os.path.join(path, n)))
+    if not streams and not allow_other:
+        raise UsageError(f"{path} holds no WAL (no streams, shard directories, MANIFEST or checkpoints.log)")
     return Target("engine", path, streams)
+
+
+def check_sharded_root(root: str) -> None:
+    """UsageError unless ``root`` is missing, empty, or a sharded WAL: a sharded WAL is never
+    created inside an engine WAL, a stream's directory or a file."""
+    path = os.path.abspath(root)
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is not a directory")
+    target = locate(path, allow_other=True)
+    if target.kind == "stream":
+        raise UsageError(f"{path} is one stream of an engine WAL, not a sharded WAL's root")
+    if target.kind == "engine" and target.streams:
+        raise UsageError(f"{path} is an engine WAL (streams {', '.join(target.streams[:5])}), not a sharded one")
 
 
 def open_sharded(root: str, sync_mode: SyncMode = SyncMode.STRICT, start: bool = True) -> ShardedWal:

@@ -78,14 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_numbers(args) -> None:
+    """UsageError for a numeric option out of its range (said before anything starts)."""
+    from ..sharded.manifest import MAX_SHARDS
+
+    if getattr(args, "shards", None) is not None and not 1 <= args.shards <= MAX_SHARDS:
+        raise UsageError(f"--shards must be between 1 and {MAX_SHARDS}, got {args.shards}")
+    for name, low in (("batch", 1), ("records", 0), ("checkpoint_every", 1), ("keep", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    interval = getattr(args, "interval", None)
+    if interval is not None and not 0 < interval < float("inf"):
+        raise UsageError(f"--interval must be a positive number of seconds, got {interval}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_numbers(args)
         if args.command in ("ingest", "serve"):
-            from ..sharded.manifest import MAX_SHARDS
+            from .locate import check_sharded_root
 
-            if not 1 <= args.shards <= MAX_SHARDS:  # the library says so with a bare ValueError
-                raise UsageError(f"--shards must be between 1 and {MAX_SHARDS}, got {args.shards}")
+            check_sharded_root(args.root)
         if args.command == "ingest":
             from . import ingest
 
@@ -117,10 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print(f"ironwal-mp {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (E.ShardCountMismatchError, E.InvalidCheckpointIdError, E.ConfigError, E.ManifestError) as exc:
+    except (E.ShardCountMismatchError, E.InvalidCheckpointIdError, E.ConfigError) as exc:
         print(f"ironwal-mp {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (E.CheckpointNotFoundError, E.NoCheckpointsError, E.CheckpointExistsError) as exc:
+    except (E.CheckpointNotFoundError, E.NoCheckpointsError, E.CheckpointExistsError, E.ManifestError) as exc:
         print(f"ironwal-mp {args.command}: {exc}", file=sys.stderr)
         return EXIT_FINDING
     except E.WalError as exc:

@@ -8,19 +8,40 @@ text, or as ``data_hex`` when it is not UTF-8.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List
 
+from ..engine.audit import audit_stream
 from ..engine.checkpoint_log import CheckpointLog
+from ..errors import CorruptionError, WalClosedError
 from .checkpoints import _sharded_root
-from .locate import open_sharded
+from .locate import locate, open_sharded
 from .output import EXIT_OK, UsageError
+
+
+def _refuse_if_damaged(root: str) -> None:
+    """CorruptionError if any shard of a stopped WAL has a damaged or torn frame: starting it
+    would let recovery cut that (into a .broken file), and a read never changes the files."""
+    target = locate(root)
+    problems = [p for name in target.streams if os.path.isdir(os.path.join(root, name))
+                for p in audit_stream(os.path.join(root, name)).problems]
+    if problems:
+        first = problems[0]
+        raise CorruptionError(first.path, first.offset if first.offset is not None else -1,
+                              f"{first.reason} ({len(problems)} problem(s): see `ironwal-mp verify`). "
+                              f"replay never changes files: run `ironwal-mp repair {root}` first")
 
 
 def run(args) -> int:
     root = _sharded_root(args.root)
     out = sys.stdout.buffer
-    with open_sharded(root) as wal:
+    try:
+        wal = open_sharded(root, start=False)
+    except WalClosedError:  # stopped: starting it recovers, which may cut
+        _refuse_if_damaged(root)
+        wal = open_sharded(root)
+    with wal:
         n = wal.shard_count
         if args.shard is not None and not 0 <= args.shard < n:
             raise UsageError(f"--shard {args.shard} is out of range (0..{n - 1})")

@@ -53,12 +53,20 @@ def read_jsonl(stream: BinaryIO, key_field: str) -> Iterator[Record]:
 
 
 def read_csv(stream: BinaryIO, key_field: str) -> Iterator[Record]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    # (utf-8-sig: a byte-order mark, as spreadsheets write, is not part of the first column's name)
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     reader = csv.DictReader(text)
-    if reader.fieldnames is None:
-        return
-    if key_field not in reader.fieldnames:
-        raise UsageError(f"CSV has no column {key_field!r} to route by (columns: {', '.join(reader.fieldnames)})")
+    try:
+        if reader.fieldnames is None:
+            return
+        if key_field not in reader.fieldnames:
+            raise UsageError(f"CSV has no column {key_field!r} to route by (columns: {', '.join(reader.fieldnames)})")
+        yield from _csv_rows(reader, key_field)
+    except UnicodeDecodeError:
+        raise UsageError(f"not UTF-8 text, near line {reader.line_num + 1} (CSV input must be UTF-8)") from None
+
+
+def _csv_rows(reader: csv.DictReader, key_field: str) -> Iterator[Record]:
     for row in reader:
         if row[key_field] is None:  # a short row: DictReader fills missing columns with None
             raise UsageError(f"line {reader.line_num}: no value in column {key_field!r} to route by (see --key)")

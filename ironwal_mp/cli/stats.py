@@ -7,7 +7,7 @@ import time
 from typing import Any, Dict, List
 
 from .. import connect
-from .output import EXIT_OK, emit_json, rate, table
+from .output import EXIT_FINDING, EXIT_OK, emit_json, rate, table
 
 
 def _rates(a: Dict[str, Any], b: Dict[str, Any], dt: float) -> List[Dict[str, Any]]:
@@ -51,4 +51,7 @@ def run(args) -> int:
             sys.stdout.flush()
             if not args.watch:
                 return EXIT_OK
+            if b["state"] in ("closing", "closed"):
+                print(f"ironwal-mp stats: the WAL at {wal.root} has stopped", file=sys.stderr)
+                return EXIT_FINDING
             a, t = b, now
