@@ -141,7 +141,9 @@ class Coordinator:
     def _wait_workers_open(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         # (a shard its worker could not resume is failed, not pending: the others serve)
-        while not all(r.header[L.STATE] in (L.ST_OPEN, L.ST_FAILED) for r in self.rings):
+        epoch = self.ctl.epoch  # (open means open under this run's epoch: set_state stores it second)
+        while not all(r.header[L.STATE] == L.ST_FAILED or (r.header[L.STATE] == L.ST_OPEN and
+                                                            r.header[L.OPEN_EPOCH] == epoch) for r in self.rings):
             dead = self.supervisor.dead()
             if dead:
                 raise StartupError(E.WorkerFailedError(

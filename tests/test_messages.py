@@ -98,13 +98,16 @@ def test_errors_cross_with_their_type_message_and_attributes():
         E.CrcMismatchError("/data/s/0.wal", 4096, 1, 2),
         E.ConfigError("keep_latest_n", "must be at least 1, got 0"),
         E.CheckpointNotFoundError(b"raft-1"),
+        E.CorruptionError("/data/s/1.wal", 12, "truncated payload"),
+        E.RecordTooLargeError(5000, 4096, "shard 1 ring block"),
+        E.InvalidStreamNameError("../x", "a path separator"),
         E.CheckpointAbortedError("shards [3] have failed"),
     ]
     for exc in cases:
         body = msgpack.unpackb(msgpack.packb(M.error_body(exc), use_bin_type=True), raw=False)
         got = M.error_from_body(body)
         assert type(got) is type(exc) and str(got) == str(exc)
-        for name in ("errno", "path", "offset", "field", "expected", "found"):
+        for name in M.ERROR_ATTRS:
             assert getattr(got, name, None) == getattr(exc, name, None), (exc, name)
     assert isinstance(M.error_from_body({"type": "KeyboardInterrupt", "message": "x"}), E.WalError)
     assert type(M.error_from_body({"type": "NoSuchError", "message": "m"})) is E.WalError

@@ -209,6 +209,35 @@ def test_a_producer_of_another_coordinator_epoch_is_refused(make_ring):
         stale.close()
 
 
+@pytest.mark.parametrize("then", ["opened", "failed"])
+def test_a_publish_between_set_states_two_stores_waits_for_the_second(make_ring, then):
+    """STATE OPEN with no OPEN_EPOCH yet (or any more) is a state change under way, as seen by a
+    client that attached the moment its ring opened, or a publish racing a failing worker: it
+    waits for the change to finish, never reporting another coordinator's epoch."""
+    ring = make_ring(4096, first_seq=3)
+    h = ring.header
+    h[L.OPEN_EPOCH] = 0  # (STATE is OPEN)
+
+    def finish():
+        time.sleep(0.1)
+        if then == "opened":
+            h[L.OPEN_EPOCH] = ringutil.TEST_EPOCH
+        else:
+            h[L.ERRNO] = errno.ENOSPC
+            h[L.STATE] = L.ST_FAILED
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        if then == "opened":
+            assert ring.publish(encode([b"a"]), 1) == 3
+        else:
+            with pytest.raises(WorkerFailedError, match="the disk is full"):
+                ring.make_appender()(b"a")
+    finally:
+        t.join(HANG)
+
+
 def test_exact_fill_then_next_record_is_two_runs(make_ring):
     """A record that fills the data area exactly to its end, then one at offset 0 published
     before the worker takes the first: two runs, never one across the end of the data area.

@@ -117,19 +117,23 @@ def run(args) -> int:
                     wal.create_checkpoint(cid)
                 checkpoints.append(cid)
 
+            def flushed_then_stop() -> bool:
+                """Flush the batch, write a checkpoint if one is due; True if Ctrl-C asked to stop."""
+                nonlocal next_ckpt
+                flush()
+                if next_ckpt is not None and count >= next_ckpt:
+                    checkpoint(str(count))
+                    next_ckpt = (count // args.checkpoint_every + 1) * args.checkpoint_every
+                return stop["requested"]
+
             for record in records:
                 shard, need = wal.shard_for(record[0]), 4 + len(record[1])
-                if batch and part_bytes.get(shard, 0) + need > part_limit:
-                    flush()
+                if batch and part_bytes.get(shard, 0) + need > part_limit and flushed_then_stop():
+                    break
                 batch.append(record)
                 part_bytes[shard] = part_bytes.get(shard, 0) + need
-                if len(batch) >= args.batch:
-                    flush()
-                    if next_ckpt is not None and count >= next_ckpt:
-                        checkpoint(str(count))
-                        next_ckpt = (count // args.checkpoint_every + 1) * args.checkpoint_every
-                    if stop["requested"]:
-                        break
+                if len(batch) >= args.batch and flushed_then_stop():
+                    break
             flush()
             if stop["requested"] or not checkpoints or not checkpoints[-1].endswith(b"-%d" % count):
                 checkpoint("interrupted" if stop["requested"] else "end")

@@ -37,7 +37,8 @@ def locate(path: str, allow_other: bool = False) -> Target:
     if is_stream_dir(path):
         return Target("stream", os.path.dirname(path), [os.path.basename(path)])
     streams = sorted(n for n in os.listdir(path) if layout.is_stream_name(n) and is_stream_dir(os.path.join(path, n)))
-    if not streams and not allow_other:
+    # (a root an engine WAL was opened on holds its LOCK even before any stream has entries)
+    if not streams and not allow_other and not os.path.exists(os.path.join(path, "LOCK")):
         raise UsageError(f"{path} holds no WAL (no streams, shard directories, MANIFEST or checkpoints.log)")
     return Target("engine", path, streams)
 

@@ -7,6 +7,7 @@ import time
 from typing import Any, Dict, List
 
 from .. import connect
+from ..ipc.ring import pid_alive
 from .output import EXIT_FINDING, EXIT_OK, emit_json, rate, table
 
 
@@ -51,7 +52,7 @@ def run(args) -> int:
             sys.stdout.flush()
             if not args.watch:
                 return EXIT_OK
-            if b["state"] in ("closing", "closed"):
+            if b["state"] in ("closing", "closed") or not pid_alive(b["coordinator_pid"]):
                 print(f"ironwal-mp stats: the WAL at {wal.root} has stopped", file=sys.stderr)
                 return EXIT_FINDING
             a, t = b, now

@@ -117,7 +117,7 @@ def _body(blob: bytes) -> Dict[str, Any]:
 # --- errors over the wire (ERROR bodies) ------------------------------------------------------
 
 #: attributes of ironwal_mp errors that travel with them (ints and strings only)
-ERROR_ATTRS = ("errno", "path", "offset", "field", "expected", "found")
+ERROR_ATTRS = ("errno", "path", "offset", "reason", "field", "name", "expected", "found", "actual", "size", "limit")
 
 
 def error_body(exc: BaseException) -> Dict[str, Any]:

@@ -377,44 +377,55 @@ class Ring:
         deadline = 0.0
         while True:
             self.acquire(timeout)
+            changing = False
             try:
-                state = h[L.STATE]
-                if state != L.ST_OPEN or h[L.OPEN_EPOCH] != self.epoch:
-                    raise _state_error(self.shard, state, h[L.ERRNO], h[L.OPEN_EPOCH] != self.epoch)
-                gen = h[L.GEN]
-                base = L.SLOT1 if gen & 1 else L.SLOT0
-                tail = h[base]
-                off = tail & self.mask
-                free = cap - (tail - h[L.HEAD])
-                if need <= cap - off and need <= free:
-                    self.data[off : off + need] = block
-                    seq = h[base + 1]
-                    nb = L.SLOT0 if gen & 1 else L.SLOT1
-                    h[nb] = tail + need
-                    h[nb + 1] = seq + count
-                    boundary = need == cap - off  # ends exactly at the end of the area
-                    h[nb + 2] = tail + need if boundary else h[base + 2]
-                    h[nb + 3] = seq + count if boundary else h[base + 3]
-                    if strict:
-                        h[L.DUR_WAITERS] += 1
-                    h[L.GEN] = gen + 1  # the publish: one aligned 8-byte store
-                    if boundary:  # keep the wrap fields equal in both slots
-                        h[base + 2] = h[nb + 2]
-                        h[base + 3] = h[nb + 3]
-                    break
-                placed = L.place(tail, h[L.HEAD], cap, need)
-                if placed.skip and placed.skip <= free:
-                    # publish the wrap on its own; the block then goes at offset 0
-                    self._publish_wrap(gen, base, tail, placed.skip)
-                    continue
-                h[L.SPACE_WAITERS] += 1
+                state, open_epoch = h[L.STATE], h[L.OPEN_EPOCH]
+                if state != L.ST_OPEN or open_epoch != self.epoch:
+                    if state == L.ST_OPEN and not open_epoch and self.epoch:
+                        changing = True  # set_state is between its two stores: look again
+                    else:
+                        raise _state_error(self.shard, state, h[L.ERRNO], open_epoch != self.epoch)
+                else:
+                    gen = h[L.GEN]
+                    base = L.SLOT1 if gen & 1 else L.SLOT0
+                    tail = h[base]
+                    off = tail & self.mask
+                    free = cap - (tail - h[L.HEAD])
+                    if need <= cap - off and need <= free:
+                        self.data[off : off + need] = block
+                        seq = h[base + 1]
+                        nb = L.SLOT0 if gen & 1 else L.SLOT1
+                        h[nb] = tail + need
+                        h[nb + 1] = seq + count
+                        boundary = need == cap - off  # ends exactly at the end of the area
+                        h[nb + 2] = tail + need if boundary else h[base + 2]
+                        h[nb + 3] = seq + count if boundary else h[base + 3]
+                        if strict:
+                            h[L.DUR_WAITERS] += 1
+                        h[L.GEN] = gen + 1  # the publish: one aligned 8-byte store
+                        if boundary:  # keep the wrap fields equal in both slots
+                            h[base + 2] = h[nb + 2]
+                            h[base + 3] = h[nb + 3]
+                        break
+                    placed = L.place(tail, h[L.HEAD], cap, need)
+                    if placed.skip and placed.skip <= free:
+                        # publish the wrap on its own; the block then goes at offset 0
+                        self._publish_wrap(gen, base, tail, placed.skip)
+                        continue
+                    h[L.SPACE_WAITERS] += 1
             finally:
                 h[L.HOLDER] = 0
                 self._restore_wrap_invariant()  # (an exception may have hit mid-publish)
                 self.lock.release()
-            # full: wait for the worker to free space
             if not deadline:
                 deadline = time.monotonic() + timeout
+            if changing:  # (microseconds, unless the writer was preempted between the stores)
+                if time.monotonic() > deadline:
+                    raise WorkerFailedError(f"shard {self.shard}: its ring stayed open under no "
+                                            f"coordinator epoch for {timeout:.0f}s")
+                time.sleep(0.0005)
+                continue
+            # full: wait for the worker to free space
             self._wake_worker()
             try:
                 self._wait(self.space_free, deadline, "space in the ring")

@@ -73,11 +73,12 @@ class _Attachment:
         self.timeout = timeout
         self.ctl = C.ControlBlock(names)
         self.coordinator_pid = self.ctl.coordinator_pid
+        self.epoch = self.ctl.epoch  # (this coordinator run's identity: a pid may be reused)
         self.shard_count = self.ctl.f[C.SHARD_COUNT]
         self.rings = [Ring(names, s) for s in range(self.shard_count)]
         for ring in self.rings:
             ring.liveness = self.check_alive
-            ring.epoch = self.ctl.epoch  # publish only while this coordinator has it open
+            ring.epoch = self.epoch  # publish only while this coordinator has it open
         self.requests = Queue(names.coordinator_queue)
         self.token = secrets.randbits(63) or 1
         self.replies: Optional[Queue] = None  # created on the first control request
@@ -234,7 +235,7 @@ def _attach(root: str, timeout: float) -> Optional[_Attachment]:
     if att is not None and not att.closed:
         ctl = _running(att.names)
         if ctl is not None:
-            same = ctl.coordinator_pid == att.coordinator_pid  # not a successor's
+            same = ctl.epoch == att.epoch  # not a successor's (even one with a reused pid)
             ctl.close()
             if same:
                 return att
