@@ -50,10 +50,7 @@ def _sigint_held():
 
 
 def run(args) -> int:
-    if args.batch < 1:
-        raise UsageError("--batch must be at least 1")
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise UsageError("--checkpoint-every must be at least 1")
+    # (--batch, --checkpoint-every and --records are range-checked by main._check_numbers)
     total: Optional[int] = None
     if args.input is None:
         records = synthetic_ledger(args.records)

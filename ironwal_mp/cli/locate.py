@@ -10,6 +10,7 @@ from .. import ShardedWal, SyncMode, WalOptions, connect
 from ..engine import layout
 from ..engine.audit import is_stream_dir
 from ..engine.checkpoint_log import CHECKPOINTS_LOG
+from ..engine.rootlock import LOCK_FILE
 from ..errors import WalClosedError
 from ..sharded.manifest import MANIFEST, existing_shard_dirs, read_manifest, shard_stream
 from .output import UsageError
@@ -38,7 +39,7 @@ def locate(path: str, allow_other: bool = False) -> Target:
         return Target("stream", os.path.dirname(path), [os.path.basename(path)])
     streams = sorted(n for n in os.listdir(path) if layout.is_stream_name(n) and is_stream_dir(os.path.join(path, n)))
     # (a root an engine WAL was opened on holds its LOCK even before any stream has entries)
-    if not streams and not allow_other and not os.path.exists(os.path.join(path, "LOCK")):
+    if not streams and not allow_other and not os.path.exists(os.path.join(path, LOCK_FILE)):
         raise UsageError(f"{path} holds no WAL (no streams, shard directories, MANIFEST or checkpoints.log)")
     return Target("engine", path, streams)
 
