@@ -451,8 +451,8 @@ def test_ingest_batch_and_sync_paths(wal_root, tmp_path, batch, sync):
 # --- Ctrl-C during ingest -------------------------------------------------------------------------------
 
 
-def interrupted_ingest(tmp_path, root: str, name: str, *extra: str):
-    """Start a long synthetic ingest, Ctrl-C it once it has visibly progressed; (exit code, stdout, stderr)."""
+def interrupted_ingest(tmp_path, root: str, name: str, *extra: str, sig: int = signal.SIGINT):
+    """Start a long synthetic ingest, stop it with `sig` once it has visibly progressed; (exit code, stdout, stderr)."""
     deadline = time.monotonic() + 90
     while True:
         bg = Background(tmp_path, name, "ingest", "--root", root, "--shards", "4", "--workers", "1",
@@ -467,14 +467,15 @@ def interrupted_ingest(tmp_path, root: str, name: str, *extra: str):
                 continue
             assert bg.proc.poll() is None, f"ingest ended early ({bg.proc.returncode})\n{bg.stdout}\n{bg.stderr}"
             assert "ingest [" in bg.stderr, bg.stderr
-            bg.proc.send_signal(signal.SIGINT)
+            bg.proc.send_signal(sig)
             code = bg.proc.wait(timeout=TIMEOUT)
         finally:
             if bg.proc.poll() is None:
                 bg.stop(signal.SIGKILL)
         out, err = bg.stdout, bg.stderr
         assert "Traceback" not in err, err
-        assert "interrupt: finishing the current batch" in err
+        said = "interrupt" if sig == signal.SIGINT else "SIGTERM"
+        assert f"{said}: finishing the current batch" in err
         return code, out, err
 
 
@@ -510,9 +511,10 @@ def test_ctrl_c_during_ingest_keeps_exactly_what_was_acknowledged(wal_root, tmp_
     assert cli("verify", wal_root).returncode == 0
     assert cli("replay", "--root", wal_root, "--from-checkpoint", "latest").stdout == b""
 
-    # a second interrupted run, with --json: it appends after the first and says how far it got
-    code, out, err = interrupted_ingest(tmp_path, wal_root, "ingest2", "--json")
-    assert code == 130, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    # a second run, with --json, stopped by SIGTERM (a service manager's stop): it ends the same
+    # way, appends after the first run and says how far it got
+    code, out, err = interrupted_ingest(tmp_path, wal_root, "ingest2", "--json", sig=signal.SIGTERM)
+    assert code == 143, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
     summary = json.loads(out)
     assert summary["interrupted"] is True and summary["checkpoints"][-1].endswith("-interrupted")
     n2 = summary["records"]

@@ -1,7 +1,8 @@
 """``ironwal-mp ingest``: append records to a sharded WAL, checkpointing as it goes.
 
-Ctrl-C stops after the batch in hand: it is appended, a checkpoint is written, and the summary
-says how far the job got; nothing acknowledged is lost. A second Ctrl-C aborts at once.
+Ctrl-C or SIGTERM (a service manager's stop) ends the run after the batch in hand: it is appended,
+a checkpoint is written, and the summary says how far the job got; nothing acknowledged is lost.
+A second one aborts at once. The exit status is 128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ def _dir_bytes(root: str, shards: int) -> Tuple[int, int]:
     return total, files
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _sigint_held():
-    """Hold Ctrl-C back while a library call runs; the handler runs as soon as the call returns.
+def _stop_signals_held():
+    """Hold Ctrl-C and SIGTERM back while a library call runs; the handler runs once it returns.
 
     The library's IPC waits (posix_ipc) turn a signal whose handler returns, as ours does on the
     first Ctrl-C, into posix_ipc.SignalError in the middle of an append or a checkpoint. So the
     handler must run between library calls, never inside one.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         yield
     finally:
@@ -61,15 +65,16 @@ def run(args) -> int:
         total = None
     root = os.path.abspath(args.root)
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
-    stop = {"requested": False}
+    stop = {"requested": False, "signal": 0}
 
-    def on_sigint(_sig, _frame):
+    def on_stop_signal(sig, _frame):
         if stop["requested"]:
             raise KeyboardInterrupt
-        stop["requested"] = True
-        sys.stderr.write("\ninterrupt: finishing the current batch, then a checkpoint (Ctrl-C again to abort)\n")
+        stop["requested"], stop["signal"] = True, sig
+        what = "interrupt" if sig == signal.SIGINT else signal.Signals(sig).name
+        sys.stderr.write(f"\n{what}: finishing the current batch, then a checkpoint (Ctrl-C again to abort)\n")
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     # the pid keeps ids of runs started in the same second (one after another, or side by side
     # against `serve`) apart: an id the log holds is refused, so a clash would fail the run
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
@@ -82,7 +87,8 @@ def run(args) -> int:
         with ShardedWal(opts, args.shards, workers=args.workers) as wal:
             # installed once the WAL is open: until then Ctrl-C is a plain KeyboardInterrupt ("aborted"),
             # and no signal mask is inherited by the coordinator the open starts
-            signal.signal(signal.SIGINT, on_sigint)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, on_stop_signal)
             if not args.json:
                 print(f"ingesting {described} into {root}: {wal.shard_count} shards, "
                       f"sync {opts.sync_mode.value}, batch {args.batch}")
@@ -97,7 +103,7 @@ def run(args) -> int:
                 nonlocal count, raw_bytes
                 if not batch:
                     return
-                with _sigint_held():
+                with _stop_signals_held():
                     acks = [wal.append(*batch[0])] if len(batch) == 1 else wal.append_batch(batch)
                 for shard, _seq in acks:
                     per_shard[shard] = per_shard.get(shard, 0) + 1
@@ -110,7 +116,7 @@ def run(args) -> int:
 
             def checkpoint(label: str) -> None:
                 cid = f"ingest-{run_id}-{label}".encode()
-                with _sigint_held():
+                with _stop_signals_held():
                     wal.create_checkpoint(cid)
                 checkpoints.append(cid)
 
@@ -135,7 +141,7 @@ def run(args) -> int:
             if stop["requested"] or not checkpoints or not checkpoints[-1].endswith(b"-%d" % count):
                 checkpoint("interrupted" if stop["requested"] else "end")
             progress.done()
-            with _sigint_held():
+            with _stop_signals_held():
                 stats = wal.stats()
                 wal.close()  # drains the rings and stops the coordinator: no Ctrl-C inside it either
         elapsed = progress.elapsed
@@ -145,7 +151,8 @@ def run(args) -> int:
                              "(no checkpoint marks them)") from None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     disk, files = _dir_bytes(root, len(stats["shards"]))
     summary = {
         "root": root,
@@ -180,5 +187,5 @@ def run(args) -> int:
         print()
         table([[s, f"{per_shard.get(s, 0):,}", f"{st['next_id']:,}"] for s, st in enumerate(stats["shards"])],
               header=["shard", "this run", "total entries"])
-    return 130 if stop["requested"] else 0
+    return 128 + stop["signal"] if stop["requested"] else 0
 
