@@ -458,40 +458,46 @@ def test_lock_of_a_killed_holder_is_repaired(make_ring, reap):
     assert Drainer(ring).drain() == [(1, b"ok")]
 
 
-@pytest.mark.parametrize("repairer", ["live-but-stopped", "dead", "unrecorded"])
-def test_the_repair_semaphore_is_taken_over_only_from_a_dead_repairer(make_ring, monkeypatch, repairer):
-    """A repairer stalled inside a repair (SIGSTOP, starved) must not be taken for dead: its
-    post when it resumes would leave the repair semaphore at 2, and two repairers could then
-    release one lock twice. A dead one (or one that died before recording itself) is taken over."""
+def test_the_repair_lock_waits_for_a_live_repairer_and_dies_with_a_killed_one(make_ring):
+    """A repairer stalled inside a repair (SIGSTOP, starved) is waited for: the lock stays as it
+    is. One killed inside its repair blocks nobody, as the kernel drops its flock. (With the old
+    repair semaphore, two waiters taking over from a dead repairer at once could both post it,
+    and two repairs could then release one lock twice.)"""
     import subprocess
     import sys
 
-    from ironwal_mp.ipc import ring as ring_mod
-
-    monkeypatch.setattr(ring_mod, "REPAIR_TAKEOVER_S", 0.2)
     ring = make_ring(4096, first_seq=1)
     h = ring.header
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(HANG)
-    stalled = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    shm_file = os.readlink(f"/proc/self/fd/{ring._fd}")
+    repairer = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({shm_file!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('inside', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
     try:
-        ring.lock.acquire(0)  # held by a holder that died ...
+        assert repairer.stdout.readline().strip() == "inside"
+        ring.lock.acquire(0)  # held by a holder that died, while another repairer is inside
         h[L.HOLDER] = gone.pid
-        ring._repair.acquire(0)  # ... while another repairer is inside its repair
-        h[L.REPAIRER] = {"live-but-stopped": stalled.pid, "dead": gone.pid, "unrecorded": 0}[repairer]
-        if repairer == "live-but-stopped":
-            stalled.send_signal(signal.SIGSTOP)
-            assert not ring.repair_lock(gone.pid), "took the repair from a live repairer"
-            assert ring._repair.value == 0 and h[L.HOLDER] == gone.pid
-            h[L.REPAIRER] = 0  # it resumes and finishes: one post
-            ring._repair.release()
-        assert ring.repair_lock(gone.pid)
-        assert ring._repair.value == 1 and h[L.REPAIRER] == 0 and h[L.HOLDER] == 0
-        ring.acquire(timeout=HANG)
-        ring.release()
+        repairer.send_signal(signal.SIGSTOP)
+        assert not ring.repair_lock(gone.pid), "repaired beside a live repairer"
+        assert ring.lock.value == 0 and h[L.HOLDER] == gone.pid and h[L.REPAIRS] == 0
+        assert ring._repair_acquire() is None
     finally:
-        stalled.kill()
-        stalled.wait(HANG)
+        ringutil.kill_and_reap(repairer)
+        repairer.stdout.close()
+    assert ring.repair_lock(gone.pid)  # (no takeover delay: the kernel released the dead one's)
+    assert h[L.HOLDER] == 0 and h[L.REPAIRS] == 1
+    # two threads of this process exclude each other too (each opens its own description)
+    held = ring._repair_acquire()
+    try:
+        assert held is not None
+        assert ring._repair_acquire() is None, "a second thread took the repair lock beside the first"
+    finally:
+        os.close(held)
+    ring.acquire(timeout=HANG)
+    ring.release()
 
 
 def test_half_written_publish_of_a_killed_holder_is_not_published(make_ring):

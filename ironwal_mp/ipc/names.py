@@ -51,9 +51,6 @@ class Names:
     def ring_lock(self, shard: int) -> str:
         return f"{self.prefix}_lock{shard:03d}"
 
-    def ring_repair(self, shard: int) -> str:
-        return f"{self.prefix}_fix{shard:03d}"
-
     def worker_wake(self, worker: int) -> str:
         """Posted when a worker has something to do (data in any of its rings, a command)."""
         return f"{self.prefix}_wake{worker:03d}"

@@ -20,6 +20,7 @@ after STUCK_S, never with this live pid recorded, which nobody would repair.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -41,8 +42,6 @@ _unpack_len = _LEN.unpack_from
 POLL_S = 0.05
 #: a lock held this long with no holder recorded and no progress is taken as orphaned
 STUCK_S = 1.0
-#: the repair semaphore held this long, by no live REPAIRER, is taken as held by a dead one
-REPAIR_TAKEOVER_S = 10.0
 #: a waiter count that stays unchanged with nobody able to wait, this long, is cleared
 STALE_S = 1.0
 #: how long close() waits for this process's other threads to leave the ring's semaphores
@@ -99,7 +98,8 @@ class Ring:
             shm = posix_ipc.SharedMemory(name)
             size = shm.size
         self._mm = mmap.mmap(shm.fd, size)
-        shm.close_fd()
+        #: kept open for the repair lock (see _repair_acquire)
+        self._fd = shm.fd
         self._h = memoryview(self._mm)[: L.HEADER_BYTES].cast("Q")
         self.data = memoryview(self._mm)[L.HEADER_BYTES :]
         h = self._h
@@ -117,7 +117,6 @@ class Ring:
         self.capacity = h[L.CAPACITY]
         self.mask = self.capacity - 1
         self.lock = _open_sem(names.ring_lock(shard), create, 1)
-        self._repair = _open_sem(names.ring_repair(shard), create, 1)
         # one wake-up semaphore per worker, shared by its rings; the coordinator creates it
         # (a ring it creates, it may create it for); attachers never re-create a removed one
         # (``wake=False``: the coordinator looking at a leftover ring needs no wake-up)
@@ -164,7 +163,11 @@ class Ring:
         if self._busy:
             return  # a thread is stuck inside a wait: leave all of it to the process's exit
         self._sems_closed = True
-        for sem in (self.lock, self._repair, self.data_ready, self.space_free, self.durable_sem):
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        for sem in (self.lock, self.data_ready, self.space_free, self.durable_sem):
             if sem is None:
                 continue
             try:
@@ -204,8 +207,7 @@ class Ring:
     @staticmethod
     def object_names(names: Names, shard: int) -> list[str]:
         """Names of the shared memory and semaphores of one shard's ring."""
-        return [names.ring(shard), names.ring_lock(shard), names.ring_repair(shard),
-                names.space_free(shard), names.durable(shard)]
+        return [names.ring(shard), names.ring_lock(shard), names.space_free(shard), names.durable(shard)]
 
     @staticmethod
     def unlink_names(names: Names, shard: int) -> None:
@@ -247,21 +249,33 @@ class Ring:
         self._h[L.HOLDER] = 0
         self.lock.release()
 
-    def _repair_acquire(self) -> bool:
-        """Take the repair semaphore, or its place if a repairer died holding it; False when
-        a live repairer has held it for REPAIR_TAKEOVER_S (leave the repair to it)."""
-        deadline = time.monotonic() + REPAIR_TAKEOVER_S
-        while True:
-            try:
-                self._repair.acquire(POLL_S)  # (in short waits: close() may be waiting for us)
-                return True
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
+    def _repair_acquire(self) -> Optional[int]:
+        """Take the repair lock and return the descriptor that holds it (close it to release);
+        None if another repairer held it for POLL_S (the caller looks again on its next round).
+
+        The repair lock is an exclusive flock on a private open of the ring's shared-memory file.
+        The kernel drops it when its holder dies, so a repairer killed inside its repair blocks
+        nobody, and a stopped or starved one is simply waited for. A private open (not the kept
+        descriptor, nor a dup of it) makes two threads of one process exclude each other too.
+        """
+        fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            deadline = time.monotonic() + POLL_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got, fd = fd, -1
+                    return got
+                except BlockingIOError:
+                    pass
                 if self._closing:
-                    raise self._closed_error() from None
+                    raise self._closed_error()
                 if time.monotonic() >= deadline:
-                    repairer = self._h[L.REPAIRER]
-                    # (0: it died between its two steps and the field, a window of microseconds)
-                    return not (repairer and pid_alive(repairer))
+                    return None
+                time.sleep(0.0005)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _progress(self) -> tuple[int, int, int, int]:
         h = self._h
@@ -318,16 +332,14 @@ class Ring:
     def _repair_if(self, seen: tuple[int, int, int, int], dead: int) -> bool:
         """Release the lock if nothing has changed since ``seen`` and it is still held.
 
-        Serialised by the repair semaphore, and REPAIRS is part of ``seen``: a second repairer
-        that observed the same state finds REPAIRS moved on and leaves the lock alone.
+        Serialised by the repair lock, and REPAIRS is part of ``seen``: a second repairer that
+        observed the same state finds REPAIRS moved on and leaves the lock alone.
         """
-        # (True after REPAIR_TAKEOVER_S also when a repairer died inside this few-microsecond
-        # section: we take its place, and the finally below releases the hold it left behind)
         h = self._h
-        if not self._repair_acquire():
+        fd = self._repair_acquire()
+        if fd is None:
             return False
         try:
-            h[L.REPAIRER] = self._pid
             now = self._progress()
             if dead and (now[3] != dead or pid_alive(dead)):
                 return False
@@ -347,8 +359,7 @@ class Ring:
             self.lock.release()
             return True
         finally:
-            h[L.REPAIRER] = 0
-            self._repair.release()
+            os.close(fd)  # (drops the flock)
 
     # --- producer side --------------------------------------------------------------------
 

@@ -34,9 +34,8 @@ GEN, HOLDER, SPACE_WAITERS, DUR_WAITERS = 8, 9, 10, 11
 # LOCKS counts acquisitions outside the publish fast path (which bumps GEN instead); REPAIRS
 # counts lock repairs. With GEN they tell a waiter whether anybody made progress.
 LOCKS, REPAIRS = 12, 13
-#: pid of the process inside a lock repair (0: none), so that a repairer that is merely slow
-#: (stopped, starved) is never taken for a dead one and has the repair semaphore taken over
-REPAIRER = 14
+# (field 14 held a repairer's pid while repairs were serialised by a semaphore; unused since
+# the repair lock became an flock, which the kernel releases when its holder dies)
 # lines 2 and 3: the two publish slots (tail, next_seq, wrap_pos, wrap_seq); GEN's parity
 # selects the current one, so a producer that dies mid-publish leaves the old state intact
 SLOT0, SLOT1 = 16, 24
