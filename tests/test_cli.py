@@ -1140,6 +1140,23 @@ def test_replay_of_a_damaged_stopped_wal_refuses_and_changes_nothing(wal_root):
     assert snapshot() == before, "replay changed the files"
 
 
+def test_replay_of_a_stopped_wal_with_only_stale_index_files_goes_ahead(wal_root):
+    """A crash mid-rotation can leave segments.idx and head.state behind the segment files:
+    verify reports it, but recovery rebuilds both from the files and cuts nothing, so replay
+    starts the WAL and prints every entry (and verify is clean afterwards)."""
+    ingest_synthetic(wal_root, 2000, shards=2)
+    expected = cli("replay", "--root", wal_root).stdout
+    assert len(expected.splitlines()) == 2000
+    stream = os.path.join(wal_root, "shard_01")
+    with open(os.path.join(stream, "segments.idx"), "wb") as fh:
+        fh.write(b"\x00" * 5)  # unreadable
+    with open(os.path.join(stream, "head.state"), "wb") as fh:
+        fh.write(b"junk")
+    assert cli("verify", wal_root, expect=1).returncode == 1
+    assert cli("replay", "--root", wal_root).stdout == expected
+    assert cli("verify", wal_root).returncode == 0
+
+
 def test_csv_with_a_byte_order_mark_and_csv_that_is_not_utf8(wal_root, tmp_path):
     good = os.path.join(str(tmp_path), "bom.csv")
     with open(good, "wb") as fh:

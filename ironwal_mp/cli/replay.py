@@ -21,16 +21,18 @@ from .output import EXIT_OK, UsageError
 
 
 def _refuse_if_damaged(root: str) -> None:
-    """CorruptionError if any shard of a stopped WAL has a damaged or torn frame: starting it
-    would let recovery cut that (into a .broken file), and a read never changes the files."""
+    """CorruptionError if any shard of a stopped WAL has a damaged or torn frame or lost files:
+    starting it would let recovery cut frames (into a .broken file), and a read must not change
+    what the log holds. A stale segments.idx or head.state (a crash mid-rotation) does not
+    stop it: recovery rewrites those from the segment files and cuts nothing."""
     target = locate(root)
     problems = [p for name in target.streams if os.path.isdir(os.path.join(root, name))
-                for p in audit_stream(os.path.join(root, name)).problems]
+                for p in audit_stream(os.path.join(root, name)).problems if not p.rebuildable]
     if problems:
         first = problems[0]
         raise CorruptionError(first.path, first.offset if first.offset is not None else -1,
                               f"{first.reason} ({len(problems)} problem(s): see `ironwal-mp verify`). "
-                              f"replay never changes files: run `ironwal-mp repair {root}` first")
+                              f"replay never cuts frames: run `ironwal-mp repair {root}` first")
 
 
 def run(args) -> int:

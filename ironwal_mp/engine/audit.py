@@ -21,6 +21,9 @@ class Problem:
     path: str
     offset: Optional[int]
     reason: str
+    #: an index file that disagrees with segment files that are there: recovery rewrites it
+    #: from them and cuts nothing (``replay`` lets such a stopped WAL start)
+    rebuildable: bool = False
 
     def __str__(self) -> str:
         where = f"{self.path}" + (f" at offset {self.offset}" if self.offset is not None else "")
@@ -86,17 +89,18 @@ def audit_stream(
         audit.problems.append(Problem(idx_path, None, f"lists segments {idx}, but no segment file exists "
                                                       "(the stream's files were removed)"))
     elif starts and idx is None:
-        audit.problems.append(Problem(idx_path, None, "missing or unreadable"))
+        audit.problems.append(Problem(idx_path, None, "missing or unreadable", rebuildable=True))
     elif starts and idx != starts:
-        audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}"))
+        audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}", rebuildable=True))
     head = layout.read_head_state(stream_dir)
     head_path = os.path.join(stream_dir, layout.HEAD_STATE)
     if os.path.exists(head_path) and head is None:
-        audit.problems.append(Problem(head_path, None, "unreadable"))
+        audit.problems.append(Problem(head_path, None, "unreadable", rebuildable=bool(starts)))
     elif starts and head is not None and head != starts[-1]:
-        audit.problems.append(Problem(head_path, None, f"names segment {head}, the newest is {starts[-1]}"))
+        audit.problems.append(Problem(head_path, None, f"names segment {head}, the newest is {starts[-1]}",
+                                      rebuildable=True))
     elif len(starts) > 1 and head is None:
-        audit.problems.append(Problem(head_path, None, "missing although the stream has rotated"))
+        audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
     for i, start in enumerate(starts):
         path = os.path.join(stream_dir, layout.segment_name(start))
         size = os.path.getsize(path)
