@@ -450,7 +450,7 @@ def test_coordinator_killed_under_async_load(harness, wal_root):
 # --- 4. everything dies before the acknowledged entries were written ------------------------
 
 #: name parts of a ring's shared memory and semaphores (Ring.object_names)
-RING_OBJECTS = ("_ring", "_lock", "_fix", "_space", "_dur")
+RING_OBJECTS = ("_ring", "_lock", "_space", "_dur")
 
 
 @pytest.mark.parametrize("failed_open_first", [None, "refused", "start-timed-out"],
