@@ -1,7 +1,10 @@
 """A stateful model test of ShardedWal: random operation sequences against an in-memory model.
 
 The model holds every shard's values (index = id), the first id still kept on each shard
-(pruning moves it), and the checkpoint log (id -> CheckpointData, in log order). Each example
+(pruning moves it), and the checkpoint log (id -> CheckpointData, in log order). Processes are
+also killed with SIGKILL: one worker (restarted by the coordinator), or every process of the
+WAL at once (reopened). Neither may change the model, in any sync mode: an acknowledged record
+is in a segment file or in a ring the next run keeps and writes. Each example
 runs one WAL in a fresh temporary directory and checks in teardown that no process and no IPC
 object is left behind (the ``wal_root`` fixture cannot serve hypothesis examples, which share
 one test function call).
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import time
 import zlib
 
 import pytest
@@ -24,6 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import _sharded_procs as P
 from ironwal_mp import (
+    CheckpointAbortedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CompressionType,
@@ -70,6 +76,7 @@ class ShardedWalModel(RuleBasedStateMachine):
         self.ckpts = {}  # id -> CheckpointData, in log order
 
     def _open(self) -> ShardedWal:
+        self.worker_kills = 0  # (a new coordinator, a new supervisor)
         return ShardedWal(self.opts, self.n, workers=self.workers, ring_size=1 << 12)
 
     def teardown(self):
@@ -206,6 +213,54 @@ class ShardedWalModel(RuleBasedStateMachine):
         expect = model[seq] if self.first[s] <= seq < len(model) else None
         assert self.wal.get(s, seq) == expect
         assert list(self.wal.iter_shard(s, start)) == model[max(start, self.first[s]) :]
+
+    # at most two per run: a worker killed again and again within seconds of its start is a
+    # crash loop, whose shards the coordinator fails after a few rounds (test_supervisor.py)
+    @precondition(lambda self: self.worker_kills < 2)
+    @rule(data=st.data())
+    def kill_a_worker(self, data):
+        """SIGKILL one worker: the coordinator restarts it and it resumes from its rings.
+
+        A checkpoint asked for at once may abort (the worker is down, or dies under its
+        PREPARE): then nothing is recorded, and the same id is free to use again."""
+        pid = data.draw(st.sampled_from(self.wal.stats()["worker_pids"]), label="worker pid")
+        os.kill(pid, signal.SIGKILL)
+        self.worker_kills += 1
+        event("killed a worker")
+        free = [c for c in IDS if c not in self.ckpts]
+        if free and data.draw(st.booleans(), label="checkpoint at once"):
+            try:
+                self.create_checkpoint(free[0])
+                event("checkpoint right after a worker kill: committed")
+            except CheckpointAbortedError:
+                event("checkpoint right after a worker kill: aborted")
+                assert free[0] not in [cid for cid, _ in self.wal.list_checkpoints()]
+        deadline = time.monotonic() + 60
+        while True:  # (the invariants' reads do not need the worker; the next rule may)
+            pids = self.wal.stats()["worker_pids"]
+            if pid not in pids and all(P.alive(p) for p in pids):
+                break
+            assert time.monotonic() < deadline, f"worker {pid} was not replaced: {pids}"
+            time.sleep(0.02)
+
+    @rule()
+    def kill_everything_and_reopen(self):
+        """SIGKILL the coordinator and every worker, then open again: nothing acknowledged is
+        lost or written twice (ASYNC records still in a ring are written by the next run)."""
+        stats = self.wal.stats()
+        for pid in [stats["coordinator_pid"], *stats["worker_pids"]]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # (a worker the coordinator was restarting)
+                pass
+        assert P.wait_gone(self.root) == [], "killed processes still running"
+        self.wal.close()  # the dead run's handle only detaches
+        self.wal = None
+        self.wal = self._open()
+        event("killed everything")
+        self.wal.sync()
+        for s in range(self.n):
+            assert list(self.wal.iter_shard(s, 0)) == self.shards[s][self.first[s] :]
 
     @rule()
     def close_and_reopen(self):
