@@ -285,7 +285,7 @@ class Coordinator:
                 self._reply(msg, M.OK, {})
             else:
                 raise E.WalError(f"unknown request kind {msg.kind}")
-        except (E.WalError, ValueError, TypeError, KeyError, OSError) as exc:
+        except Exception as exc:  # no single request may stop the WAL: the caller gets the error
             if not isinstance(exc, E.WalError):
                 log.exception("request %s failed", M.KIND_NAMES.get(msg.kind, msg.kind))
             self._error(msg, exc)
@@ -393,6 +393,11 @@ class Coordinator:
 
     def prune(self, raw_id: bytes) -> dict:
         data = self.ckpt_log.get(check_checkpoint_id(raw_id))
+        if data.shard_count != self.shard_count:  # (a log written elsewhere: its offsets are not ours)
+            raise E.ShardCountMismatchError(
+                self.shard_count, data.shard_count,
+                f"checkpoint {data.user_id!r} records {data.shard_count} shards, this WAL has {self.shard_count}; "
+                "nothing was pruned")
         per_worker: Dict[int, dict] = {}
         for shard, off in enumerate(data.offsets):
             per_worker.setdefault(self.worker_of[shard], {"offsets": {}})["offsets"][shard] = off

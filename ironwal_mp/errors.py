@@ -126,11 +126,12 @@ class StreamFailedError(WalError):
 
 
 class ShardCountMismatchError(WalError, ValueError):
-    """A sharded directory was reopened with another shard count than its MANIFEST records."""
+    """A sharded directory was reopened with another shard count than its MANIFEST records, or
+    a checkpoint record to prune by names another number of shards than the WAL has."""
 
-    def __init__(self, expected: int, found: int) -> None:
+    def __init__(self, expected: int, found: int, detail: str = "") -> None:
         super().__init__(
-            f"shard count mismatch: the directory holds {found} shards, {expected} were requested"
+            f"shard count mismatch: {detail or f'the directory holds {found} shards, {expected} were requested'}"
         )
         self.expected = expected
         self.found = found

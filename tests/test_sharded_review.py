@@ -158,3 +158,88 @@ def test_an_exception_at_any_call_never_leaves_the_ring_lock_held_under_our_pid(
                         ring.lock.release()
         assert not held_by_us, f"the ring lock was left held under this live pid: {held_by_us}"
         wal.append(b"k", b"still works")
+
+
+# --- review, session 9: descriptors of pruned segments, a prune the coordinator could not serve --
+
+
+def _deleted_files_open(root: str) -> list:
+    """This process's descriptors of files under ``root`` that have been unlinked."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(root + os.sep) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+def test_a_reader_that_relists_during_a_prune_lets_go_of_the_deleted_segments(wal_root):
+    """The worker bumps PRUNES only after its unlinks and syncs. A reader that relists inside that
+    window caches the shorter listing under the old count; when the bump then shows, it must
+    still close the descriptors of the segments that went (they held the disk space)."""
+    from ironwal_mp.ipc import ring_layout as L
+
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, max_segment_size=512)
+    root = os.path.realpath(wal_root)
+    with ShardedWal(opts, 1) as wal:
+        for i in range(200):
+            wal.append(b"k", b"entry-%03d" % i)
+        assert wal.get(0, 3) == b"entry-003"  # opens and caches the first segment
+        assert len(list(wal.iter_shard(0, 0))) == 200  # ... and every other one
+        wal.create_checkpoint(b"c")
+        h = wal._rings[0].header
+        prunes = h[L.PRUNES]
+        assert wal.prune_before_checkpoint(b"c").segments_deleted > 0
+        assert h[L.PRUNES] == prunes + 1
+        h[L.PRUNES] = prunes  # as if the reader looked before the worker's bump ...
+        first = layout.list_segments(os.path.join(wal_root, "shard_00"))[0]
+        assert next(wal.iter_shard(0, 0)) == b"entry-%03d" % first  # (relists)
+        h[L.PRUNES] = prunes + 1  # ... and the bump showed afterwards
+        assert wal.get(0, 199) == b"entry-199"
+        assert wal.get(0, 3) is None
+        assert _deleted_files_open(root) == []
+
+
+def test_a_prune_that_fails_part_way_still_tells_readers_segments_are_gone(wal_root):
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, max_segment_size=512)
+    with ShardedWal(opts, 1) as wal:
+        for i in range(200):
+            wal.append(b"k", b"entry-%03d" % i)
+        assert wal.get(0, 3) == b"entry-003"  # caches the first segment's descriptor
+        wal.create_checkpoint(b"c")
+        blocker = os.path.join(wal_root, "shard_00", "segments.idx.tmp")
+        os.mkdir(blocker)  # segments.idx cannot be rewritten after the unlinks
+        try:
+            with pytest.raises(WorkerFailedError, match="after deleting"):
+                wal.prune_before_checkpoint(b"c")
+        finally:
+            os.rmdir(blocker)
+        first = layout.list_segments(os.path.join(wal_root, "shard_00"))[0]
+        assert first > 3, "the segments below the checkpoint were deleted"
+        assert wal.get(0, 3) is None, "a deleted entry is still served from a cached descriptor"
+        assert next(wal.iter_shard(0, 0)) == b"entry-%03d" % first
+        assert _deleted_files_open(os.path.realpath(wal_root)) == []
+
+
+def test_pruning_by_a_record_of_another_shard_count_is_refused_and_the_wal_goes_on(wal_root):
+    """A checkpoints.log written elsewhere may hold a record for more shards than this WAL has:
+    prune must refuse it clearly (it used to raise IndexError inside the coordinator, which then
+    stopped the whole WAL)."""
+    from ironwal_mp import ShardCountMismatchError
+    from ironwal_mp.engine.checkpoint_log import CheckpointData, encode_record
+
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT)
+    with ShardedWal(opts, 2) as wal:
+        wal.append(b"k", b"v")
+    with open(os.path.join(wal_root, "checkpoints.log"), "ab") as fh:
+        fh.write(encode_record(CheckpointData(b"three", 1, 3, (0, 0, 0))))
+    with ShardedWal(opts, 2) as wal:
+        assert wal.load_checkpoint(b"three").shard_count == 3
+        with pytest.raises(ShardCountMismatchError, match="records 3 shards, this WAL has 2") as info:
+            wal.prune_before_checkpoint(b"three")
+        assert (info.value.expected, info.value.found) == (2, 3)
+        wal.create_checkpoint(b"after")
+        assert wal.append(b"k", b"w")[1] == 1

@@ -317,9 +317,12 @@ class Worker:
             try:
                 for shard, below in msg.body["offsets"].items():
                     st = self.shards[int(shard)]
-                    deleted[int(shard)] = st.stream.truncate(below)
-                    if deleted[int(shard)]:
-                        st.h[L.PRUNES] += 1  # readers elsewhere drop their files of those segments
+                    before = st.stream.segment_count
+                    try:
+                        deleted[int(shard)] = st.stream.truncate(below)
+                    finally:  # (also when it failed after deleting some)
+                        if st.stream.segment_count != before:
+                            st.h[L.PRUNES] += 1  # readers elsewhere drop their files of those segments
             except (WalError, OSError) as exc:
                 self._reply(M.FAILED, msg.req_id, {"error": str(exc)})
                 return

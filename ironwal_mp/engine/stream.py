@@ -69,6 +69,10 @@ class Stream:
     def active_start(self) -> Optional[int]:
         return self._segments[-1] if self._segments else None
 
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
     def view(self) -> StreamView:
         with self.lock:
             return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index)

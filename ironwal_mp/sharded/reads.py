@@ -55,17 +55,19 @@ class ShardReader:
         stream_dir = self.shard_dir(shard)
         prunes = ring.header[L.PRUNES]
         with self._lock:
-            segments = self._segments.get(shard)
+            cached = segments = self._segments.get(shard)
             if self._prunes.get(shard, prunes) != prunes:  # the worker deleted segments
-                for start in segments or ():
-                    self.reader.forget(os.path.join(stream_dir, layout.segment_name(start)))
-                segments = None
+                self._forget(stream_dir, cached or ())
+                cached = segments = None
             self._prunes[shard] = prunes
             if refresh or not segments or segments[-1] != seg:
                 try:
                     segments = [s for s in layout.list_segments(stream_dir) if s <= seg]
                 except FileNotFoundError:
                     segments = []
+                # files gone since the last listing: a prune whose PRUNES bump is still to come
+                # (the worker bumps it after the unlinks and syncs); their descriptors go now
+                self._forget(stream_dir, set(cached or ()).difference(segments))
                 self._segments[shard] = segments
             if not segments or segments[-1] != seg or durable <= segments[0]:
                 return StreamView(tuple(segments), 0, durable if segments else 0, SparseIndex()), stream_dir
@@ -75,6 +77,11 @@ class ShardReader:
             if active.scanned < size:
                 self._extend(stream_dir, active, size)
             return StreamView(tuple(segments), size, durable, active.index), stream_dir
+
+    def _forget(self, stream_dir: str, starts) -> None:
+        """Close this process's descriptors (and drop cached blocks) of these segments."""
+        for start in starts:
+            self.reader.forget(os.path.join(stream_dir, layout.segment_name(start)))
 
     def _extend(self, stream_dir: str, active: _ActiveIndex, size: int) -> None:
         path = os.path.join(stream_dir, layout.segment_name(active.seg))
