@@ -176,7 +176,7 @@ class Worker:
             if s.count:
                 payload = bytes(ring.data[s.offset : s.offset + s.length])
                 try:
-                    first = stream.append_payload(payload, s.count)
+                    first = stream.append_payload(payload, s.count, trusted=True)
                 except (WalError, OSError) as exc:
                     self._fail(st, exc)
                     return written

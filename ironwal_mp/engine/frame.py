@@ -27,6 +27,8 @@ TYPE_LZ4 = 1
 MAX_U32 = 0xFFFFFFFF
 #: largest stored payload a frame header can describe
 MAX_PAYLOAD = MAX_U32
+#: largest entry: with its u32 length prefix it must fit one payload
+MAX_ENTRY = MAX_PAYLOAD - LENGTH_SIZE
 
 assert HEADER_SIZE == 32
 

@@ -23,7 +23,7 @@ HEAD_STATE = "head.state"
 HEAD_STATE_VERSION = 1
 BROKEN_SUFFIX = ".broken"
 
-_SEGMENT_RE = re.compile(r"(\d{20})\.wal")  # (fullmatch: "$" would also allow a trailing newline)
+_SEGMENT_RE = re.compile(r"([0-9]{20})\.wal")  # ([0-9]: a str pattern's \d takes any Unicode digit)  # (fullmatch: "$" would also allow a trailing newline)
 ID_LIMIT = 1 << 64  #: ids are u64: every id is below this
 
 

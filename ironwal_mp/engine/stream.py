@@ -16,7 +16,7 @@ from typing import Optional
 from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import CompressionType, WalOptions
 from . import layout
-from .frame import HEADER, MAGIC, MAX_PAYLOAD, choose_payload, frame_crc
+from .frame import HEADER, LENGTH_SIZE, MAGIC, MAX_PAYLOAD, MAX_U32, FrameError, choose_payload, decode_entries, frame_crc
 from .reader import SegmentReader, StreamView
 from .recovery import StreamTail
 from .sparse_index import SparseIndex
@@ -87,14 +87,26 @@ class Stream:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def append_payload(self, payload: bytes, count: int) -> int:
+    def append_payload(self, payload: bytes, count: int, *, trusted: bool = False) -> int:
         """Write ``count`` batch-encoded entries as one frame; return the first id.
 
         The frame reaches the OS before this returns (a crash of this process loses nothing);
-        call :meth:`make_durable` for stable storage.
+        call :meth:`make_durable` for stable storage. ``ValueError`` unless ``payload`` is the
+        batch encoding of exactly ``count`` (at least one) entries: a frame that is not would
+        be unreadable, and one of no entries would make recovery cut it and all after it.
+        ``trusted``: the caller built ``payload`` itself (the engine's encoders, a shard
+        worker's ring slices), so only the cheap checks are made.
         """
         if len(payload) > MAX_PAYLOAD:  # both header size fields are u32
             raise RecordTooLargeError(len(payload), MAX_PAYLOAD, "batch")
+        if type(count) is not int or not 1 <= count <= MAX_U32 or len(payload) < LENGTH_SIZE * count:
+            raise ValueError(f"stream {self.name!r}: {count!r} entries cannot be in a payload of {len(payload)} bytes "
+                             f"(1 to {MAX_U32} entries of a u32 length each)")
+        if not trusted:
+            try:
+                decode_entries(payload, count)
+            except FrameError as exc:
+                raise ValueError(f"stream {self.name!r}: the payload is not a batch of {count} entries: {exc}") from None
         ftype, stored = choose_payload(payload, self._compress, self._min_compression)
         disk_size = len(stored)
         with self.lock:
@@ -139,7 +151,10 @@ class Stream:
 
     def _write(self, frame: bytes, size: int) -> None:
         cache = self.reader.fdcache
-        entry = cache.acquire(self._active_path, True)
+        try:
+            entry = cache.acquire(self._active_path, True)
+        except OSError as exc:  # (EMFILE, EACCES...: nothing written, the stream goes on)
+            raise _io_error(exc, self._active_path, "open for append") from exc
         try:
             layout.write_all(entry.fd, frame)
         except OSError as exc:
@@ -168,7 +183,10 @@ class Stream:
     def _rotate(self, start: int) -> None:
         """Seal the active segment (durably) and start a new one at ``start``."""
         cache = self.reader.fdcache
-        entry = cache.acquire(self._active_path, True)
+        try:
+            entry = cache.acquire(self._active_path, True)
+        except OSError as exc:  # (nothing changed yet: the stream goes on)
+            raise _io_error(exc, self._active_path, "open for rotation") from exc
         try:
             _fdatasync(entry.fd)
             self.fsyncs += 1

@@ -8,12 +8,12 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
 
-from ..errors import StreamFailedError, WalClosedError, WalError, WalIOError
+from ..errors import RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
 from .group_sync import GroupSyncer
-from .frame import encode_entries, LENGTH
+from .frame import MAX_ENTRY, encode_entries, LENGTH
 from .reader import SegmentReader, StreamView
 from .recovery import RecoveryReport, StreamTail, recover_stream
 from .rootlock import RootLock
@@ -25,11 +25,13 @@ _EMPTY_VIEW = StreamView((), 0, 0, SparseIndex())
 
 
 def _check_data(data: object) -> bytes:
-    if type(data) is bytes:
-        return data  # type: ignore[return-value]
-    if isinstance(data, _BYTES_LIKE):
-        return bytes(data)  # type: ignore[arg-type]
-    raise TypeError(f"entry data must be bytes, not {type(data).__name__}")
+    if type(data) is not bytes:
+        if not isinstance(data, _BYTES_LIKE):
+            raise TypeError(f"entry data must be bytes, not {type(data).__name__}")
+        data = bytes(data)  # type: ignore[arg-type]
+    if len(data) > MAX_ENTRY:  # (its u32 length prefix could not say how long it is)
+        raise RecordTooLargeError(len(data), MAX_ENTRY, "entry")
+    return data  # type: ignore[return-value]
 
 
 class Wal:
@@ -173,12 +175,12 @@ class Wal:
 
     def append(self, stream: str, data: bytes) -> int:
         """Append one entry; return its id (ids start at 0 per stream and are contiguous)."""
-        if type(data) is not bytes:
+        if type(data) is not bytes or len(data) > MAX_ENTRY:
             data = _check_data(data)
         s = self._streams.get(stream) or self._stream(stream, True)
         if self._closed:
             raise WalClosedError("the Wal is closed")
-        seq = s.append_payload(LENGTH.pack(len(data)) + data, 1)  # type: ignore[union-attr]
+        seq = s.append_payload(LENGTH.pack(len(data)) + data, 1, trusted=True)  # type: ignore[union-attr]
         if self._sync_single:
             s.make_durable(seq + 1)  # type: ignore[union-attr]
         return seq
@@ -190,7 +192,7 @@ class Wal:
         assert s is not None
         if not items:
             return range(s.next_id, s.next_id)
-        start = s.append_payload(encode_entries(items), len(items))
+        start = s.append_payload(encode_entries(items), len(items), trusted=True)
         if self._sync_batch:
             s.make_durable(start + len(items))
         return range(start, start + len(items))

@@ -20,7 +20,7 @@ MANIFEST = "MANIFEST"
 FORMAT = "ironwal_mp.sharded"
 FORMAT_VERSION = 1
 MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
-_SHARD_DIR = re.compile(r"^shard_(\d{2,3})$")
+_SHARD_DIR = re.compile(r"^shard_([0-9]{2,3})$")
 
 
 def shard_stream(shard: int) -> str:

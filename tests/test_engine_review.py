@@ -1,0 +1,118 @@
+"""Regressions from a review of the single-process engine: oversize entries, malformed payloads,
+segment names, a failed open of the active segment."""
+
+import errno
+import os
+
+import pytest
+
+from ironwal_mp import Wal, WalOptions
+from ironwal_mp.engine import layout
+from ironwal_mp.engine.fdcache import FdCache
+from ironwal_mp.errors import RecordTooLargeError, StreamFailedError, WalError, WalIOError
+
+
+def _opts(path, **kw):
+    return WalOptions(root_path=str(path), **kw)
+
+
+# 1. an entry of 4 GiB or more escapes as struct.error -------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["append", "append_batch", "txn"])
+def test_oversize_entry_raises_record_too_large(tmp_path, how):
+    def attempt(wal):
+        big = bytes(1 << 32)  # calloc'd: no page is touched, so this costs no real memory
+        try:
+            if how == "append":
+                wal.append("s", big)
+            elif how == "append_batch":
+                wal.append_batch("s", [big])
+            else:
+                with wal.writer("s") as txn:
+                    txn.add(big)
+        except Exception as exc:  # (caught here: pytest would print the 4 GiB argument)
+            return exc
+        return None
+
+    with Wal(_opts(tmp_path)) as wal:
+        exc = attempt(wal)
+        assert isinstance(exc, RecordTooLargeError), f"got {type(exc).__module__}.{type(exc).__name__}: {exc}"
+        assert wal.next_id("s") == 0
+
+
+# 2. Stream.append_payload writes frames that recovery and readers reject -----------------------
+
+
+def test_append_payload_refuses_a_zero_count(tmp_path):
+    with Wal(_opts(tmp_path, sync_mode="strict")) as wal:
+        stream = wal.open_stream("s")
+        wal.append("s", b"a")
+        with pytest.raises((ValueError, WalError)):
+            stream.append_payload(b"", 0)  # accepted today: writes a frame with count 0
+
+
+def test_append_payload_zero_count_makes_recovery_cut_acknowledged_entries(tmp_path):
+    with Wal(_opts(tmp_path, sync_mode="strict")) as wal:
+        stream = wal.open_stream("s")
+        wal.append("s", b"a")
+        try:
+            stream.append_payload(b"", 0)
+        except (ValueError, WalError):
+            pass  # refusing it is the fix
+        acked = wal.append("s", b"b")  # STRICT: fsynced and acknowledged
+    with Wal(_opts(tmp_path)) as wal:
+        assert wal.get("s", acked) == b"b"  # today: recovery cut it ('frame with no entries')
+        assert wal.recovery_reports == []
+
+
+def test_append_payload_refuses_a_payload_that_does_not_hold_count_entries(tmp_path):
+    with Wal(_opts(tmp_path)) as wal:
+        stream = wal.open_stream("s")
+        with pytest.raises((ValueError, WalError)):
+            # entry length 5, but only 2 bytes follow: CRC-valid, so recovery keeps it, and every
+            # later read of id 0 raises CorruptionError
+            stream.append_payload(b"\x05\x00\x00\x00ab", 1)
+
+
+# 3. segment names: "\d" also matches non-ASCII digits -------------------------------------------
+
+
+def test_non_ascii_digit_names_are_not_segments(tmp_path):
+    assert layout.parse_segment_name("\u0661" + "\u0660" * 19 + ".wal") is None
+
+
+def test_a_stray_non_ascii_digit_file_does_not_break_the_stream(tmp_path):
+    with Wal(_opts(tmp_path)) as wal:
+        wal.append("s", b"a")
+    # "١٠٠…٠.wal": 20 Arabic-Indic digits; int() reads it as 10**19, a start id above the real one
+    open(os.path.join(str(tmp_path), "s", "\u0661" + "\u0660" * 19 + ".wal"), "wb").close()
+    with Wal(_opts(tmp_path)) as wal:  # today: FileNotFoundError for 10000000000000000000.wal
+        assert wal.get("s", 0) == b"a"
+        assert wal.append("s", b"b") == 1
+
+
+# 4. a failure to open the active segment's descriptor fails the stream, with a raw OSError -----
+
+
+def test_emfile_opening_the_segment_is_a_walioerror_and_does_not_fail_the_stream(tmp_path, monkeypatch):
+    with Wal(_opts(tmp_path, max_open_segments=2)) as wal:
+        wal.append("s", b"a")
+        wal._fdcache.forget(os.path.join(str(tmp_path), "s", layout.segment_name(0)))
+        real = FdCache.acquire
+        calls = {"n": 0}
+
+        def flaky(self, path, writable=False):
+            if writable and calls["n"] == 0:
+                calls["n"] += 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real(self, path, writable)
+
+        monkeypatch.setattr(FdCache, "acquire", flaky)
+        with pytest.raises(WalIOError):  # today: a bare OSError
+            wal.append("s", b"b")
+        # nothing was written: the stream must go on (today: StreamFailedError until reopened)
+        try:
+            assert wal.append("s", b"c") == 1
+        except StreamFailedError as exc:
+            pytest.fail(f"a transient EMFILE before any byte was written failed the stream: {exc}")
