@@ -116,3 +116,21 @@ def test_emfile_opening_the_segment_is_a_walioerror_and_does_not_fail_the_stream
             assert wal.append("s", b"c") == 1
         except StreamFailedError as exc:
             pytest.fail(f"a transient EMFILE before any byte was written failed the stream: {exc}")
+
+
+def test_os_errors_of_open_and_recovery_are_wal_io_errors(tmp_path):
+    """A root that is a file, and a segment recovery cannot read, give WalIOError naming the
+    path (they escaped as a bare FileExistsError / PermissionError)."""
+    afile = os.path.join(str(tmp_path), "afile")
+    open(afile, "wb").close()
+    with pytest.raises(WalIOError, match="is not a directory") as info:
+        Wal(_opts(afile))
+    assert info.value.path == afile
+    with Wal(_opts(os.path.join(str(tmp_path), "w"))) as wal:
+        wal.append("s", b"a")
+    seg = os.path.join(str(tmp_path), "w", "s", layout.segment_name(0))
+    os.rename(seg, seg + ".moved")
+    os.mkdir(seg)  # (a directory where the segment was: unreadable even for root)
+    with Wal(_opts(os.path.join(str(tmp_path), "w"))) as wal:
+        with pytest.raises(WalIOError, match="recovering stream 's'"):
+            wal.get("s", 0)

@@ -57,7 +57,11 @@ class Wal:
             if not os.path.isdir(self.root):
                 raise WalIOError(f"{self.root} is not a directory", errno.ENOENT, self.root)
         else:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:  # (a file in the way, no permission, a full disk...)
+                what = "is not a directory" if os.path.exists(self.root) else "cannot be created"
+                raise WalIOError(f"root_path {self.root} {what}: {exc.strerror or exc}", exc.errno, self.root) from exc
         self._lock = RootLock(self.root).acquire() if lock and not read_only else None
         self._fdcache = FdCache(opts.max_open_segments)
         self._reader = SegmentReader.for_options(self._fdcache, opts)
@@ -130,12 +134,18 @@ class Wal:
                     return None
                 tail = StreamTail([], 0, 0, SparseIndex())
             else:
-                tail, report = recover_stream(
-                    stream_dir,
-                    self.options.on_corruption,
-                    repair=not self.read_only,
-                    chunk=self.options.read_buffer_size,
-                )
+                try:
+                    tail, report = recover_stream(
+                        stream_dir,
+                        self.options.on_corruption,
+                        repair=not self.read_only,
+                        chunk=self.options.read_buffer_size,
+                    )
+                except OSError as exc:
+                    if isinstance(exc, WalError):
+                        raise
+                    raise WalIOError(f"recovering stream {name!r} failed: {exc}", exc.errno,
+                                     getattr(exc, "filename", None) or stream_dir) from exc
                 if report.changed:
                     self.recovery_reports.append(report)
             stream = Stream(name, stream_dir, self.options, self._reader, tail)
