@@ -27,7 +27,7 @@ from ironwal_mp.options import options_from_dict
 from ironwal_mp.sharded.manifest import open_manifest
 
 from .barrier import Barrier
-from .supervisor import Supervisor, assign_shards
+from .supervisor import MAX_BACKOFF_S, Supervisor, assign_shards
 
 log = logging.getLogger("ironwal_mp.coordinator")
 #: clients' reply queues kept open (each is a descriptor); beyond this the oldest is closed
@@ -170,17 +170,9 @@ class Coordinator:
             self._supervise()
 
     def _supervise(self) -> None:
-        for w in self.supervisor.dead():
-            if self.stopping:
-                return
-            if not self.supervisor.due(w):
-                continue  # backing off: it keeps dying right after starting
-            if self.supervisor.gave_up(w):
-                self._fail_worker(w)
-                continue
-            self._drain_commands(w)
-            self.supervisor.restart(w)
-            self._publish_workers()
+        self._restart_dead()
+        if self.stopping:
+            return
         now = time.monotonic()
         if now - self._last_check < 0.25:
             return
@@ -195,6 +187,28 @@ class Coordinator:
             Queue.unlink_name(self.names.client_queue(token))
         if gone:
             self.ctl.set_clients(list((p, t) for t, p in self.clients.items()))
+
+    def _restart_dead(self, wait_s: float = 0.0) -> List[int]:
+        """Restart the dead workers whose back-off is over, waiting up to ``wait_s`` for it, and
+        fail the shards of those given up on; return the workers still down."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            down = []
+            for w in self.supervisor.dead():
+                if self.stopping:
+                    return self.supervisor.dead()
+                if not self.supervisor.due(w):
+                    down.append(w)  # backing off: it keeps dying right after starting
+                    continue
+                if self.supervisor.gave_up(w):
+                    self._fail_worker(w)
+                    continue
+                self._drain_commands(w)
+                self.supervisor.restart(w)
+                self._publish_workers()
+            if not down or time.monotonic() >= deadline:
+                return down
+            time.sleep(0.01)
 
     def _drain_commands(self, w: int) -> None:
         """Drop requests queued for a dead worker (its answers were given on its behalf)."""
@@ -329,14 +343,18 @@ class Coordinator:
                 return
 
     def _start_barrier(self, user_id: bytes, cuts: List[int]) -> Barrier:
-        """Phase two begins: ask every worker to make its shards durable up to the cut."""
-        failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
-        if failed:
-            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
-        down = self.supervisor.dead()
+        """Phase two begins: ask every worker to make its shards durable up to the cut.
+
+        A worker found dead is restarted first (after its back-off, if it exited soon after a
+        start), so a checkpoint asked for right after a worker crashed is taken, not refused.
+        """
+        down = self._restart_dead(wait_s=MAX_BACKOFF_S + 0.1)
         if down:  # (a PREPARE would wait in its queue; enough of them fill it and stall us)
             raise E.CheckpointAbortedError(
                 f"checkpoint {user_id!r} aborted: workers {down} are down and being restarted; try again")
+        failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
+        if failed:
+            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id
