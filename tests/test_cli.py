@@ -1157,6 +1157,37 @@ def test_replay_of_a_stopped_wal_with_only_stale_index_files_goes_ahead(wal_root
     assert cli("verify", wal_root).returncode == 0
 
 
+def test_replay_refuses_a_stopped_wal_whose_newest_segment_file_is_gone(wal_root):
+    """The commit says lost segment files are still refused. But when the newest segment file
+    is gone, segments.idx lists it and head.state names it, and both findings carry
+    rebuildable=True (the same findings a crash mid-rotation leaves, where the files are
+    *ahead* of the index). replay then starts the WAL, recovery rewrites both index files
+    from what is left, and `verify` is clean afterwards: the loss is no longer detectable."""
+    from ironwal_mp import ShardedWal, WalOptions
+    from ironwal_mp.cli.replay import _refuse_if_damaged
+    from ironwal_mp.errors import CorruptionError
+    from ironwal_mp.engine import layout
+    from ironwal_mp.engine.audit import audit_stream
+
+    wal = ShardedWal(WalOptions(root_path=wal_root, max_segment_size=4096), 2, workers=1, ring_size=1 << 16)
+    try:
+        for i in range(600):
+            wal.append(b"key-%d" % i, b"v" * 40)
+    finally:
+        wal.close()
+    stream = os.path.join(wal_root, "shard_01")
+    starts = layout.list_segments(stream)
+    assert len(starts) >= 3
+    os.unlink(os.path.join(stream, layout.segment_name(starts[-1])))  # the newest file is lost
+
+    problems = audit_stream(stream).problems
+    assert problems, "the audit does not see the lost file at all"
+    assert any(not getattr(p, "rebuildable", False) for p in problems), \
+        f"a lost newest segment is reported as rebuildable only: {[str(p) for p in problems]}"
+    with pytest.raises(CorruptionError):
+        _refuse_if_damaged(wal_root)
+
+
 def test_csv_with_a_byte_order_mark_and_csv_that_is_not_utf8(wal_root, tmp_path):
     good = os.path.join(str(tmp_path), "bom.csv")
     with open(good, "wb") as fh:

@@ -15,6 +15,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,6 +26,7 @@ import pytest
 import ringutil
 from ringutil import Drainer, encode, pattern
 from ironwal_mp.errors import RecordTooLargeError, WalClosedError, WorkerFailedError
+from ironwal_mp.ipc import ring as ring_mod
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import Ring
@@ -470,7 +473,7 @@ def test_the_repair_lock_waits_for_a_live_repairer_and_dies_with_a_killed_one(ma
     h = ring.header
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(HANG)
-    shm_file = os.readlink(f"/proc/self/fd/{ring._fd}")
+    shm_file = ring._shm_path
     repairer = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
          f"fd = os.open({shm_file!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
@@ -801,3 +804,114 @@ def test_a_strict_producer_killed_while_waiting_leaves_no_durable_waiter(make_ri
         time.sleep(0.05)
     assert ring.durable_sem.value <= 1, "durable semaphore posted for nobody"
     assert h[L.DUR_WAITERS] == 0, f"DUR_WAITERS stuck at {h[L.DUR_WAITERS]} for a dead waiter"
+
+
+@pytest.fixture
+def own_ring(tmp_path):
+    """A ring created by this test (its objects removed afterwards)."""
+    root = str(tmp_path / "ringroot")
+    os.mkdir(root)
+    names = Names(root)
+    ring = Ring(names, 0, capacity=4096, create=True)
+    ringutil.open_ring(ring, 1)
+    yield ring, names
+    ring.close()
+    names.remove_all()
+
+
+def _nfds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- review, session 9: the repair lock's descriptors ---------------------------------------------
+
+
+def test_an_attached_ring_costs_one_descriptor(own_ring):
+    """mmap keeps its own descriptor of the shared memory; keeping posix_ipc's too (for the
+    repair lock) made it two per ring per process, and a 600-shard WAL no longer opened under
+    the usual limit of 1024 descriptors."""
+    _ring, names = own_ring
+    before = _nfds()
+    rings = [Ring(names, 0) for _ in range(10)]
+    try:
+        assert _nfds() - before == 10
+    finally:
+        for r in rings:
+            r.close()
+
+
+# --- 2. a Ring whose __init__ fails leaks the kept descriptor -----------------------------------
+
+
+def test_a_failed_ring_attach_closes_its_descriptor(own_ring):
+    """Ring.__init__ keeps shm.fd before it opens the semaphores and checks the magic; when those
+    raise (a WAL shutting down while a client attaches: _attach returns None and retries; a
+    leftover ring in keep_or_drop_ring) nothing ever closes it. Before, close_fd() ran at once."""
+    ring, names = own_ring
+    posix_ipc.unlink_semaphore(names.ring_lock(0))  # (this test's own object)
+    before = _nfds()
+    for _ in range(20):
+        with pytest.raises(posix_ipc.ExistentialError):
+            Ring(names, 0)
+    assert _nfds() == before, f"{_nfds() - before} descriptors leaked by 20 failed attaches"
+
+
+# --- 3. a fork while a thread is repairing keeps the repair flock held for good -----------------
+
+
+def test_a_child_forked_during_a_repair_does_not_block_later_repairs(own_ring, monkeypatch):
+    """flock belongs to the open file description; a child forked (multiprocessing's default
+    start method, any os.fork) while a thread of the parent is inside _repair_if inherits the
+    descriptor that holds it, so the parent's close() no longer releases it. From then on no
+    process can repair that ring while the child lives: a producer that dies holding the ring
+    lock blocks every producer until WorkerFailedError. (The old repair semaphore had no such
+    tie to descriptors.)"""
+    ring, _names = own_ring
+    h = ring.header
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+
+    real_pid_alive = ring_mod.pid_alive
+    inside, go = threading.Event(), threading.Event()
+
+    def slow_pid_alive(pid):  # called by _repair_if while it holds the repair flock
+        if threading.current_thread().name == "repairer":
+            inside.set()
+            go.wait(30)
+        return real_pid_alive(pid)
+
+    ring.lock.acquire(0)
+    h[L.HOLDER] = dead.pid
+    monkeypatch.setattr(ring_mod, "pid_alive", slow_pid_alive)
+    result = []
+    t = threading.Thread(target=lambda: result.append(ring.repair_lock(dead.pid)), name="repairer")
+    t.start()
+    assert inside.wait(30)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # an ordinary forked child that never touches the WAL
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
+    try:
+        go.set()
+        t.join(30)
+        monkeypatch.setattr(ring_mod, "pid_alive", real_pid_alive)
+        assert result == [True]  # the first repair went through
+        # the lock is orphaned again by a dead holder: the next repair must be possible
+        ring.lock.acquire(0)
+        h[L.HOLDER] = dead.pid
+        deadline = time.monotonic() + 3
+        repaired = False
+        while not repaired and time.monotonic() < deadline:
+            repaired = ring.repair_lock(dead.pid)
+        assert repaired, "the forked child (which never repaired anything) holds the repair lock"
+    finally:
+        os.close(w)
+        os.waitpid(child, 0)
+        if h[L.HOLDER] == dead.pid:
+            h[L.HOLDER] = 0
+            ring.lock.release()

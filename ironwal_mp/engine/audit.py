@@ -91,14 +91,19 @@ def audit_stream(
     elif starts and idx is None:
         audit.problems.append(Problem(idx_path, None, "missing or unreadable", rebuildable=True))
     elif starts and idx != starts:
-        audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}", rebuildable=True))
+        # a crash mid-rotation leaves files the index does not list yet, and one mid-prune
+        # leaves it listing files deleted oldest first; anything else listed and gone is lost
+        gone = [s for s in idx if s not in starts]
+        audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}",
+                                      rebuildable=all(s < starts[0] for s in gone)))
     head = layout.read_head_state(stream_dir)
     head_path = os.path.join(stream_dir, layout.HEAD_STATE)
     if os.path.exists(head_path) and head is None:
         audit.problems.append(Problem(head_path, None, "unreadable", rebuildable=bool(starts)))
     elif starts and head is not None and head != starts[-1]:
+        # behind the newest file: a crash mid-rotation; ahead of it: the newest file is gone
         audit.problems.append(Problem(head_path, None, f"names segment {head}, the newest is {starts[-1]}",
-                                      rebuildable=True))
+                                      rebuildable=head < starts[-1]))
     elif len(starts) > 1 and head is None:
         audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
     for i, start in enumerate(starts):

@@ -48,6 +48,26 @@ STALE_S = 1.0
 CLOSE_WAIT_S = 2.0
 
 
+#: where Linux keeps POSIX shared memory (a ring's name starts with "/")
+_SHM_DIR = "/dev/shm"
+#: descriptors this process holds a repair lock through (see Ring._repair_acquire)
+_REPAIR_FDS: set = set()
+
+
+def _close_repair_fds_in_child() -> None:
+    """A child forked while a thread of its parent repairs must not keep that repair lock (an
+    flock belongs to the open file description, which the fork shared)."""
+    for fd in list(_REPAIR_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _REPAIR_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_repair_fds_in_child)
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -97,9 +117,12 @@ class Ring:
         else:
             shm = posix_ipc.SharedMemory(name)
             size = shm.size
-        self._mm = mmap.mmap(shm.fd, size)
-        #: kept open for the repair lock (see _repair_acquire)
-        self._fd = shm.fd
+        self._mm = mmap.mmap(shm.fd, size)  # (mmap keeps a descriptor of its own)
+        st = os.fstat(shm.fd)
+        shm.close_fd()
+        #: the shared-memory file, and its identity, for the repair lock (see _repair_acquire)
+        self._shm_path = _SHM_DIR + name
+        self._shm_id = (st.st_dev, st.st_ino)
         self._h = memoryview(self._mm)[: L.HEADER_BYTES].cast("Q")
         self.data = memoryview(self._mm)[L.HEADER_BYTES :]
         h = self._h
@@ -163,10 +186,6 @@ class Ring:
         if self._busy:
             return  # a thread is stuck inside a wait: leave all of it to the process's exit
         self._sems_closed = True
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
         for sem in (self.lock, self.data_ready, self.space_free, self.durable_sem):
             if sem is None:
                 continue
@@ -251,15 +270,27 @@ class Ring:
 
     def _repair_acquire(self) -> Optional[int]:
         """Take the repair lock and return the descriptor that holds it (close it to release);
-        None if another repairer held it for POLL_S (the caller looks again on its next round).
+        None if another repairer held it for POLL_S (the caller looks again on its next round),
+        or if the ring's file was removed or replaced (a stale ring: nothing to repair).
 
-        The repair lock is an exclusive flock on a private open of the ring's shared-memory file.
+        The repair lock is an exclusive flock on a fresh open of the ring's shared-memory file.
         The kernel drops it when its holder dies, so a repairer killed inside its repair blocks
-        nobody, and a stopped or starved one is simply waited for. A private open (not the kept
-        descriptor, nor a dup of it) makes two threads of one process exclude each other too.
+        nobody, and a stopped or starved one is simply waited for. Each repair opens the file
+        anew, so two threads of one process exclude each other too, and a child forked during a
+        repair closes its copy at once (``_close_repair_fds_in_child``).
         """
-        fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            fd = os.open(self._shm_path, os.O_RDONLY | os.O_CLOEXEC)
+            _REPAIR_FDS.add(fd)  # (at once: a fork from here on must close the child's copy)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # (EMFILE...)
+            raise SharedMemoryError(exc.errno, f"shard {self.shard}: cannot open {self._shm_path} "
+                                    f"to repair its ring lock: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._shm_id:
+                return None  # another run's ring under the same name
             deadline = time.monotonic() + POLL_S
             while True:
                 try:
@@ -275,6 +306,7 @@ class Ring:
                 time.sleep(0.0005)
         finally:
             if fd >= 0:
+                _REPAIR_FDS.discard(fd)
                 os.close(fd)
 
     def _progress(self) -> tuple[int, int, int, int]:
@@ -359,6 +391,7 @@ class Ring:
             self.lock.release()
             return True
         finally:
+            _REPAIR_FDS.discard(fd)
             os.close(fd)  # (drops the flock)
 
     # --- producer side --------------------------------------------------------------------

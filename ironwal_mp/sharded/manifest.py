@@ -20,7 +20,7 @@ MANIFEST = "MANIFEST"
 FORMAT = "ironwal_mp.sharded"
 FORMAT_VERSION = 1
 MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
-_SHARD_DIR = re.compile(r"^shard_([0-9]{2,3})$")
+_SHARD_DIR = re.compile(r"shard_([0-9]{2,3})")  # (fullmatch: "$" would also take a trailing newline)
 
 
 def shard_stream(shard: int) -> str:
@@ -75,7 +75,7 @@ def existing_shard_dirs(root: str) -> list[int]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
-    return sorted(int(m.group(1)) for m in map(_SHARD_DIR.match, names) if m)
+    return sorted(int(m.group(1)) for m in map(_SHARD_DIR.fullmatch, names) if m)
 
 
 def open_manifest(root: str, shard_count: int) -> Manifest:
