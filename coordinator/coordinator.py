@@ -34,6 +34,8 @@ log = logging.getLogger("ironwal_mp.coordinator")
 MAX_OPEN_REPLY_QUEUES = 64
 
 TICK_S = 0.05
+#: signals that shut the WAL down (see Coordinator._take_stop_signals)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 PREPARE_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
@@ -169,7 +171,25 @@ class Coordinator:
                 self._handle(msg)
             self._supervise()
 
+    def _take_stop_signals(self) -> None:
+        """Shut down on SIGTERM or SIGINT, unless a client started this WAL and is alive and
+        did not send it: then the starter decides (a service manager's stop signals every
+        process of the service at once, and the starter may be finishing a batch and a
+        checkpoint; it closes the WAL after, and the WAL stops if the starter dies)."""
+        while True:
+            info = signal.sigtimedwait(STOP_SIGNALS, 0)
+            if info is None:
+                return
+            name = signal.Signals(info.si_signo).name
+            if not self.starter or info.si_pid == self.starter or not pid_alive(self.starter):
+                log.warning("%s from pid %d: shutting down", name, info.si_pid)
+                self.stopping = True
+            else:
+                log.warning("%s from pid %d ignored: this WAL stops when the process that started it "
+                            "(pid %d) closes it or exits", name, info.si_pid, self.starter)
+
     def _supervise(self) -> None:
+        self._take_stop_signals()
         self._restart_dead()
         if self.stopping:
             return
@@ -547,11 +567,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception:
             pass
 
-    def on_signal(_sig, _frame):
-        coord.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # stop signals are taken by the loop (_take_stop_signals), which can see who sent them;
+    # the workers this process starts inherit the mask, and unblock (and ignore) them
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         try:
             coord.start()
@@ -566,7 +584,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         coord.serve()
         return 0
     finally:
-        coord.shutdown()
+        try:
+            coord.shutdown()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # (serve runs this in the CLI's process)
 
 
 if __name__ == "__main__":

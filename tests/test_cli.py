@@ -525,6 +525,32 @@ def test_ctrl_c_during_ingest_keeps_exactly_what_was_acknowledged(wal_root, tmp_
     assert len(replay_json(wal_root, "--from-checkpoint", latest["id"])) == n2
 
 
+def test_ingest_stopped_by_a_service_manager_still_checkpoints(wal_root, tmp_path):
+    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
+    service at once: ingest, its coordinator and the workers. The commit sells SIGTERM as 'a
+    service manager's stop' that appends the batch in hand and writes a checkpoint; but the
+    coordinator ingest started also stops on SIGTERM, so the final batch/checkpoint fails."""
+    from ironwal_mp.ipc.names import processes_of
+
+    bg = Background(tmp_path, "ingest", "ingest", "--root", wal_root, "--shards", "4", "--workers", "1",
+                    "--records", "3000000", "--batch", "500", "--checkpoint-every", "1000").start()
+    try:
+        deadline = time.monotonic() + 120
+        while "ingest [" not in bg.stderr and bg.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bg.proc.poll() is None, bg.stderr
+        service = [bg.proc.pid] + [pid for pid, _ in processes_of(wal_root)]
+        assert len(service) >= 3
+        for pid in service:  # the control group's SIGTERM
+            os.kill(pid, signal.SIGTERM)
+        code = bg.proc.wait(timeout=TIMEOUT)
+    finally:
+        if bg.proc.poll() is None:
+            bg.stop(signal.SIGKILL)
+    assert code == 143, f"exit {code}\n--- stdout\n{bg.stdout}\n--- stderr\n{bg.stderr[-3000:]}"
+    assert cli_json("checkpoint", "show", "latest", "--root", wal_root)["id"].endswith("-interrupted")
+
+
 # --- serve, stats and checkpoints on a running WAL -----------------------------------------------------
 
 

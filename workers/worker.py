@@ -398,14 +398,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("IRONWAL_MP_LOG", "WARNING"),
                         format=f"worker {args.index} [%(process)d] %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator decides
+    # Ctrl-C and a service manager's SIGTERM reach every process of the group: the coordinator
+    # decides (it sends STOP); a worker also stops when its coordinator is gone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (inherited blocked)
     opts = json.loads(os.environ["IRONWAL_MP_OPTIONS"])
     worker = Worker(os.path.abspath(args.root), [int(s) for s in args.shards.split(",")], args.index, opts)
-
-    def on_term(_sig, _frame):
-        worker.stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
     try:
         worker.run()
         if worker.stopping:

@@ -72,7 +72,7 @@ def run(args) -> int:
             raise KeyboardInterrupt
         stop["requested"], stop["signal"] = True, sig
         what = "interrupt" if sig == signal.SIGINT else signal.Signals(sig).name
-        sys.stderr.write(f"\n{what}: finishing the current batch, then a checkpoint (Ctrl-C again to abort)\n")
+        sys.stderr.write(f"\n{what}: finishing the current batch, then a checkpoint (a second Ctrl-C or SIGTERM aborts)\n")
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     # the pid keeps ids of runs started in the same second (one after another, or side by side
