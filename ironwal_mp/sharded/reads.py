@@ -62,12 +62,13 @@ class ShardReader:
             self._prunes[shard] = prunes
             if refresh or not segments or segments[-1] != seg:
                 try:
-                    segments = [s for s in layout.list_segments(stream_dir) if s <= seg]
+                    listed = layout.list_segments(stream_dir)
                 except FileNotFoundError:
-                    segments = []
+                    listed = []
+                segments = [s for s in listed if s <= seg]
                 # files gone since the last listing: a prune whose PRUNES bump is still to come
                 # (the worker bumps it after the unlinks and syncs); their descriptors go now
-                self._forget(stream_dir, set(cached or ()).difference(segments))
+                self._forget(stream_dir, set(cached or ()).difference(listed))
                 self._segments[shard] = segments
             if not segments or segments[-1] != seg or durable <= segments[0]:
                 return StreamView(tuple(segments), 0, durable if segments else 0, SparseIndex()), stream_dir
