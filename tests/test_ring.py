@@ -466,9 +466,6 @@ def test_the_repair_lock_waits_for_a_live_repairer_and_dies_with_a_killed_one(ma
     is. One killed inside its repair blocks nobody, as the kernel drops its flock. (With the old
     repair semaphore, two waiters taking over from a dead repairer at once could both post it,
     and two repairs could then release one lock twice.)"""
-    import subprocess
-    import sys
-
     ring = make_ring(4096, first_seq=1)
     h = ring.header
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

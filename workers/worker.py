@@ -406,9 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = json.loads(os.environ["IRONWAL_MP_OPTIONS"])
     worker = Worker(os.path.abspath(args.root), [int(s) for s in args.shards.split(",")], args.index, opts)
     try:
-        worker.run()
-        if worker.stopping:
-            worker.stop()
+        worker.run()  # (it returns only through stop(): a STOP, or the coordinator gone)
     finally:
         worker.close()
     return 0
