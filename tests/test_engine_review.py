@@ -134,3 +134,158 @@ def test_os_errors_of_open_and_recovery_are_wal_io_errors(tmp_path):
     with Wal(_opts(os.path.join(str(tmp_path), "w"))) as wal:
         with pytest.raises(WalIOError, match="recovering stream 's'"):
             wal.get("s", 0)
+
+
+# 4. an ASYNC append racing close() was acknowledged and never synced -------------------------
+
+
+def test_an_append_racing_close_is_refused_or_synced(tmp_path, monkeypatch):
+    import threading
+
+    from ironwal_mp.engine.stream import Stream
+    from ironwal_mp.errors import WalClosedError
+
+    wal = Wal(_opts(tmp_path, sync_mode="async"))
+    wal.append("s", b"first")
+    entered, go = threading.Event(), threading.Event()
+    real = Stream.append_payload
+
+    def paused(self, *args, **kw):  # the appender has passed Wal.append's closed check
+        entered.set()
+        assert go.wait(10)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Stream, "append_payload", paused)
+    outcome = {}
+
+    def appender():
+        try:
+            outcome["seq"] = wal.append("s", b"racer")
+        except WalClosedError as exc:
+            outcome["error"] = exc
+
+    t = threading.Thread(target=appender)
+    t.start()
+    assert entered.wait(10)
+    real_sync = wal._syncer.sync
+
+    def sync_then_let_the_appender_go(streams):  # the window: after close's sync, before its files close
+        errors = real_sync(streams)
+        go.set()
+        t.join(10)
+        return errors
+
+    monkeypatch.setattr(wal._syncer, "sync", sync_then_let_the_appender_go)
+    wal.close()
+    t.join(10)
+    stream = wal._streams["s"]
+    if "seq" in outcome:  # acknowledged after close() synced: it must have been synced too
+        assert stream.durable_id > outcome["seq"]
+    else:
+        assert isinstance(outcome.get("error"), WalClosedError)
+        assert stream.next_id == 1  # nothing was written after the sync
+
+
+def test_close_waits_for_an_append_under_way_and_syncs_it(tmp_path, monkeypatch):
+    import threading
+
+    from ironwal_mp.engine import stream as stream_mod
+
+    wal = Wal(_opts(tmp_path, sync_mode="async"))
+    wal.append("s", b"first")
+    inside, go = threading.Event(), threading.Event()
+    real = stream_mod.Stream._write
+
+    def slow_write(self, frame, size):  # holds the stream's lock, mid-append
+        inside.set()
+        assert go.wait(10)
+        return real(self, frame, size)
+
+    monkeypatch.setattr(stream_mod.Stream, "_write", slow_write)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("seq", wal.append("s", b"second")))
+    t.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=wal.close)
+    closer.start()
+    go.set()
+    t.join(10)
+    closer.join(10)
+    assert result["seq"] == 1
+    assert wal._streams["s"].durable_id == 2  # close's sync covered the append it waited for
+
+
+# 5. TxnWriter.commit lost its entries when the write failed --------------------------------------
+
+
+def test_a_commit_whose_write_failed_can_be_retried(tmp_path, monkeypatch):
+    from ironwal_mp.engine import stream as stream_mod
+
+    with Wal(_opts(tmp_path, sync_mode="strict")) as wal:
+        wal.append("s", b"a")
+        real = stream_mod.layout.write_all
+        calls = {"n": 0}
+
+        def failing_once(fd, data):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.EIO, "injected")
+            return real(fd, data)
+
+        monkeypatch.setattr(stream_mod.layout, "write_all", failing_once)
+        txn = wal.writer("s")
+        txn.add(b"x")
+        txn.add(b"y")
+        with pytest.raises(WalIOError):
+            txn.commit()
+        assert len(txn) == 2  # nothing was written: the entries are still there
+        assert txn.commit() == range(1, 3)
+        assert [wal.get("s", i) for i in range(3)] == [b"a", b"x", b"y"]
+        with pytest.raises(WalError):
+            txn.commit()
+
+
+def test_a_commit_whose_sync_failed_is_done(tmp_path, monkeypatch):
+    from ironwal_mp.engine import stream as stream_mod
+
+    with Wal(_opts(tmp_path, sync_mode="strict")) as wal:
+        wal.append("s", b"a")
+
+        def eio(fd):
+            raise OSError(errno.EIO, "injected")
+
+        monkeypatch.setattr(stream_mod, "_fdatasync", eio)
+        txn = wal.writer("s")
+        txn.add(b"x")
+        with pytest.raises(WalIOError):
+            txn.commit()
+        with pytest.raises(WalError):  # written once: a retry must not write a second copy
+            txn.commit()
+        monkeypatch.undo()
+    with Wal(_opts(tmp_path)) as wal:
+        assert wal.next_id("s") == 2
+
+
+def test_emfile_opening_the_segment_for_fsync_is_a_walioerror(tmp_path, monkeypatch):
+    with Wal(_opts(tmp_path, sync_mode="strict")) as wal:
+        wal.append("s", b"a")
+        real = FdCache.acquire
+        state = {"armed": False}
+
+        def acquire(self, path, writable=False):
+            entry = real(self, path, writable)
+            if state["armed"]:
+                state["armed"] = False
+                self.release(entry)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return entry
+
+        monkeypatch.setattr(FdCache, "acquire", acquire)
+        wal.append("s", b"b")  # (its write opens nothing new)
+        wal._streams["s"]._synced_id = 1  # pretend b's sync is still to come
+        state["armed"] = True
+        with pytest.raises(WalIOError) as info:
+            wal._streams["s"].make_durable(2)
+        assert info.value.errno == errno.EMFILE
+        wal._streams["s"].make_durable(2)  # a later sync goes through
+        assert wal.durable_id("s") == 2

@@ -41,6 +41,7 @@ class Stream:
         self._index = tail.index
         self._synced_id = tail.next_id  # recovery left the tail durable
         self._failed: Optional[BaseException] = None
+        self._closed = False  # set by close_writes: the handle is closing
         self._max_segment_size = opts.max_segment_size
         self._max_entries = opts.max_entries_per_segment
         self._compress = opts.compression is CompressionType.LZ4
@@ -77,6 +78,12 @@ class Stream:
         with self.lock:
             return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index)
 
+    def close_writes(self) -> None:
+        """Refuse appends and truncation from now on (WalClosedError), once the one under way
+        is done: the handle's close syncs after this, so no append it acknowledged is left out."""
+        with self.lock:
+            self._closed = True
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise WalError(f"stream {self.name!r} was opened read-only")
@@ -110,6 +117,8 @@ class Stream:
         ftype, stored = choose_payload(payload, self._compress, self._min_compression)
         disk_size = len(stored)
         with self.lock:
+            if self._closed:
+                raise WalClosedError("the Wal is closed")
             self._check_writable()
             start = self._next_id
             if start + count > layout.ID_LIMIT:  # (before the header: its id field is a u64)
@@ -226,10 +235,12 @@ class Stream:
             cache = self.reader.fdcache
             try:
                 entry = cache.acquire(path, True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 if self._synced_id >= target:
                     return  # sealed (and so synced) by a rotation, then truncated away meanwhile
-                raise
+                raise _io_error(exc, path, "open for fsync") from exc
+            except OSError as exc:  # (EMFILE...: nothing is durable yet, a later sync may be)
+                raise _io_error(exc, path, "open for fsync") from exc
             try:
                 _fdatasync(entry.fd)
             except OSError as exc:
@@ -259,6 +270,8 @@ class Stream:
     def truncate(self, safe_id: int) -> int:
         """Delete sealed segments whose ids are all below ``safe_id``; return how many."""
         with self.lock:
+            if self._closed:
+                raise WalClosedError("the Wal is closed")
             self._check_writable()
             doomed = []
             for i in range(len(self._segments) - 1):

@@ -91,6 +91,8 @@ class Wal:
             self._closed = True
             streams = list(self._streams.values())
         try:
+            for stream in streams:  # (an append already past its closed check finishes first)
+                stream.close_writes()
             # a stream that failed earlier has told its writers; a sync failing now tells nobody
             # else, so close raises it (what was written since the last sync may be lost)
             errors = [e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
@@ -197,15 +199,23 @@ class Wal:
 
     def append_batch(self, stream: str, entries: Iterable[bytes]) -> range:
         """Append entries atomically, as one frame: after a crash all of them or none survive."""
-        items = [_check_data(e) for e in entries]
+        s, ids = self._write_batch(stream, [_check_data(e) for e in entries])
+        self._settle_batch(s, ids)
+        return ids
+
+    def _write_batch(self, stream: str, items: List[bytes]) -> tuple[Stream, range]:
+        """Write checked entries as one frame, not yet synced: (the stream, their ids)."""
         s = self._stream(stream, True)
         assert s is not None
         if not items:
-            return range(s.next_id, s.next_id)
+            return s, range(s.next_id, s.next_id)
         start = s.append_payload(encode_entries(items), len(items), trusted=True)
-        if self._sync_batch:
-            s.make_durable(start + len(items))
-        return range(start, start + len(items))
+        return s, range(start, start + len(items))
+
+    def _settle_batch(self, s: Stream, ids: range) -> None:
+        """Make a written batch as durable as the sync mode promises for batches."""
+        if self._sync_batch and ids:
+            s.make_durable(ids.stop)
 
     def writer(self, stream: str) -> "TxnWriter":
         """A transaction: entries added to it are appended as one batch on commit."""
@@ -310,12 +320,21 @@ class TxnWriter:
         return len(self._entries)
 
     def commit(self) -> range:
-        """Append everything added, as one frame; return the ids."""
+        """Append everything added, as one frame; return the ids.
+
+        If the write fails the transaction stays open with its entries, to retry or roll back;
+        if only the sync after it fails, it is done (the entries may or may not survive).
+        """
         if self._done:
             raise WalError("transaction already committed or rolled back")
+        # a write that fails has written nothing (or failed the stream until a reopen), so the
+        # entries stay for a retry; once written, a failed sync must not lead to a second copy
+        wal = self._wal
+        s, ids = wal._write_batch(self.stream, self._entries)
         self._done = True
-        entries, self._entries = self._entries, []
-        return self._wal.append_batch(self.stream, entries)
+        self._entries = []
+        wal._settle_batch(s, ids)
+        return ids
 
     def rollback(self) -> None:
         """Discard everything added; nothing is written."""
