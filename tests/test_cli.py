@@ -1142,6 +1142,16 @@ def test_numbers_out_of_range_are_usage_errors(wal_root, args, says):
     assert not os.path.exists(wal_root)
 
 
+def _file_crcs(root):
+    out = {}
+    for d, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[p] = zlib.crc32(fh.read())
+    return out
+
+
 def test_replay_of_a_damaged_stopped_wal_refuses_and_changes_nothing(wal_root):
     ingest_synthetic(wal_root, 2000, shards=2)
     seg = segment_paths(os.path.join(wal_root, "shard_00"))[0]
@@ -1150,20 +1160,20 @@ def test_replay_of_a_damaged_stopped_wal_refuses_and_changes_nothing(wal_root):
         byte = fh.read(1)
         fh.seek(100)
         fh.write(bytes([byte[0] ^ 0xFF]))
-
-    def snapshot():
-        out = {}
-        for d, _dirs, files in os.walk(wal_root):
-            for f in files:
-                p = os.path.join(d, f)
-                with open(p, "rb") as fh:
-                    out[p] = zlib.crc32(fh.read())
-        return out
-
-    before = snapshot()
+    before = _file_crcs(wal_root)
     proc = cli("replay", "--root", wal_root, expect=1)
     assert proc.stdout == b"" and "CorruptionError" in proc.stderr_text and "repair" in proc.stderr_text
-    assert snapshot() == before, "replay changed the files"
+    assert _file_crcs(wal_root) == before, "replay changed the files"
+
+
+def test_replay_of_a_stopped_wal_with_a_torn_checkpoint_record_refuses_and_changes_nothing(wal_root, fixture_copy):
+    root = fixture_copy("sharded")  # (the crate's own output: a stopped WAL with checkpoints)
+    with open(os.path.join(root, "checkpoints.log"), "ab") as fh:
+        fh.write(b"CKPT\x01\x02")  # a torn record header
+    before = _file_crcs(root)
+    proc = cli("replay", "--root", root, "--shard", "0", expect=1)
+    assert proc.stdout == b"" and "checkpoints.log" in proc.stderr_text and "repair" in proc.stderr_text
+    assert _file_crcs(root) == before, "replay cut the checkpoint log"
 
 
 def test_replay_of_a_stopped_wal_with_only_stale_index_files_goes_ahead(wal_root):

@@ -21,18 +21,23 @@ from .output import EXIT_OK, UsageError
 
 
 def _refuse_if_damaged(root: str) -> None:
-    """CorruptionError if any shard of a stopped WAL has a damaged or torn frame or lost files:
-    starting it would let recovery cut frames (into a .broken file), and a read must not change
-    what the log holds. A stale segments.idx or head.state (a crash mid-rotation) does not
-    stop it: recovery rewrites those from the segment files and cuts nothing."""
+    """CorruptionError if any shard of a stopped WAL has a damaged or torn frame or lost files,
+    or checkpoints.log a damaged or torn record: starting it would let recovery cut them (into
+    a .broken file), and a read must not change what the log holds. A stale segments.idx or
+    head.state (a crash mid-rotation), or a HEAD that falls back to the last record, does not
+    stop it: recovery rewrites those from what the files hold and cuts nothing."""
     target = locate(root)
-    problems = [p for name in target.streams if os.path.isdir(os.path.join(root, name))
+    problems = [(p.path, p.offset, p.reason)
+                for name in target.streams if os.path.isdir(os.path.join(root, name))
                 for p in audit_stream(os.path.join(root, name)).problems if not p.rebuildable]
+    report = CheckpointLog(root, repair=False).report
+    if report.cut_offset is not None:
+        problems.append((report.log_path, report.cut_offset, report.cut_reason or "damaged record"))
     if problems:
-        first = problems[0]
-        raise CorruptionError(first.path, first.offset if first.offset is not None else -1,
-                              f"{first.reason} ({len(problems)} problem(s): see `ironwal-mp verify`). "
-                              f"replay never cuts frames: run `ironwal-mp repair {root}` first")
+        path, offset, reason = problems[0]
+        raise CorruptionError(path, offset if offset is not None else -1,
+                              f"{reason} ({len(problems)} problem(s): see `ironwal-mp verify`). "
+                              f"replay never cuts frames or records: run `ironwal-mp repair {root}` first")
 
 
 def run(args) -> int:
