@@ -1018,6 +1018,22 @@ def test_verify_reports_an_index_whose_segment_files_are_gone(tmp_path):
     assert "no segment file exists" in proc.stdout_text
 
 
+def test_verify_and_inspect_report_a_segment_that_cannot_be_read(fixture_copy):
+    """A segment name taken by a directory was a traceback with no output."""
+    root = fixture_copy("core")
+    stream = os.path.join(root, "ledger")
+    seg = os.path.join(stream, sorted(n for n in os.listdir(stream) if layout.parse_segment_name(n) is not None)[1])
+    os.unlink(seg)
+    os.mkdir(seg)
+    proc = cli("verify", root, expect=1)
+    assert "Traceback" not in proc.stderr_text
+    assert f"PROBLEM {seg}:" in proc.stdout_text and "unreadable" in proc.stdout_text
+    proc = cli("inspect", root, "--json")  # (inspect describes; only verify's exit says "problems")
+    assert "Traceback" not in proc.stderr_text
+    report = json.loads(proc.stdout)
+    assert any(p["path"] == seg for s in report["streams"] for p in s["problems"]), report
+
+
 # --- usage errors: exit 2 and one clear line -------------------------------------------------------------
 
 

@@ -53,12 +53,20 @@ def _stream_doc(a: StreamAudit) -> Dict[str, Any]:
     }
 
 
+def _size(path: str) -> int:
+    """A file's size for the progress total; 0 if it cannot be had (the audit reports why)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _audit_all(target: Target, show_progress: bool) -> List[StreamAudit]:
     total = 0
     for name in target.streams:
         d = os.path.join(target.root, name)
         if os.path.isdir(d):
-            total += sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d) if n.endswith(".wal"))
+            total += sum(_size(os.path.join(d, n)) for n in os.listdir(d) if n.endswith(".wal"))
     progress = Progress("verify", total, unit="bytes") if show_progress and total > (8 << 20) else None
     audits = []
     for name in target.streams:

@@ -108,10 +108,15 @@ def audit_stream(
         audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
     for i, start in enumerate(starts):
         path = os.path.join(stream_dir, layout.segment_name(start))
-        size = os.path.getsize(path)
+        try:
+            fh = open(path, "rb")
+            size = os.fstat(fh.fileno()).st_size
+        except OSError as exc:  # (a directory, a dangling link, no permission...)
+            audit.problems.append(Problem(path, None, f"unreadable: {exc.strerror or exc}"))
+            continue
         seg = SegmentAudit(start, path, size, end_id=start)
         audit.segments.append(seg)
-        with open(path, "rb") as fh:
+        with fh:
             fd = fh.fileno()
             try:
                 for offset, header, _ in scan_frames(
@@ -129,6 +134,8 @@ def audit_stream(
                 audit.problems.append(Problem(path, exc.offset, exc.error.reason))
                 if progress is not None:
                     progress(size - seg.valid_bytes)
+            except OSError as exc:  # (EIO reading it)
+                audit.problems.append(Problem(path, seg.valid_bytes, f"unreadable: {exc.strerror or exc}"))
         if i + 1 < len(starts) and seg.end_id != starts[i + 1] and seg.valid_bytes == size:
             audit.problems.append(
                 Problem(path, size, f"ends at id {seg.end_id} but the next segment starts at {starts[i + 1]}")
