@@ -289,3 +289,62 @@ def test_emfile_opening_the_segment_for_fsync_is_a_walioerror(tmp_path, monkeypa
         assert info.value.errno == errno.EMFILE
         wal._streams["s"].make_durable(2)  # a later sync goes through
         assert wal.durable_id("s") == 2
+
+
+# 6. reads let the OS's errors through as they were, and took a lost middle segment for a truncation
+
+
+def _rotated(path, n=40):
+    opts = _opts(path, max_segment_size=300, compression="none")
+    with Wal(opts) as wal:
+        for i in range(n):
+            wal.append("s", b"e%04d-" % i + b"y" * (i % 7))
+    stream = os.path.join(str(path), "s")
+    return [os.path.join(stream, layout.segment_name(s)) for s in layout.list_segments(stream)]
+
+
+@pytest.mark.parametrize("strategy", ["standard_io", "mmap"])
+def test_a_read_the_os_refuses_is_a_walioerror(tmp_path, strategy):
+    segs = _rotated(tmp_path)
+    assert len(segs) > 3
+    os.unlink(segs[1])
+    os.mkdir(segs[1])  # a sealed segment's name taken by a directory
+    start = layout.parse_segment_name(os.path.basename(segs[1]))
+    with Wal(_opts(tmp_path, read_strategy=strategy)) as wal:
+        with pytest.raises(WalIOError) as info:
+            wal.get("s", start)
+        assert info.value.path == segs[1]
+        with pytest.raises(WalIOError):
+            list(wal.iter("s", 0))
+        assert wal.get("s", 0) == b"e0000-"  # the rest reads on
+
+
+def test_a_middle_segment_lost_under_an_open_handle_is_corruption_not_truncation(tmp_path):
+    from ironwal_mp.errors import CorruptionError
+
+    segs = _rotated(tmp_path)
+    mid = layout.parse_segment_name(os.path.basename(segs[2]))
+    with Wal(_opts(tmp_path)) as wal:
+        assert wal.get("s", mid) is not None
+        wal._reader.forget(segs[2])
+        os.unlink(segs[2])
+        with pytest.raises(CorruptionError) as info:
+            wal.get("s", mid)  # was None, as if truncated, while id 0 still read
+        assert info.value.path == segs[2]
+        with pytest.raises(CorruptionError):
+            list(wal.iter("s", mid))  # skipped the lost ids without a word
+        with pytest.raises(CorruptionError):
+            list(wal.iter("s", 0))
+        assert wal.get("s", 0) == b"e0000-"
+
+
+def test_truncation_under_a_reader_still_reads_as_truncation(tmp_path):
+    segs = _rotated(tmp_path)
+    with Wal(_opts(tmp_path)) as wal:
+        it = wal.iter("s", 0)
+        view, stream_dir = wal._view("s")  # an old view, taken before the truncation
+        second = layout.parse_segment_name(os.path.basename(segs[2]))
+        assert wal.truncate("s", second) == 2
+        assert wal._reader.get(view, stream_dir, 0) is None  # gone by truncation: absent
+        assert list(wal._reader.iter(view, stream_dir, 0))[0] == b"e%04d-" % second + b"y" * (second % 7)
+        del it

@@ -12,7 +12,7 @@ import os
 from bisect import bisect_right
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..errors import ConcurrentTruncationError, CorruptionError, CrcMismatchError
+from ..errors import ConcurrentTruncationError, CorruptionError, CrcMismatchError, WalIOError
 from ..options import ReadStrategy, WalOptions
 from . import layout
 from .caches import LruCache
@@ -70,32 +70,44 @@ class SegmentReader:
         if self.strategy is ReadStrategy.MMAP:
 
             def read(offset: int, size: int) -> bytes:
-                entry = cache.acquire(path)
+                entry = _acquire(cache, path)
                 try:
                     try:
                         return entry.mapping(offset + size)[offset : offset + size]
                     except EOFError:  # the file ends sooner: a short read, as pread gives
                         return os.pread(entry.fd, size, offset)
+                except OSError as exc:  # (ENODEV: not a regular file; EIO...)
+                    raise _read_error(exc, path) from exc
                 finally:
                     cache.release(entry)
 
         else:
 
             def read(offset: int, size: int) -> bytes:
-                entry = cache.acquire(path)
+                entry = _acquire(cache, path)
                 try:
                     return os.pread(entry.fd, size, offset)
+                except OSError as exc:
+                    raise _read_error(exc, path) from exc
                 finally:
                     cache.release(entry)
 
         return read
 
     def file_size(self, path: str) -> int:
-        entry = self.fdcache.acquire(path)
+        entry = _acquire(self.fdcache, path)
         try:
             return os.fstat(entry.fd).st_size
         finally:
             self.fdcache.release(entry)
+
+    def _truncated(self, view: StreamView, stream_dir: str, pos: int) -> bool:
+        """Whether segment ``pos`` of ``view``, found missing, went by truncation: that deletes
+        the oldest first, so the view's first segment is gone too. Else CorruptionError."""
+        if pos == 0 or not os.path.exists(os.path.join(stream_dir, layout.segment_name(view.segments[0]))):
+            return True
+        path = os.path.join(stream_dir, layout.segment_name(view.segments[pos]))
+        raise CorruptionError(path, 0, "the segment file is missing, although older segments are still there")
 
     def sealed_index(self, path: str, start: int) -> tuple[SparseIndex, int]:
         """(index, valid size) of a sealed segment, built once by a CRC-checked scan."""
@@ -196,7 +208,8 @@ class SegmentReader:
             for _, header, entries in self._frames(view, stream_dir, pos, seq_id):
                 return entries[seq_id - header.start_id]
         except FileNotFoundError:
-            return None  # truncated away meanwhile
+            if self._truncated(view, stream_dir, pos):
+                return None  # truncated away meanwhile
         return None
 
     def iter(self, view: StreamView, stream_dir: str, start_id: int) -> Iterator[bytes]:
@@ -221,12 +234,30 @@ class SegmentReader:
                     if next_id >= end_id:
                         return
             except FileNotFoundError:
+                self._truncated(view, stream_dir, p)
                 if next_id == start_id:
                     continue  # truncated before we began: start at the first kept segment
                 raise ConcurrentTruncationError(
                     f"{stream_dir}: ids from {next_id} were truncated away while this iteration "
                     f"was reading them; restart it (the first kept id is now later)"
                 ) from None
+
+
+def _acquire(cache: FdCache, path: str):
+    """Pin ``path`` for reading. FileNotFoundError stays as it is (the callers tell truncation
+    from loss); any other refusal is a WalIOError naming the file."""
+    try:
+        return cache.acquire(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _read_error(exc, path) from exc
+
+
+def _read_error(exc: OSError, path: str) -> WalIOError:
+    if isinstance(exc, WalIOError):
+        return exc
+    return WalIOError(f"reading {path} failed: {exc.strerror or exc}", exc.errno, path)
 
 
 def view_of(segments: Sequence[int], active_size: int, next_id: int, index: SparseIndex) -> StreamView:
