@@ -243,3 +243,64 @@ def test_pruning_by_a_record_of_another_shard_count_is_refused_and_the_wal_goes_
         assert (info.value.expected, info.value.found) == (2, 3)
         wal.create_checkpoint(b"after")
         assert wal.append(b"k", b"w")[1] == 1
+
+
+# --- review of the client API (session 10) ---------------------------------------------------------
+
+
+def _key_for(wal, shard):
+    return next(b"k%d" % i for i in range(1000) if wal.shard_for(b"k%d" % i) == shard)
+
+
+@pytest.mark.parametrize("mode", [SyncMode.STRICT, SyncMode.BATCH_ONLY])
+def test_a_batch_whose_durability_wait_fails_reports_every_part_it_published(wal_root, mode):
+    """A part published, then not made durable in time (its worker stalled), was reported as
+    not published: a caller retrying those positions wrote them twice."""
+    from ironwal_mp.errors import WalError
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=mode), 2, workers=2, timeout=1) as wal:
+        k0, k1 = _key_for(wal, 0), _key_for(wal, 1)
+        stalled = wal.stats()["shards"][1]["worker_pid"]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            with pytest.raises(WalError) as info:
+                wal.append_batch([(k1, b"x1"), (k0, b"x0")])
+            assert info.value.published == [(1, 0), (0, 0)]
+            with pytest.raises(WalError) as info:
+                wal.append_batch_for_key(k1, [b"y1", b"z1"])
+            assert info.value.published == [(1, 1), (1, 2)]
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        wal.sync()
+        assert list(wal.iter_shard(1)) == [b"x1", b"y1", b"z1"] and list(wal.iter_shard(0)) == [b"x0"]
+        # no durable-waiter registration was left behind by the parts not waited for
+        from ironwal_mp.ipc import ring_layout as L
+
+        assert [r.header[L.DUR_WAITERS] for r in wal._rings] == [0, 0]
+
+
+def test_a_strict_append_whose_durability_wait_fails_reports_its_id(wal_root):
+    from ironwal_mp.errors import WalError
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 1, timeout=1) as wal:
+        wal.append(b"k", b"a")
+        stalled = wal.stats()["shards"][0]["worker_pid"]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            with pytest.raises(WalError) as info:
+                wal.append(b"k", b"b")
+            assert info.value.published == [(0, 1)]
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        wal.sync()
+        assert list(wal.iter_shard(0)) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("bad", [10 ** 400, 1e300, float("nan"), float("inf"), 0, -1, True, "5"],
+                         ids=["10**400", "1e300", "nan", "inf", "0", "-1", "True", "str"])
+def test_timeouts_that_no_wait_can_take_are_config_errors(wal_root, bad):
+    from ironwal_mp.errors import ConfigError
+
+    with pytest.raises((ConfigError, TypeError)):
+        ShardedWal(WalOptions(root_path=wal_root), 1, timeout=bad)
+    assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))

@@ -633,6 +633,10 @@ class Ring:
             if registered:
                 self._uncount(L.DUR_WAITERS, timeout)
 
+    def unregister_durable(self, timeout: float = 30.0) -> None:
+        """Take back a registration made by ``publish(strict=True)`` without waiting on it."""
+        self._uncount(L.DUR_WAITERS, timeout)
+
     def _uncount(self, field: int, timeout: float) -> None:
         """Take this caller back out of a waiter count (also while close() is under way)."""
         h = self._h

@@ -535,10 +535,11 @@ class ShardedWal:
         """Append ``(key, value)`` pairs; return ``(shard, seq)`` for each, in input order.
 
         Each shard's part of the batch is one frame (atomic on that shard); the parts are
-        published one shard after another. Bad arguments (types, a part too large for its
-        ring) are refused before anything is published. An error after that (a failed worker,
-        a timeout, a close) carries ``published``: per input position, the ``(shard, seq)``
-        already published (written unless that shard's worker fails), else None.
+        published one shard after another, then (STRICT, BATCH_ONLY) waited for together.
+        Bad arguments (types, a part too large for its ring) are refused before anything is
+        published. An error after that (a failed worker, a timeout, a close) carries
+        ``published``: per input position, the ``(shard, seq)`` already published (written
+        unless that shard's worker fails, so not to be appended again), else None.
         """
         self._check()
         groups: Dict[int, List[int]] = {}
@@ -556,13 +557,24 @@ class ShardedWal:
         for shard, block in blocks.items():
             self._rings[shard].check_block_size(len(block))
         out: List[Optional[Tuple[int, int]]] = [None] * len(values)
+        waits: List[Tuple[int, int]] = []  # (shard, id to be durable up to), registered waiters
         try:
             for shard, positions in groups.items():
-                first = self._publish_block(shard, blocks[shard], len(positions))
+                first = self._rings[shard].publish(blocks[shard], len(positions), self._sync_batches, self._timeout)
                 for k, i in enumerate(positions):
                     out[i] = (shard, first + k)
-        except E.WalError as exc:
-            if any(out):
+                if self._sync_batches:
+                    waits.append((shard, first + len(positions)))
+            while waits:  # (each wait takes its registration back, whatever happens)
+                shard, upto = waits.pop(0)
+                self._rings[shard].wait_durable(upto, self._timeout)
+        except BaseException as exc:
+            for shard, _ in waits:
+                try:
+                    self._rings[shard].unregister_durable(self._timeout)
+                except E.WalError:
+                    pass  # (a count left over is reset by the worker once stale)
+            if isinstance(exc, E.WalError) and any(out):
                 exc.published = out  # type: ignore[attr-defined]
             raise
         return out  # type: ignore[return-value]
@@ -574,7 +586,7 @@ class ShardedWal:
         ring = self._rings[shard]
         seq = ring.publish(block, count, self._sync_batches, self._timeout)
         if self._sync_batches:
-            ring.wait_durable(seq + count, self._timeout)
+            _wait_published(ring, shard, seq, count, self._timeout)
         return seq
 
     def sync(self) -> None:
@@ -709,10 +721,20 @@ def _make_append(route, n: int, appenders: list, rings: list, strict: bool, time
 
     def append_strict(key: bytes, value: bytes) -> Tuple[int, int]:
         shard, seq = append(key, value)
-        rings[shard].wait_durable(seq + 1, timeout)
+        _wait_published(rings[shard], shard, seq, 1, timeout)
         return shard, seq
 
     return append_strict
+
+
+def _wait_published(ring, shard: int, seq: int, count: int, timeout: float) -> None:
+    """Wait until ids ``seq``.. ``seq + count`` of a shard are durable. An error says, in its
+    ``published``, that they were published all the same (written unless the worker fails)."""
+    try:
+        ring.wait_durable(seq + count, timeout)
+    except E.WalError as exc:
+        exc.published = [(shard, seq + i) for i in range(count)]  # type: ignore[attr-defined]
+        raise
 
 
 def check_workers(workers: object) -> None:
@@ -721,10 +743,14 @@ def check_workers(workers: object) -> None:
         raise E.ConfigError("workers", f"must be an int in 1..{C.MAX_WORKERS}, got {workers!r}")
 
 
+#: the longest timeout: more would overflow the semaphore and queue waits it is passed to
+MAX_TIMEOUT_S = 365 * 86400
+
+
 def check_timeout(seconds: object) -> None:
     """ConfigError unless ``seconds`` is a positive, finite number of seconds."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-        raise E.ConfigError("timeout", f"must be a positive, finite number of seconds, got {seconds!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT_S:
+        raise E.ConfigError("timeout", f"must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {seconds!r}")
 
 
 def check_flush_interval(seconds: object) -> None:
