@@ -304,3 +304,26 @@ def test_timeouts_that_no_wait_can_take_are_config_errors(wal_root, bad):
     with pytest.raises((ConfigError, TypeError)):
         ShardedWal(WalOptions(root_path=wal_root), 1, timeout=bad)
     assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))
+
+
+def test_a_starter_that_cannot_send_shutdown_still_stops_its_coordinator_cleanly(wal_root):
+    """With no message queue to be had for the SHUTDOWN's reply (RLIMIT_MSGQUEUE used up),
+    close() waited 120 s for a coordinator that was never told, then SIGKILLed it and left
+    its shared memory, semaphores and queues behind."""
+    script = (
+        "import resource, sys\n"
+        "from ironwal_mp import ShardedWal, WalOptions\n"
+        "from ironwal_mp.ipc.names import Names\n"
+        "w = ShardedWal(WalOptions(root_path=sys.argv[1]), 2, timeout=5)\n"
+        "w.append(b'k', b'v')\n"
+        "hard = resource.getrlimit(resource.RLIMIT_MSGQUEUE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, hard))  # no reply queue can be made now\n"
+        "att = w._att\n"
+        "w.close()\n"
+        "print(att.started.returncode, len(Names(sys.argv[1]).leftovers()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, wal_root], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "0"], (proc.stdout, proc.stderr)  # exited by itself, nothing left
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
+        assert [e for s in range(2) for e in wal.iter_shard(s)] == [b"v"]

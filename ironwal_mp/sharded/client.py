@@ -793,7 +793,10 @@ def _release(att: _Attachment) -> None:
                 try:
                     att.request(M.SHUTDOWN, {})
                 except E.WalError:
-                    pass
+                    # (no reply queue could be made, say): SIGTERM from its starter is a clean
+                    # stop too, where waiting would end in a kill that leaves its IPC objects
+                    if att.started.poll() is None:
+                        att.started.terminate()
                 _wait_or_kill(att.started)
             elif att.replies is not None:
                 try:
