@@ -19,6 +19,7 @@ from ironwal_mp.engine.rootlock import RootLock
 from ironwal_mp.ipc import control as C
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
+from ironwal_mp.ipc.fdlimit import ensure_descriptors
 from ironwal_mp.ipc.leftovers import clear_leftovers
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
@@ -66,7 +67,7 @@ class Coordinator:
         self.flush_us = flush_us
         self.idle_flush = idle_flush
         self.env = dict(os.environ, IRONWAL_MP_OPTIONS=opts_json)
-        self.lock = RootLock(root)
+        self.lock = RootLock(root, role="coordinator")
         self.rings: List[Ring] = []
         self.kept: Dict[int, Ring] = {}  # rings of an earlier run still holding records
         self.ctl: Optional[C.ControlBlock] = None
@@ -86,6 +87,7 @@ class Coordinator:
 
     def start(self) -> None:
         try:
+            ensure_descriptors(self.shard_count)  # (before MANIFEST: a refusal writes nothing)
             os.makedirs(self.root, exist_ok=True)
             self.lock.acquire()
             open_manifest(self.root, self.shard_count)

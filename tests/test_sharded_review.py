@@ -327,3 +327,66 @@ def test_a_starter_that_cannot_send_shutdown_still_stops_its_coordinator_cleanly
     assert proc.stdout.split() == ["0", "0"], (proc.stdout, proc.stderr)  # exited by itself, nothing left
     with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
         assert [e for s in range(2) for e in wal.iter_shard(s)] == [b"v"]
+
+
+def test_a_root_held_by_a_plain_wal_is_refused_at_once(wal_root):
+    """A WalLockedError at start was always read as "another process is starting a
+    coordinator": the open waited 60 s, three times, whatever `timeout` said."""
+    from ironwal_mp import Wal, WalLockedError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom ironwal_mp import Wal, WalOptions\n"
+         "w = Wal(WalOptions(root_path=sys.argv[1]))\nprint('held', flush=True)\ntime.sleep(120)\n", wal_root],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(WalLockedError) as info:
+            ShardedWal(WalOptions(root_path=wal_root), 2, timeout=2)
+        assert str(holder.pid) in str(info.value) and "plain Wal" in str(info.value)
+        # (not a timing test: the old path took 180 s; anything near the 60 s wait is that bug)
+        assert time.monotonic() - started < 50
+    finally:
+        holder.kill()
+        holder.wait()
+    with Wal(WalOptions(root_path=wal_root)):  # the same process holds it
+        with pytest.raises(WalLockedError):
+            ShardedWal(WalOptions(root_path=wal_root), 2, timeout=2)
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:  # free again: it starts
+        wal.append(b"k", b"v")
+        with open(os.path.join(wal_root, "LOCK")) as fh:
+            assert fh.read().split()[1] == "coordinator"
+
+
+_FD_SCRIPT = """
+import resource, sys
+from ironwal_mp import ShardedWal, WalOptions
+root, soft, hard, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+try:
+    with ShardedWal(WalOptions(root_path=root), n, ring_size=1 << 12, workers=1) as w:
+        for i in range(3 * n):
+            w.append(b"k%d" % i, b"v%d" % i)
+        w.sync()
+        print("entries", sum(1 for s in range(n) for _ in w.iter_shard(s)))
+except Exception as e:
+    print("error", type(e).__name__, e)
+"""
+
+
+def test_more_shards_than_the_soft_descriptor_limit_allows_still_work(wal_root):
+    """Every mapped ring keeps a descriptor: 1000 shards (the maximum) under the usual soft
+    limit of 1024 failed with EMFILE. Here: 300 shards, one worker, a soft limit of 256."""
+    hard = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)[1]
+    if hard != -1 and hard < 1024:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    proc = subprocess.run([sys.executable, "-c", _FD_SCRIPT, wal_root, "256", str(min(hard, 4096) if hard != -1 else 4096), "300"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.stdout.split() == ["entries", "900"], (proc.stdout, proc.stderr[-2000:])
+
+
+def test_a_hard_descriptor_limit_too_low_for_the_shards_is_a_config_error_that_writes_nothing(wal_root):
+    proc = subprocess.run([sys.executable, "-c", _FD_SCRIPT, wal_root, "256", "300", "300"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.stdout.startswith("error ConfigError") and "RLIMIT_NOFILE" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert not os.path.exists(wal_root)  # no MANIFEST: the same root opens with fewer shards later

@@ -29,6 +29,7 @@ from ironwal_mp.errors import WalError, WorkerFailedError
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc import control as C
+from ironwal_mp.ipc.fdlimit import ensure_descriptors
 from ironwal_mp.ipc.control import ControlBlock
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
@@ -81,6 +82,7 @@ class Worker:
         self.idle_flush = not ctl.f[C.IDLE_FLUSH_OFF]
         epoch = ctl.epoch
         ctl.close()
+        ensure_descriptors(len(shards))
         self.wal = Wal(self.opts, lock=False)  # the coordinator holds <root>/LOCK for us
         self.shards: Dict[int, ShardState] = {}
         for shard in shards:

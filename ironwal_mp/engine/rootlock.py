@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..errors import WalLockedError
 
 LOCK_FILE = "LOCK"
 
 
+#: what a holder writes after its pid: "wal" for an engine Wal (and the CLI's repairs),
+#: "coordinator" for a sharded WAL's coordinator
+ROLES = ("wal", "coordinator")
+
+
+_ROLE_NAMES = {"wal": " (a plain Wal, or a repair)", "coordinator": " (a sharded WAL's coordinator)"}
+
+
 class RootLock:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, role: str = "wal") -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.path = os.path.join(root, LOCK_FILE)
+        self.role = role
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RootLock":
@@ -25,14 +36,14 @@ class RootLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_pid(fd)
+            holder, role = _read_owner(fd)
             os.close(fd)
-            who = f"process {holder}" if holder else "another process"
+            who = (f"process {holder}" if holder else "another process") + _ROLE_NAMES.get(role, "")
             raise WalLockedError(
                 f"{os.path.dirname(self.path)} is already open by {who} (it holds {self.path})"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -51,7 +62,13 @@ class RootLock:
 
 
 def lock_holder(root: str) -> Optional[int]:
-    """The pid holding ``root``'s lock, or None when nobody does."""
+    """The pid holding ``root``'s lock (-1 if it did not say), or None when nobody does."""
+    owner = lock_owner(root)
+    return None if owner is None else owner[0]
+
+
+def lock_owner(root: str) -> Optional[Tuple[int, str]]:
+    """(pid, role) of the holder of ``root``'s lock (-1 and "" where it did not say), or None."""
     path = os.path.join(root, LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -61,16 +78,20 @@ def lock_holder(root: str) -> Optional[int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_pid(fd) or -1
+            pid, role = _read_owner(fd)
+            return pid or -1, role
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
 
 
-def _read_pid(fd: int) -> Optional[int]:
+def _read_owner(fd: int) -> Tuple[Optional[int], str]:
+    """(pid, role) as the holder wrote them; (None, "") for what cannot be read."""
     try:
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
+        fields = os.pread(fd, 64, 0).decode().split()
+        pid = int(fields[0]) if fields else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, ""
+    role = fields[1] if len(fields) > 1 and fields[1] in ROLES else ""
+    return pid, role

@@ -23,13 +23,14 @@ from .. import errors as E
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id, check_keep_latest_n
 from ..engine.frame import encode_entries
 from ..engine.layout import check_id
-from ..engine.rootlock import RootLock, lock_holder
+from ..engine.rootlock import RootLock, lock_owner
 from ..ipc import control as C
 from ..ipc import messages as M
 from ..ipc import ring_layout as L
 from ..ipc.leftovers import clear_leftovers
 from ..ipc.names import Names
 from ..ipc.queues import Queue
+from ..ipc.fdlimit import ensure_descriptors
 from ..ipc.ring import Ring, pid_alive
 from ..options import SyncMode, WalOptions, options_to_dict
 from .manifest import check_shard_count, read_manifest
@@ -75,6 +76,11 @@ class _Attachment:
         self.coordinator_pid = self.ctl.coordinator_pid
         self.epoch = self.ctl.epoch  # (this coordinator run's identity: a pid may be reused)
         self.shard_count = self.ctl.f[C.SHARD_COUNT]
+        try:
+            ensure_descriptors(self.shard_count)
+        except BaseException:
+            self.ctl.close()
+            raise
         self.rings = [Ring(names, s) for s in range(self.shard_count)]
         for ring in self.rings:
             ring.liveness = self.check_alive
@@ -298,8 +304,9 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     msg = M.Message(M.READY, 0, 0, {})
                     break
             if proc.poll() is not None:
-                if proc.returncode == M.EXIT_LOCKED or lock_holder(root) not in (None, proc.pid):
-                    raise E.WalLockedError(f"{root} is being started by another process")
+                owner = lock_owner(root)
+                if proc.returncode == M.EXIT_LOCKED or (owner is not None and owner[0] != proc.pid):
+                    raise _locked_error(root, owner)
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 _kill_start(proc, root, names, keep=[names.client_queue(token)])
@@ -350,16 +357,32 @@ def _clear_after_killed_start(root: str, names: Names, keep: List[str]) -> None:
         lock.release()
 
 
-def _wait_for_starter(root: str, timeout: float) -> None:
-    """While another process holds ``root`` and its coordinator is not ready yet, wait."""
+def _locked_error(root: str, owner: Optional[Tuple[int, str]]) -> E.WalLockedError:
+    pid, role = owner if owner is not None else (-1, "")
+    who = f"process {pid}" if pid > 0 else "another process"
+    if role == "wal":
+        return E.WalLockedError(f"{root} is open by {who} as a plain Wal (or a repair), not by a coordinator: "
+                                "close that first")
+    return E.WalLockedError(f"{root} is being started by {who}")
+
+
+def _wait_for_starter(root: str, timeout: float) -> bool:
+    """While another process's coordinator holds ``root`` and is not ready yet, wait; False
+    at once if the holder is not a coordinator (it will not become one: waiting is no use)."""
     names = Names(root)
     deadline = time.monotonic() + max(timeout, 60.0)
-    while lock_holder(root) is not None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        owner = lock_owner(root)
+        if owner is None:
+            return True
+        if owner[1] == "wal" or owner[0] == os.getpid():
+            return False
         ctl = _running(names)
         if ctl is not None:
             ctl.close()
-            return
+            return True
         time.sleep(0.05)
+    return True
 
 
 def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], timeout: float,
@@ -373,7 +396,8 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
                 try:
                     proc = _start(root, opts, service, timeout)
                 except E.WalLockedError:
-                    _wait_for_starter(root, timeout)  # another process is starting it: attach to that
+                    if not _wait_for_starter(root, timeout):  # another process is starting it: attach to that
+                        raise
                     continue
                 try:
                     att = _attach(root, timeout)
