@@ -198,7 +198,7 @@ def test_a_start_refused_by_lock_is_retried_though_its_message_was_lost(wal_root
     from ironwal_mp.engine.rootlock import RootLock
 
     os.makedirs(wal_root)
-    lock = RootLock(wal_root).acquire()
+    lock = RootLock(wal_root, role="coordinator").acquire()
 
     def lost(self, timeout=None):
         time.sleep(timeout or 0)
@@ -209,7 +209,7 @@ def test_a_start_refused_by_lock_is_retried_though_its_message_was_lost(wal_root
         return None
 
     monkeypatch.setattr(client.Queue, "receive", lost)
-    monkeypatch.setattr(client, "lock_holder", released_meanwhile)
+    monkeypatch.setattr(client, "lock_owner", released_meanwhile)
     try:
         with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
             assert wal.append(b"k", b"v")[1] == 0

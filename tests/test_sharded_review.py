@@ -390,3 +390,51 @@ def test_a_hard_descriptor_limit_too_low_for_the_shards_is_a_config_error_that_w
                           capture_output=True, text=True, timeout=240)
     assert proc.stdout.startswith("error ConfigError") and "RLIMIT_NOFILE" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
     assert not os.path.exists(wal_root)  # no MANIFEST: the same root opens with fewer shards later
+
+
+def test_a_batch_cut_short_by_close_still_reports_what_it_published(wal_root):
+    """A non-starting handle closed while append_batch waited: the clean-up of the parts not
+    waited for hit the closed semaphores of another ring and replaced the WalClosedError
+    (and its `published`) with posix_ipc.ExistentialError, inviting a retry that duplicates."""
+    import threading
+
+    from ironwal_mp.errors import WalClosedError
+
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom ironwal_mp import ShardedWal, WalOptions, SyncMode\n"
+         "w = ShardedWal(WalOptions(root_path=sys.argv[1], sync_mode=SyncMode.STRICT), 2, workers=2)\n"
+         "print('up', flush=True)\nsys.stdin.readline()\nw.close()\n", wal_root],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout.readline().strip() == "up"
+        wal = ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2)
+        k0, k1 = _key_for(wal, 0), _key_for(wal, 1)
+        stalled = wal.stats()["shards"][1]["worker_pid"]
+        os.kill(stalled, signal.SIGSTOP)
+        outcome = {}
+
+        def batch():
+            try:
+                wal.append_batch([(k1, b"x1"), (k0, b"x0")])
+            except BaseException as exc:  # (reported below, in the test's thread)
+                outcome["error"] = exc
+
+        t = threading.Thread(target=batch)
+        try:
+            t.start()
+            deadline = time.monotonic() + 10
+            while wal._rings[0].header[11] == 0 and "error" not in outcome and time.monotonic() < deadline:
+                time.sleep(0.01)  # until both parts are published (shard 0's waiter registered)
+            wal.close()
+            t.join(30)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        exc = outcome.get("error")
+        assert isinstance(exc, WalClosedError), repr(exc)
+        assert exc.published == [(1, 0), (0, 0)]
+    finally:
+        starter.stdin.write("\n")
+        starter.stdin.flush()
+        starter.wait(60)
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
+        assert list(wal.iter_shard(0)) == [b"x0"] and list(wal.iter_shard(1)) == [b"x1"]

@@ -185,5 +185,5 @@ def repair(args) -> int:
         if not changes:
             print(f"nothing to repair in {target.root}")
         for p in remaining:
-            print(f"NOT REPAIRED {p} (damage inside a sealed segment; the frame is kept as it is)")
+            print(f"NOT REPAIRED {p} (damage inside a sealed segment, or a file that cannot be read: left as it is)")
     return EXIT_FINDING if remaining else EXIT_OK

@@ -110,10 +110,10 @@ def audit_stream(
         path = os.path.join(stream_dir, layout.segment_name(start))
         try:
             fh = open(path, "rb")
-            size = os.fstat(fh.fileno()).st_size
         except OSError as exc:  # (a directory, a dangling link, no permission...)
             audit.problems.append(Problem(path, None, f"unreadable: {exc.strerror or exc}"))
             continue
+        size = os.fstat(fh.fileno()).st_size  # (cannot fail on an open descriptor)
         seg = SegmentAudit(start, path, size, end_id=start)
         audit.segments.append(seg)
         with fh:

@@ -634,8 +634,15 @@ class Ring:
                 self._uncount(L.DUR_WAITERS, timeout)
 
     def unregister_durable(self, timeout: float = 30.0) -> None:
-        """Take back a registration made by ``publish(strict=True)`` without waiting on it."""
-        self._uncount(L.DUR_WAITERS, timeout)
+        """Take back a registration made by ``publish(strict=True)`` without waiting on it
+        (after close() nothing is left to take it from: the worker resets the stale count)."""
+        busy = self._busy
+        busy.append(None)
+        try:
+            if not self._sems_closed:
+                self._uncount(L.DUR_WAITERS, timeout)
+        finally:
+            busy.pop()
 
     def _uncount(self, field: int, timeout: float) -> None:
         """Take this caller back out of a waiter count (also while close() is under way)."""

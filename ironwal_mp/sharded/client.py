@@ -343,7 +343,7 @@ def _clear_after_killed_start(root: str, names: Names, keep: List[str]) -> None:
     the same pass as the coordinator's start keeps those and removes the rest. Skipped when
     another process holds LOCK (its coordinator's start-up does the same).
     """
-    lock = RootLock(root)
+    lock = RootLock(root, role="coordinator")  # (an opener meanwhile waits for it, as for a start)
     try:
         lock.acquire()
     except (E.WalLockedError, OSError):
@@ -596,8 +596,8 @@ class ShardedWal:
             for shard, _ in waits:
                 try:
                     self._rings[shard].unregister_durable(self._timeout)
-                except E.WalError:
-                    pass  # (a count left over is reset by the worker once stale)
+                except Exception:  # (never in place of the error: a count left over goes stale)
+                    pass
             if isinstance(exc, E.WalError) and any(out):
                 exc.published = out  # type: ignore[attr-defined]
             raise
