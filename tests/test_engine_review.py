@@ -187,6 +187,8 @@ def test_an_append_racing_close_is_refused_or_synced(tmp_path, monkeypatch):
 
 
 def test_close_waits_for_an_append_under_way_and_syncs_it(tmp_path, monkeypatch):
+    """A guard, not a regression: this held before close_writes too (the final sync waited for
+    the stream's lock); it fails if close stops waiting for an append that holds the lock."""
     import threading
 
     from ironwal_mp.engine import stream as stream_mod
