@@ -255,8 +255,6 @@ def _acquire(cache: FdCache, path: str):
 
 
 def _read_error(exc: OSError, path: str) -> WalIOError:
-    if isinstance(exc, WalIOError):
-        return exc
     return WalIOError(f"reading {path} failed: {exc.strerror or exc}", exc.errno, path)
 
 

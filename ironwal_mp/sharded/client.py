@@ -396,9 +396,9 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
                 try:
                     proc = _start(root, opts, service, timeout)
                 except E.WalLockedError:
-                    if not _wait_for_starter(root, timeout):  # another process is starting it: attach to that
+                    if not _wait_for_starter(root, timeout):  # (held, and not by a starting coordinator)
                         raise
-                    continue
+                    continue  # another process started it meanwhile: attach to that
                 try:
                     att = _attach(root, timeout)
                     if att is None:
@@ -772,7 +772,7 @@ MAX_TIMEOUT_S = 365 * 86400
 
 
 def check_timeout(seconds: object) -> None:
-    """ConfigError unless ``seconds`` is a positive, finite number of seconds."""
+    """ConfigError unless ``seconds`` is a positive number of seconds, at most MAX_TIMEOUT_S."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT_S:
         raise E.ConfigError("timeout", f"must be a positive number of seconds up to {MAX_TIMEOUT_S}, got {seconds!r}")
 
