@@ -138,7 +138,7 @@ class ShardCountMismatchError(WalError, ValueError):
 
 
 class ManifestError(WalError):
-    """MANIFEST is missing, unreadable or of an unknown format version or router."""
+    """MANIFEST is unreadable or of an unknown format version or router."""
 
 
 class InvalidCheckpointIdError(WalError, ValueError):
@@ -162,7 +162,9 @@ class CheckpointExistsError(WalError, ValueError):
 
 
 class CheckpointCorruptedError(CorruptionError):
-    """The checkpoint log or HEAD holds a record that fails its checks."""
+    """A checkpoint record cannot be read for damage before it in ``checkpoints.log`` (a reader
+    that does not repair: the record asked for, or the one HEAD names, lies past it), or a log
+    whose bad tail was not repaired is appended to."""
 
 
 class CheckpointAbortedError(WalError):

@@ -408,6 +408,38 @@ def test_flipped_bit_in_first_record_strands_the_second(crate_root, byte):
         log.latest()
 
 
+def test_a_reader_reports_a_record_stranded_past_damage(tmp_path):
+    """Read without repair (ShardedWal's loads, replay, verify), a record that lies past a
+    corrupt one is CheckpointCorruptedError, not 'not found', and a HEAD naming it is not
+    passed over for an older checkpoint; a repair then cuts it and falls back, as FORMAT §9 says."""
+    root = str(tmp_path)
+    log = CheckpointLog(root)
+    for i in range(3):
+        log.append(_data(i))
+    ids = [_data(i).user_id for i in range(3)]
+    path = os.path.join(root, "checkpoints.log")
+    full = bytearray(_read(path))
+    full[len(encode_record(_data(0))) + 20] ^= 0x01  # the second record's payload
+    _write(path, bytes(full))
+
+    reader = CheckpointLog(root, repair=False)
+    assert reader.get(ids[0]) == _data(0)
+    for uid in ids[1:]:  # the damaged one is found intact nowhere; the third is stranded
+        with pytest.raises((CheckpointCorruptedError, CheckpointNotFoundError)) as info:
+            reader.get(uid)
+        assert info.type is (CheckpointNotFoundError if uid == ids[1] else CheckpointCorruptedError)
+    with pytest.raises(CheckpointNotFoundError):
+        reader.get(b"never-written")
+    with pytest.raises(CheckpointCorruptedError) as info:
+        reader.latest()  # HEAD names the third: the first is not the latest
+    assert info.value.offset == len(encode_record(_data(0)))
+    assert _read(path) == bytes(full), "a reader changed the log"
+
+    repaired = CheckpointLog(root)
+    assert repaired.latest() == _data(0)
+    assert repaired.report.stranded_records == 1
+
+
 @needs_fixture
 def test_flipped_bit_in_second_record(crate_root):
     path = os.path.join(crate_root, "checkpoints.log")

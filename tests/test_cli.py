@@ -1131,7 +1131,7 @@ def test_sharded_commands_refuse_directories_that_hold_something_else(wal_root, 
     line = usage_error("ingest", "--root", engine, "--shards", "2", "--records", "10")
     assert "is an engine WAL (streams orders)" in line
     line = usage_error("serve", "--root", os.path.join(engine, "orders"), "--shards", "2")
-    assert "is one stream of an engine WAL" in line
+    assert f"is one stream of the WAL at {engine}" in line
     afile = os.path.join(tmp, "afile")
     open(afile, "w").close()
     for cmd in (["serve", "--root", afile, "--shards", "2"], ["ingest", "--root", afile, "--records", "1"]):

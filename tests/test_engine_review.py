@@ -350,3 +350,86 @@ def test_truncation_under_a_reader_still_reads_as_truncation(tmp_path):
         assert wal._reader.get(view, stream_dir, 0) is None  # gone by truncation: absent
         assert list(wal._reader.iter(view, stream_dir, 0))[0] == b"e%04d-" % second + b"y" * (second % 7)
         del it
+
+
+# 3. a Wal handed to a forked child (user review, session 11) ------------------------------------
+
+
+def test_a_forked_child_cannot_write_through_its_parents_wal(tmp_path):
+    """The child shares the parent's descriptors and next ids: both handed out the same ids and
+    recovery cut the parent's acknowledged entries. The child's copy is now closed, without a
+    sync or an unlock, and its copy of LOCK's descriptor is dropped."""
+    from ironwal_mp.errors import WalClosedError
+
+    wal = Wal(_opts(tmp_path, sync_mode="strict"))
+    wal.append("s", b"p0")
+    release_r, release_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: try to write, close, then stay alive until told to go
+        code = 0
+        try:
+            os.close(release_w)
+            try:
+                wal.append("s", b"child")
+                code = 1
+            except WalClosedError as exc:
+                code = 0 if "fork" in str(exc) else 2
+            wal.close()  # must neither sync nor release the parent's LOCK
+            os.write(report_w, bytes([code]))
+            os.read(release_r, 1)
+        finally:
+            os._exit(code)
+    try:
+        os.close(report_w)
+        assert os.read(report_r, 1) == b"\x00", "the forked child wrote through the parent's Wal"
+        with open(os.path.join(str(tmp_path), "LOCK")) as fh:
+            assert fh.read().split() == [str(os.getpid()), "wal"], "the child's close touched LOCK"
+        ids = [wal.append("s", b"parent-%d" % i) for i in range(5)]
+        assert ids == [1, 2, 3, 4, 5]
+        wal.close()
+        # the child still lives: its inherited descriptor no longer holds the flock
+        with Wal(_opts(tmp_path)) as again:
+            assert [again.get("s", i) for i in range(6)] == [b"p0"] + [b"parent-%d" % i for i in range(5)]
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
+        os.close(release_r)
+        os.close(report_r)
+
+
+def test_a_wal_refuses_pickling_and_reads_after_close(tmp_path):
+    import pickle
+
+    from ironwal_mp.errors import WalClosedError
+
+    wal = Wal(_opts(tmp_path))
+    wal.append("s", b"x")
+    with pytest.raises(TypeError, match="belongs to the process"):
+        pickle.dumps(wal)
+    assert "open" in repr(wal)
+    wal.close()
+    with pytest.raises(WalClosedError):
+        wal.durable_id("s")  # returned a value after close
+    assert "closed" in repr(wal)
+
+
+# 4. a WAL opened inside another (user review, session 11) ---------------------------------------
+
+
+def test_a_wal_is_not_opened_in_a_stream_directory_or_inside_a_wal(tmp_path):
+    from ironwal_mp.errors import ConfigError
+
+    root = os.path.join(str(tmp_path), "ledger")
+    with Wal(_opts(root)) as wal:
+        wal.append("acct-1", b"x")
+    stream_dir = os.path.join(root, "acct-1")
+    before = sorted(os.listdir(stream_dir)), sorted(os.listdir(root))
+    with pytest.raises(ConfigError, match="is one stream of the WAL at"):
+        Wal(_opts(stream_dir))
+    for inside in (os.path.join(root, "nested"), os.path.join(root, "a", "b"), os.path.join(stream_dir, "x")):
+        with pytest.raises(ConfigError, match="inside the WAL directory"):
+            Wal(_opts(inside))
+    assert (sorted(os.listdir(stream_dir)), sorted(os.listdir(root))) == before, "a refused open wrote"
+    with Wal(_opts(stream_dir), read_only=True):  # looking is allowed
+        pass

@@ -279,6 +279,49 @@ def test_a_batch_whose_durability_wait_fails_reports_every_part_it_published(wal
         assert [r.header[L.DUR_WAITERS] for r in wal._rings] == [0, 0]
 
 
+def test_a_batch_that_publishes_nothing_says_so(wal_root):
+    """An error before any part was published carried no ``published`` at all (AttributeError
+    for a caller reading it); it is now a list of None, one per input position."""
+    from ironwal_mp.errors import WalError
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 1, ring_size=4096,
+                    timeout=0.3) as wal:
+        stalled = wal.stats()["shards"][0]["worker_pid"]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            with pytest.raises(WalError):  # the ring fills: backpressure, then the timeout
+                for _ in range(100):
+                    wal.append(b"k", bytes(500))
+            with pytest.raises(WalError) as info:
+                wal.append_batch([(b"k", b"a"), (b"j", b"b")])
+            assert info.value.published == [None, None]
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+
+
+def test_a_detach_that_gets_no_answer_does_not_hold_close(wal_root):
+    """A non-starter's close sent DETACH and then waited up to 120 s for the answer (a busy or
+    stopped coordinator); the answer is now awaited 5 s, as PROTOCOL.md says."""
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
+        code = ("import sys; from ironwal_mp import connect; w = connect(sys.argv[1]); w.append(b'k', b'v'); "
+                "w.create_checkpoint(b'c'); print('ready', flush=True); sys.stdin.readline(); w.close()")
+        child = subprocess.Popen([sys.executable, "-c", code, wal_root], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        coordinator = wal.stats()["coordinator_pid"]
+        try:
+            assert child.stdout.readline().strip() == "ready"  # (it has a reply queue now)
+            os.kill(coordinator, signal.SIGSTOP)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.wait(timeout=60) == 0  # (a liveness bound: it waited 120 s before)
+        finally:
+            os.kill(coordinator, signal.SIGCONT)
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert wal.append(b"k", b"w") is not None
+
+
 def test_a_strict_append_whose_durability_wait_fails_reports_its_id(wal_root):
     from ironwal_mp.errors import WalError
 
@@ -438,3 +481,47 @@ def test_a_batch_cut_short_by_close_still_reports_what_it_published(wal_root):
         starter.wait(60)
     with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
         assert list(wal.iter_shard(0)) == [b"x0"] and list(wal.iter_shard(1)) == [b"x1"]
+
+
+# --- user review (session 11): a ShardedWal inside another WAL; the shard count a root records --
+
+
+def test_a_sharded_wal_is_not_created_in_an_engine_wal(tmp_path, wal_root):
+    from ironwal_mp import Wal
+    from ironwal_mp.errors import ConfigError, WalIOError
+
+    engine = os.path.join(str(tmp_path), "ledger")
+    with Wal(WalOptions(root_path=engine)) as wal:
+        wal.append("acct-1", b"x")
+    listing = sorted(os.listdir(engine)), sorted(os.listdir(os.path.join(engine, "acct-1")))
+    with pytest.raises(ConfigError, match=r"is an engine WAL \(streams acct-1\)"):
+        ShardedWal(WalOptions(root_path=engine), 2)
+    with pytest.raises(ConfigError, match="is one stream of the WAL at"):
+        ShardedWal(WalOptions(root_path=os.path.join(engine, "acct-1")), 2)
+    with pytest.raises(ConfigError, match="inside the WAL directory"):
+        ShardedWal(WalOptions(root_path=os.path.join(engine, "sub")), 2)
+    assert (sorted(os.listdir(engine)), sorted(os.listdir(os.path.join(engine, "acct-1")))) == listing
+    afile = os.path.join(str(tmp_path), "afile")
+    open(afile, "w").close()
+    with pytest.raises(WalIOError, match="is not a directory"):
+        ShardedWal(WalOptions(root_path=afile), 2)
+    # and a sharded root is never placed inside another one
+    with ShardedWal(WalOptions(root_path=wal_root), 2):
+        pass
+    with pytest.raises(ConfigError, match="inside the WAL directory"):
+        ShardedWal(WalOptions(root_path=os.path.join(wal_root, "inner")), 2)
+
+
+def test_shard_count_none_reopens_with_the_recorded_count(wal_root):
+    from ironwal_mp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds no sharded WAL yet"):
+        ShardedWal(WalOptions(root_path=wal_root), None)  # started a coordinator that crashed
+    assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 3) as wal:
+        acked = wal.append(b"k", b"v")
+        with ShardedWal(WalOptions(root_path=wal_root), None) as attached:  # the running one's count
+            assert attached.shard_count == 3
+    with ShardedWal(WalOptions(root_path=wal_root), None) as wal:  # stopped: MANIFEST's count
+        assert wal.shard_count == 3
+        assert wal.get(*acked) == b"v"

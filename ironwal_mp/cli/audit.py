@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 from .. import Wal, WalOptions
 from ..engine.audit import StreamAudit, audit_stream
 from ..engine.checkpoint_log import CheckpointLog
-from ..engine.rootlock import lock_holder
+from ..engine.rootlock import RootLock, lock_holder
 from ..errors import WalError
 from .locate import Target, locate
 from .output import EXIT_FINDING, EXIT_OK, Progress, emit_json, size, table
@@ -163,18 +163,23 @@ def repair(args) -> int:
               f"(pid {holder}); stop it first", file=sys.stderr)
         return EXIT_FINDING
     changes: List[str] = []
-    with Wal(WalOptions(root_path=target.root)) as wal:
-        for name in target.streams:
-            if os.path.isdir(os.path.join(target.root, name)):
-                wal.next_id(name)  # the first use of a stream recovers it
-        for report in wal.recovery_reports:
-            for action in report.actions:
-                side = f" (cut bytes kept in {report.side_file})" if report.side_file and action.startswith("cut") else ""
-                changes.append(f"{os.path.basename(report.stream_dir)}: {action}{side}")
-        if target.kind == "sharded":
-            log = CheckpointLog(target.root)
-            for action in log.report.actions:
-                changes.append(f"checkpoints.log: {action}")
+    # LOCK taken here, not by the Wal: an engine Wal refuses a sharded root, which this repairs
+    lock = RootLock(target.root).acquire()
+    try:
+        with Wal(WalOptions(root_path=target.root), lock=False) as wal:
+            for name in target.streams:
+                if os.path.isdir(os.path.join(target.root, name)):
+                    wal.next_id(name)  # the first use of a stream recovers it
+            for report in wal.recovery_reports:
+                for action in report.actions:
+                    side = f" (cut bytes kept in {report.side_file})" if report.side_file and action.startswith("cut") else ""
+                    changes.append(f"{os.path.basename(report.stream_dir)}: {action}{side}")
+            if target.kind == "sharded":
+                log = CheckpointLog(target.root)
+                for action in log.report.actions:
+                    changes.append(f"checkpoints.log: {action}")
+    finally:
+        lock.release()
     remaining = [p for name in target.streams if os.path.isdir(os.path.join(target.root, name))
                  for p in audit_stream(os.path.join(target.root, name)).problems]
     if args.json:

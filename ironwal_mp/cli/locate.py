@@ -8,11 +8,10 @@ from typing import List, Optional
 
 from .. import ShardedWal, SyncMode, WalOptions, connect
 from ..engine import layout
-from ..engine.audit import is_stream_dir
-from ..engine.checkpoint_log import CHECKPOINTS_LOG
+from ..engine.rootkind import check_sharded_root as _check_sharded_root, is_stream_dir, sharded_marker
 from ..engine.rootlock import LOCK_FILE
-from ..errors import WalClosedError
-from ..sharded.manifest import MANIFEST, existing_shard_dirs, read_manifest, shard_stream
+from ..errors import ConfigError, WalClosedError, WalIOError
+from ..sharded.manifest import recorded_shard_count, shard_stream
 from .output import UsageError
 
 
@@ -30,10 +29,9 @@ def locate(path: str, allow_other: bool = False) -> Target:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise UsageError(f"{path} is not a directory")
-    manifest = read_manifest(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
-    shards = existing_shard_dirs(path)
-    if manifest is not None or shards or os.path.exists(os.path.join(path, CHECKPOINTS_LOG)):
-        count = manifest.shard_count if manifest else (max(shards) + 1 if shards else 0)
+    recorded = recorded_shard_count(path)
+    if recorded is not None or sharded_marker(path) is not None:
+        count = recorded or 0
         return Target("sharded", path, [shard_stream(s) for s in range(count)], count)
     if is_stream_dir(path):
         return Target("stream", os.path.dirname(path), [os.path.basename(path)])
@@ -47,16 +45,10 @@ def locate(path: str, allow_other: bool = False) -> Target:
 def check_sharded_root(root: str) -> None:
     """UsageError unless ``root`` is missing, empty, or a sharded WAL: a sharded WAL is never
     created inside an engine WAL, a stream's directory or a file."""
-    path = os.path.abspath(root)
-    if not os.path.exists(path):
-        return
-    if not os.path.isdir(path):
-        raise UsageError(f"{path} is not a directory")
-    target = locate(path, allow_other=True)
-    if target.kind == "stream":
-        raise UsageError(f"{path} is one stream of an engine WAL, not a sharded WAL's root")
-    if target.kind == "engine" and target.streams:
-        raise UsageError(f"{path} is an engine WAL (streams {', '.join(target.streams[:5])}), not a sharded one")
+    try:
+        _check_sharded_root(os.path.abspath(root))
+    except (ConfigError, WalIOError) as exc:
+        raise UsageError(str(exc).removeprefix("invalid option 'root_path': ")) from None
 
 
 def open_sharded(root: str, sync_mode: SyncMode = SyncMode.STRICT, start: bool = True) -> ShardedWal:

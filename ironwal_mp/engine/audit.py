@@ -141,11 +141,3 @@ def audit_stream(
                 Problem(path, size, f"ends at id {seg.end_id} but the next segment starts at {starts[i + 1]}")
             )
     return audit
-
-
-def is_stream_dir(path: str) -> bool:
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return any(layout.parse_segment_name(n) is not None for n in names) or layout.SEGMENTS_IDX in names

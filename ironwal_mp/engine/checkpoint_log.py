@@ -35,7 +35,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import (
     CheckpointCorruptedError,
@@ -295,6 +295,8 @@ class CheckpointLog:
         self._head: Optional[bytes] = None  # the id HEAD names on disk, if HEAD is valid
         self._size = 0  # bytes of the log file on disk
         self._bad_tail: Optional[Tuple[int, str]] = None  # unrepaired problem (repair=False)
+        self._stranded_ids: Set[bytes] = set()  # ids of intact records past it (repair=False)
+        self._head_stranded: Optional[bytes] = None  # HEAD names one of them
         self._failed: Optional[str] = None
         self._group_sync = group_sync
         self._use_syncfs: Optional[bool] = None  # decided at the first append
@@ -321,7 +323,8 @@ class CheckpointLog:
             report.cut_offset = valid_end
             report.cut_bytes = cut
             report.cut_reason = problem
-            report.stranded_records = _count_stranded(buf, valid_end)
+            stranded = _stranded(buf, valid_end)
+            report.stranded_records = len(stranded)
             report.actions.append(
                 f"cut {cut} bytes from {CHECKPOINTS_LOG} at offset {valid_end} ({problem})"
             )
@@ -330,6 +333,7 @@ class CheckpointLog:
                 self._size = valid_end
             else:
                 self._bad_tail = (valid_end, problem)
+                self._stranded_ids = {r.user_id for r in stranded}
         self._set_records(records)
         report.records = len(records)
         report.duplicate_ids = _duplicates(records)
@@ -346,6 +350,11 @@ class CheckpointLog:
             report.head_status = "ok"
         report.head_id = head
         self._head = head if report.head_status == "ok" else None
+        if report.head_status == "dangling" and head in self._stranded_ids:
+            self._head_stranded = head  # (not a fallback: latest() says the log is damaged)
+            report.actions.append(f"HEAD names {head!r}, whose record lies past the damage; not readable "
+                                  "until a repair cuts it (latest checkpoint then falls back)")
+            return
         if report.head_status in ("corrupt", "dangling") and not self._records:
             # (the crate would answer CheckpointNotFound, not NoCheckpoints, for a dangling one)
             report.actions.append(f"HEAD is {report.head_status} and there are no records"
@@ -403,8 +412,14 @@ class CheckpointLog:
     # --- reading ---------------------------------------------------------------------------
 
     def latest(self) -> CheckpointData:
-        """The checkpoint ``HEAD`` names, else the last record; :class:`NoCheckpointsError`."""
+        """The checkpoint ``HEAD`` names, else the last record; :class:`NoCheckpointsError`.
+
+        :class:`CheckpointCorruptedError` (repair=False only) if ``HEAD`` names a record that
+        lies past damage in the log: an older one is not passed off as the latest.
+        """
         with self._lock:
+            if self._head_stranded is not None:
+                raise self._stranded_error(self._head_stranded)
             rec = self._latest_locked()
         if rec is None:
             raise NoCheckpointsError("no checkpoint has been created yet")
@@ -416,13 +431,24 @@ class CheckpointLog:
         return self._records[-1] if self._records else None
 
     def get(self, user_id: bytes) -> CheckpointData:
-        """The (latest) record with this id; :class:`CheckpointNotFoundError` if none."""
+        """The (latest) record with this id; :class:`CheckpointNotFoundError` if none, or
+        :class:`CheckpointCorruptedError` (repair=False only) if its record lies past damage."""
         uid = check_checkpoint_id(user_id)
         with self._lock:
             rec = self._by_id.get(uid)
+            if rec is None and uid in self._stranded_ids:
+                raise self._stranded_error(uid)
         if rec is None:
             raise CheckpointNotFoundError(f"no checkpoint with id {uid!r}")
         return rec
+
+    def _stranded_error(self, uid: bytes) -> CheckpointCorruptedError:
+        offset, reason = self._bad_tail  # type: ignore[misc]
+        return CheckpointCorruptedError(
+            self.log_path, offset,
+            f"{reason}; the record of checkpoint {uid!r} lies past it and cannot be read in order "
+            f"(a repair cuts the damage and what follows into {CHECKPOINTS_LOG}.broken)",
+        )
 
     def __contains__(self, user_id: object) -> bool:
         try:
@@ -645,18 +671,18 @@ def _read_file(path: str) -> Optional[bytes]:
         raise _io_error(exc, path, "reading") from exc
 
 
-def _count_stranded(buf: bytes, start: int) -> int:
-    """How many complete valid records start somewhere in ``buf[start:]`` past a bad record."""
-    count = 0
+def _stranded(buf: bytes, start: int) -> List[CheckpointData]:
+    """The complete valid records that start somewhere in ``buf[start:]`` past a bad record."""
+    found: List[CheckpointData] = []
     pos = buf.find(RECORD_MAGIC, start + 1)
     while pos != -1:
         records, end, _ = decode_records(buf[pos:])
         if records:
-            count += len(records)
+            found += records
             pos = buf.find(RECORD_MAGIC, pos + end)
         else:
             pos = buf.find(RECORD_MAGIC, pos + 1)
-    return count
+    return found
 
 
 def _duplicates(records: Sequence[CheckpointData]) -> List[bytes]:

@@ -4,7 +4,7 @@ The segment files are the truth. ``segments.idx`` and ``head.state`` are rebuilt
 they are missing, unreadable or disagree. Only the active (last) segment is scanned: sealed
 segments were fsynced before the stream rotated past them. A torn or corrupt tail of the
 active segment is cut at the last valid frame; the cut bytes are first copied to a
-``<segment>.broken`` side file and fsynced, so nothing is silently deleted.
+``<segment>.wal.broken`` side file and fsynced, so nothing is silently deleted.
 """
 
 from __future__ import annotations

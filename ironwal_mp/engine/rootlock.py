@@ -56,6 +56,16 @@ class RootLock:
                 pass
             os.close(fd)  # closing drops the flock
 
+    def close_in_child(self) -> None:
+        """In a forked child: close this process's copy of the descriptor, leaving the file and
+        the flock (which the parent's descriptor keeps) to the parent."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     @property
     def held(self) -> bool:
         return self._fd is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
@@ -16,12 +17,34 @@ from .group_sync import GroupSyncer
 from .frame import MAX_ENTRY, encode_entries, LENGTH
 from .reader import SegmentReader, StreamView
 from .recovery import RecoveryReport, StreamTail, recover_stream
+from .rootkind import check_engine_root
 from .rootlock import RootLock
 from .sparse_index import SparseIndex
 from .stream import Stream
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _EMPTY_VIEW = StreamView((), 0, 0, SparseIndex())
+
+#: every open Wal of this process, for the fork hook below
+_open_wals: "weakref.WeakSet[Wal]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child shares the parent's descriptors, its LOCK and its idea of every stream's
+    # next id: two writers handing out the same ids, whose frames recovery then cuts. So in the
+    # child every inherited handle is closed, without a sync or an unlock that would act on the
+    # parent's files, and the child's copy of the LOCK descriptor is dropped (the parent's
+    # keeps the flock).
+    for wal in list(_open_wals):
+        wal._forked_from = wal._pid
+        wal._closed = True
+        if wal._lock is not None:
+            wal._lock.close_in_child()
+        wal._fdcache.close_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _check_data(data: object) -> bytes:
@@ -45,6 +68,10 @@ class Wal:
     means (a shard worker under a coordinator that holds the lock). ``read_only=True`` takes
     no lock, repairs nothing (a torn tail is left as it is and not read) and refuses writes:
     for looking at a directory another process may own.
+
+    A handle belongs to the process that opened it: in a forked child it is closed
+    (WalClosedError), and it cannot be pickled. Open a Wal in each process instead
+    (``read_only=True`` beside a writer), or use ShardedWal for many writing processes.
     """
 
     def __init__(self, opts: WalOptions, *, lock: bool = True, read_only: bool = False) -> None:
@@ -53,6 +80,8 @@ class Wal:
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
         self.read_only = read_only
+        if lock and not read_only:
+            check_engine_root(self.root)  # (before anything is created)
         if read_only:
             if not os.path.isdir(self.root):
                 raise WalIOError(f"{self.root} is not a directory", errno.ENOENT, self.root)
@@ -70,10 +99,21 @@ class Wal:
         self._open_lock = threading.Lock()  # guards _streams membership only
         self._stream_locks: Dict[str, threading.Lock] = {}
         self._closed = False
+        self._pid = os.getpid()
+        self._forked_from: Optional[int] = None  # the parent's pid, in a forked child
         self._sync_single = opts.sync_mode is SyncMode.STRICT
         self._sync_batch = opts.sync_mode in (SyncMode.STRICT, SyncMode.BATCH_ONLY)
         #: what recovery found and changed, per stream opened by this handle
         self.recovery_reports: List[RecoveryReport] = []
+        _open_wals.add(self)
+
+    def __reduce__(self):
+        raise TypeError("a Wal cannot be pickled: it belongs to the process that opened it; open a "
+                        "Wal in each process (read_only=True beside a writer), or use ShardedWal")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("read-only" if self.read_only else "open")
+        return f"<Wal {self.root!r} {state}>"
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -90,6 +130,7 @@ class Wal:
                 return
             self._closed = True
             streams = list(self._streams.values())
+        _open_wals.discard(self)
         try:
             for stream in streams:  # (an append already past its closed check finishes first)
                 stream.close_writes()
@@ -110,7 +151,16 @@ class Wal:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise WalClosedError("the Wal is closed")
+            raise self._closed_error()
+
+    def _closed_error(self) -> WalClosedError:
+        if self._forked_from is not None:
+            return WalClosedError(
+                f"this Wal was opened by process {self._forked_from}, and this process is a fork of it: "
+                "a Wal has one writing process; open one here after the parent closes its own, "
+                "or use Wal(read_only=True) to read"
+            )
+        return WalClosedError("the Wal is closed")
 
     # --- streams --------------------------------------------------------------------------
 
@@ -118,7 +168,7 @@ class Wal:
         stream = self._streams.get(name)
         if stream is not None:
             if self._closed:
-                raise WalClosedError("the Wal is closed")
+                raise self._closed_error()
             return stream
         self._check_open()
         layout.check_stream_name(name)
@@ -191,7 +241,7 @@ class Wal:
             data = _check_data(data)
         s = self._streams.get(stream) or self._stream(stream, True)
         if self._closed:
-            raise WalClosedError("the Wal is closed")
+            raise self._closed_error()
         seq = s.append_payload(LENGTH.pack(len(data)) + data, 1, trusted=True)  # type: ignore[union-attr]
         if self._sync_single:
             s.make_durable(seq + 1)  # type: ignore[union-attr]
@@ -250,7 +300,7 @@ class Wal:
     def _view(self, stream: str) -> tuple[StreamView, str]:
         s = self._streams.get(stream) or self._stream(stream, False)
         if self._closed:
-            raise WalClosedError("the Wal is closed")
+            raise self._closed_error()
         if s is None:
             return _EMPTY_VIEW, ""
         return s.view(), s.dir
@@ -284,6 +334,8 @@ class Wal:
     def durable_id(self, stream: str) -> int:
         """Ids below this are known to be fsynced."""
         s = self._streams.get(stream) or self._stream(stream, False)
+        if self._closed:
+            raise self._closed_error()
         return 0 if s is None else s.durable_id
 
     def stream_stats(self, stream: str) -> Dict[str, int]:

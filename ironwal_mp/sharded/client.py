@@ -23,6 +23,7 @@ from .. import errors as E
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id, check_keep_latest_n
 from ..engine.frame import encode_entries
 from ..engine.layout import check_id
+from ..engine.rootkind import check_sharded_root
 from ..engine.rootlock import RootLock, lock_owner
 from ..ipc import control as C
 from ..ipc import messages as M
@@ -33,7 +34,7 @@ from ..ipc.queues import Queue
 from ..ipc.fdlimit import ensure_descriptors
 from ..ipc.ring import Ring, pid_alive
 from ..options import SyncMode, WalOptions, options_to_dict
-from .manifest import check_shard_count, read_manifest
+from .manifest import check_shard_count, read_manifest, recorded_shard_count
 from .reads import ShardReader
 from .router import _crc32_v1, get_router
 
@@ -108,8 +109,12 @@ class _Attachment:
         if not pid_alive(self.coordinator_pid):
             raise E.WalClosedError(f"the coordinator of {self.root} has stopped")
 
-    def request(self, kind: int, body: Dict[str, Any], timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Send a control request to the coordinator and return its answer (or raise its error)."""
+    def request(self, kind: int, body: Dict[str, Any], timeout: Optional[float] = None,
+                reply_wait: Optional[float] = None) -> Dict[str, Any]:
+        """Send a control request to the coordinator and return its answer (or raise its error).
+
+        The answer is awaited ``reply_wait`` seconds, by default at least 120 (a checkpoint's
+        prepare may take the workers' whole timeout)."""
         timeout = self.timeout if timeout is None else timeout
         with self.req_lock:
             # (whether the coordinator process lives is checked while waiting, not here: reading
@@ -124,7 +129,7 @@ class _Attachment:
             req = self.req_id
             body = dict(body, reply=self.token, pid=os.getpid())
             self.requests.send(M.Message(kind, os.getpid(), req, body), timeout, alive=self.check_alive)
-            deadline = time.monotonic() + max(timeout, 120.0)
+            deadline = time.monotonic() + (max(timeout, 120.0) if reply_wait is None else reply_wait)
             while True:
                 msg = self.replies.receive(0.1)
                 if msg is not None and msg.req_id == req:
@@ -392,6 +397,9 @@ def _open(opts: WalOptions, shard_count: Optional[int], service: List[str], time
     with _registry:
         for attempt in range(3):
             att = _attach(root, timeout)
+            if att is None and start and not service:
+                raise E.ConfigError("shard_count", f"{root} holds no sharded WAL yet (no MANIFEST or shard "
+                                                   "directories): give the shard count to create one")
             if att is None and start:
                 try:
                     proc = _start(root, opts, service, timeout)
@@ -437,13 +445,15 @@ class ShardedWal:
 
     The first ``ShardedWal`` for a directory starts its coordinator (which starts the workers);
     later ones, in this or other processes, attach to it. The handle is thread-safe and
-    picklable (it re-attaches where it is unpickled).
+    picklable (it re-attaches where it is unpickled). ``shard_count=None`` takes the running
+    coordinator's count, else the one the directory's MANIFEST records (ConfigError for a
+    directory that holds no sharded WAL yet).
     """
 
     def __init__(
         self,
         opts: WalOptions,
-        shard_count: int,
+        shard_count: Optional[int],
         *,
         workers: Optional[int] = None,
         ring_size: int = DEFAULT_RING_SIZE,
@@ -468,8 +478,11 @@ class ShardedWal:
             raise E.ConfigError("idle_flush", f"must be True or False, got {idle_flush!r}")
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
+        if _start:
+            check_sharded_root(self.root)  # (an engine WAL, a stream, a file: refused before anything starts)
         self._timeout = timeout
-        service = service_args(shard_count, workers, ring_size, flush_interval, idle_flush) if shard_count else []
+        count = shard_count if shard_count is not None or not _start else recorded_shard_count(self.root)
+        service = service_args(count, workers, ring_size, flush_interval, idle_flush) if count else []
         self._att = _open(opts, shard_count, service, timeout, _start)
         self._closed = False
         try:
@@ -598,8 +611,8 @@ class ShardedWal:
                     self._rings[shard].unregister_durable(self._timeout)
                 except Exception:  # (never in place of the error: a count left over goes stale)
                     pass
-            if isinstance(exc, E.WalError) and any(out):
-                exc.published = out  # type: ignore[attr-defined]
+            if isinstance(exc, E.WalError):
+                exc.published = out  # type: ignore[attr-defined]  (all None: nothing was published)
             raise
         return out  # type: ignore[return-value]
 
@@ -824,7 +837,7 @@ def _release(att: _Attachment) -> None:
                 _wait_or_kill(att.started)
             elif att.replies is not None:
                 try:
-                    att.request(M.DETACH, {}, timeout=5.0)
+                    att.request(M.DETACH, {}, timeout=5.0, reply_wait=5.0)  # (the coordinator reaps us anyway)
                 except E.WalError:
                     pass
         finally:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 from ..engine.layout import write_file_atomic
+from ..engine.rootkind import MANIFEST, SHARD_DIR_RE as _SHARD_DIR
 from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
 
-MANIFEST = "MANIFEST"
 FORMAT = "ironwal_mp.sharded"
 FORMAT_VERSION = 1
 MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
-_SHARD_DIR = re.compile(r"shard_([0-9]{2,3})")  # (fullmatch: "$" would also take a trailing newline)
 
 
 def shard_stream(shard: int) -> str:
@@ -76,6 +74,16 @@ def existing_shard_dirs(root: str) -> list[int]:
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_SHARD_DIR.fullmatch, names) if m)
+
+
+def recorded_shard_count(root: str) -> Optional[int]:
+    """The shard count the directory records: its MANIFEST's, else (a crate-written root) one
+    past its highest ``shard_NN`` directory; None for a directory that holds no sharded WAL."""
+    manifest = read_manifest(root)
+    if manifest is not None:
+        return manifest.shard_count
+    shards = existing_shard_dirs(root)
+    return max(shards) + 1 if shards else None
 
 
 def open_manifest(root: str, shard_count: int) -> Manifest:

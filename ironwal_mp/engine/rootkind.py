@@ -1,0 +1,92 @@
+"""What a directory already holds, so that no WAL is opened inside another.
+
+Each shard of a sharded WAL is an engine stream of its root, so an engine ``Wal`` may open a
+stopped sharded root (as the crate's own sharded layer does). The other way round does not
+hold: a ``ShardedWal`` opened on an engine root, or either kind opened in a stream's directory
+or inside a WAL's directory, would mix files that each side's readers, recovery and ``verify``
+then read wrongly (a MANIFEST in a stream directory, streams a sharded root's tools never
+check, a WAL listed as a stream of another). Both openers ask here first; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from typing import List, Optional
+
+from ..errors import ConfigError, WalIOError
+from . import layout
+from .checkpoint_log import CHECKPOINTS_LOG
+from .rootlock import LOCK_FILE
+
+#: the sharded root's description (docs/FORMAT.md §1), written by ironwal_mp.sharded.manifest
+MANIFEST = "MANIFEST"
+#: a shard's stream directory: shard_00 .. shard_999 (fullmatch)
+SHARD_DIR_RE = re.compile(r"shard_([0-9]{2,3})")
+
+_ROOT_MARKERS = (MANIFEST, CHECKPOINTS_LOG, LOCK_FILE)
+
+
+def is_stream_dir(path: str) -> bool:
+    """True if ``path`` holds a stream's files (a segment or ``segments.idx``)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(layout.parse_segment_name(n) is not None for n in names) or layout.SEGMENTS_IDX in names
+
+
+def sharded_marker(path: str) -> Optional[str]:
+    """The sharded root's file ``path`` holds (MANIFEST or checkpoints.log), if any."""
+    for name in (MANIFEST, CHECKPOINTS_LOG):
+        if os.path.exists(os.path.join(path, name)):
+            return name
+    return None
+
+
+def engine_streams(path: str) -> List[str]:
+    """Stream directories in ``path`` that are not shard directories: an engine WAL's streams."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(n for n in names if layout.is_stream_name(n) and not SHARD_DIR_RE.fullmatch(n)
+                  and is_stream_dir(os.path.join(path, n)))
+
+
+def check_engine_root(root: str) -> None:
+    """ConfigError if an engine ``Wal`` may not write at ``root`` (absolute): one stream's
+    directory, or a directory inside a WAL."""
+    if os.path.isdir(root):  # (a sharded root is allowed: its shards are streams, as in the crate)
+        if is_stream_dir(root):
+            raise ConfigError("root_path", f"{root} is one stream of the WAL at {os.path.dirname(root)}, "
+                                           "not a WAL's root")
+    _check_not_inside(root)
+
+
+def check_sharded_root(root: str) -> None:
+    """WalIOError if ``root`` (absolute) is a file; ConfigError if a ShardedWal may not live
+    there: an engine WAL's root, one stream's directory, or a directory inside a WAL."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise WalIOError(f"root_path {root} is not a directory", errno.ENOTDIR, root)
+    if os.path.isdir(root) and sharded_marker(root) is None:
+        if is_stream_dir(root):
+            raise ConfigError("root_path", f"{root} is one stream of the WAL at {os.path.dirname(root)}, "
+                                           "not a WAL's root")
+        streams = engine_streams(root)
+        if streams:
+            raise ConfigError("root_path", f"{root} is an engine WAL (streams {', '.join(streams[:5])}), "
+                                           "not a sharded one: open it with Wal")
+    _check_not_inside(root)
+
+
+def _check_not_inside(root: str) -> None:
+    """ConfigError if the nearest existing directory above ``root`` is a WAL's root or a
+    stream's directory (the new WAL would be read as one of its streams, or as stray files)."""
+    parent = os.path.dirname(root)
+    while parent != os.path.dirname(parent) and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if any(os.path.exists(os.path.join(parent, m)) for m in _ROOT_MARKERS) or is_stream_dir(parent):
+        raise ConfigError("root_path", f"{root} is inside the WAL directory {parent}; "
+                                       "a WAL cannot be nested in another")
