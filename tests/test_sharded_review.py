@@ -525,3 +525,19 @@ def test_shard_count_none_reopens_with_the_recorded_count(wal_root):
     with ShardedWal(WalOptions(root_path=wal_root), None) as wal:  # stopped: MANIFEST's count
         assert wal.shard_count == 3
         assert wal.get(*acked) == b"v"
+
+
+def test_first_id_says_where_a_pruned_shard_starts(wal_root):
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, max_segment_size=512)
+    with ShardedWal(opts, 1) as wal:
+        assert wal.first_id(0) is None
+        for i in range(100):
+            wal.append(b"k", b"entry-%03d" % i)
+        assert wal.first_id(0) == 0
+        wal.create_checkpoint(b"c")
+        assert wal.prune_before_checkpoint(b"c").segments_deleted > 0
+        first = wal.first_id(0)
+        assert 0 < first <= 100
+        assert next(wal.iter_shard(0, 0)) == b"entry-%03d" % first
+        with pytest.raises(Exception, match="out of range"):
+            wal.first_id(1)

@@ -654,6 +654,14 @@ class ShardedWal:
         check_id(start_id, "start_id")
         return self._att.reader.iter(shard_id, start_id)
 
+    def first_id(self, shard_id: int) -> Optional[int]:
+        """The shard's first durable id still kept (pruning moves it up), or None if it has
+        none: where ``iter_shard(shard_id, 0)`` starts."""
+        self._check()
+        self._check_shard(shard_id)
+        view = self._att.reader.view(shard_id)[0]
+        return view.segments[0] if view.segments and view.next_id > view.segments[0] else None
+
     # --- checkpoints ------------------------------------------------------------------------
 
     def create_checkpoint(self, checkpoint_id: bytes) -> CheckpointData:
