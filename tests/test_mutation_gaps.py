@@ -1,0 +1,475 @@
+"""Tests written from a mutation-testing audit: each one kills a mutant the suite let survive."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ironwal_mp import SyncMode, Wal, WalOptions
+from ironwal_mp.engine import layout
+from ironwal_mp.engine.frame import frame_for_entries
+
+STREAM = "s"
+
+
+def _opts(root, **kw) -> WalOptions:
+    base = dict(root_path=str(root), sync_mode=SyncMode.ASYNC)
+    base.update(kw)
+    return WalOptions(**base)
+
+
+def _seg(root, start: int) -> str:
+    return os.path.realpath(os.path.join(str(root), STREAM, layout.segment_name(start)))
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    """Real paths of every descriptor passed to os.fsync from now on."""
+    seen: list = []
+    real = os.fsync
+
+    def spy(fd):
+        seen.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen
+
+
+# --- engine/recovery.py ------------------------------------------------------------------------
+
+
+def test_recovery_fsyncs_the_active_segment(tmp_path, fsynced):
+    """What a crashed process left in the page cache becomes durable at open (recovery.py:118):
+    afterwards the stream reports it as durable, so the fsync must really happen."""
+    with Wal(_opts(tmp_path)) as wal:
+        wal.append(STREAM, b"x")
+    with Wal(_opts(tmp_path)) as wal:
+        wal.recover_all()
+        assert wal.durable_id(STREAM) == 1
+        assert _seg(tmp_path, 0) in fsynced
+
+
+def test_cut_bytes_side_file_is_fsynced(tmp_path, fsynced):
+    """The bytes recovery cuts are kept in a side file durably before the cut (recovery.py:136)."""
+    with Wal(_opts(tmp_path)) as wal:
+        wal.append(STREAM, b"x")
+    with open(_seg(tmp_path, 0), "ab") as fh:
+        fh.write(b"torn tail")
+    with Wal(_opts(tmp_path)) as wal:
+        [report] = wal.recover_all()
+        assert report.side_file is not None
+        assert os.path.realpath(report.side_file) in fsynced
+
+
+def test_missing_head_state_is_rebuilt_after_a_single_rotation(tmp_path):
+    """head.state is rebuilt when missing as soon as the stream has rotated (2 segments)."""
+    with Wal(_opts(tmp_path, max_entries_per_segment=2)) as wal:
+        for i in range(3):
+            wal.append(STREAM, b"%d" % i)
+        assert wal.current_segment_start_id(STREAM) == 2
+    stream_dir = os.path.join(str(tmp_path), STREAM)
+    assert layout.list_segments(stream_dir) == [0, 2]
+    os.remove(os.path.join(stream_dir, layout.HEAD_STATE))
+    with Wal(_opts(tmp_path, max_entries_per_segment=2)) as wal:
+        [report] = wal.recover_all()
+        assert any("head.state" in a for a in report.actions)
+    assert layout.read_head_state(stream_dir) == 2
+
+
+# --- engine/scanner.py ---------------------------------------------------------------------------
+
+
+def test_a_valid_frame_after_an_id_gap_is_cut(tmp_path):
+    """Ids are contiguous: a CRC-valid frame that does not start at the next id (scanner.py:73)
+    ends the valid data; recovery cuts it rather than adopting ids after a gap."""
+    with Wal(_opts(tmp_path)) as wal:
+        for i in range(3):
+            wal.append(STREAM, b"e%d" % i)
+    path = _seg(tmp_path, 0)
+    size = os.path.getsize(path)
+    with open(path, "ab") as fh:
+        fh.write(frame_for_entries(7, [b"stray"]))
+    with Wal(_opts(tmp_path)) as wal:
+        [report] = wal.recover_all()
+        assert report.cut_offset == size
+        assert wal.next_id(STREAM) == 3
+        assert list(wal.iter(STREAM)) == [b"e0", b"e1", b"e2"]
+        assert wal.append(STREAM, b"e3") == 3
+
+
+# --- engine/stream.py ----------------------------------------------------------------------------
+
+
+def test_a_frame_that_fills_the_segment_exactly_does_not_rotate(tmp_path):
+    """max_segment_size is a limit a segment may reach, not one it must stay below
+    (stream.py:139 compares with '>')."""
+    # frame = 32-byte header + 4-byte length + entry (no compression)
+    with Wal(_opts(tmp_path, max_segment_size=200)) as wal:
+        wal.append(STREAM, b"a" * 64)  # 100 bytes
+        wal.append(STREAM, b"b" * 64)  # 200 bytes: exactly full
+        assert wal.current_segment_start_id(STREAM) == 0
+        assert os.path.getsize(_seg(tmp_path, 0)) == 200
+        wal.append(STREAM, b"c")  # would pass the limit: rotates
+        assert wal.current_segment_start_id(STREAM) == 2
+
+
+def test_rotation_fdatasyncs_the_sealed_segment(tmp_path, monkeypatch):
+    """Sealed segments are never scanned again at open, and rotation raises durable_id to the
+    new segment's start: so the segment being sealed must be synced (stream.py:200)."""
+    from ironwal_mp.engine import stream as stream_mod
+
+    synced = []
+    real = stream_mod._fdatasync
+
+    def spy(fd):
+        synced.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(stream_mod, "_fdatasync", spy)
+    with Wal(_opts(tmp_path, max_entries_per_segment=2)) as wal:
+        for i in range(3):
+            wal.append(STREAM, b"%d" % i)
+        assert wal.current_segment_start_id(STREAM) == 2
+        assert wal.durable_id(STREAM) >= 2
+        assert _seg(tmp_path, 0) in synced
+
+
+def test_an_oversized_frame_into_an_empty_active_segment_does_not_rotate(tmp_path):
+    """A crash mid-rotation can leave the new segment empty; the next frame goes into it even
+    if it is larger than max_segment_size (stream.py:138 'size and'), rather than a second
+    rotation to the same start id."""
+    opts = _opts(tmp_path, max_segment_size=128)
+    with Wal(opts) as wal:
+        wal.append(STREAM, b"first")
+    stream_dir = os.path.join(str(tmp_path), STREAM)
+    open(os.path.join(stream_dir, layout.segment_name(1)), "wb").close()  # the crash's empty segment
+    big = b"x" * 300
+    with Wal(opts) as wal:
+        assert wal.current_segment_start_id(STREAM) == 1
+        assert wal.append(STREAM, big) == 1
+        assert wal.current_segment_start_id(STREAM) == 1
+        assert list(wal.iter(STREAM)) == [b"first", big]
+    assert layout.read_segments_idx(stream_dir) == [0, 1]
+
+
+def test_truncate_keeps_a_segment_holding_the_safe_id(tmp_path):
+    """truncate(safe_id) deletes only segments whose ids are all below safe_id (stream.py:278)."""
+    with Wal(_opts(tmp_path, max_entries_per_segment=2)) as wal:
+        for i in range(5):
+            wal.append(STREAM, b"%d" % i)  # segments 0 (ids 0-1), 2 (2-3), 4 (4)
+        assert wal.truncate(STREAM, 1) == 0
+        assert wal.truncate(STREAM, 3) == 1  # segment 0 only: id 3 lives in segment 2
+        assert wal.first_id(STREAM) == 2
+        assert [wal.get(STREAM, i) for i in range(2, 5)] == [b"2", b"3", b"4"]
+
+
+# --- engine/group_sync.py ------------------------------------------------------------------------
+
+
+def test_per_file_group_sync_fsyncs_the_directory(tmp_path, fsynced):
+    """Without syncfs, a checkpoint commit's rename of HEAD is made durable by an fsync of the
+    root (group_sync.py:130, sync_files)."""
+    from ironwal_mp import GroupSync
+    from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog
+
+    log = CheckpointLog(str(tmp_path), group_sync=GroupSync.FDATASYNC)
+    log.append(CheckpointData(b"ck", 1, 2, (3, 4)))
+    assert os.path.realpath(str(tmp_path)) in fsynced
+
+
+def test_group_sync_marks_durable_only_what_its_syncfs_covered(tmp_path, monkeypatch):
+    """An entry appended while a syncfs runs is not covered by it: the targets are taken before
+    the syncfs (group_sync.py:232 marks those, not the next id after it)."""
+    from ironwal_mp import GroupSync
+    from ironwal_mp.engine import group_sync as gs
+
+    if gs._syncfs is None:
+        pytest.skip("no syncfs(2) here")
+    fs = gs.filesystem_type(os.stat(tmp_path).st_dev)
+    monkeypatch.setattr(gs, "SYNCFS_FILESYSTEMS", gs.SYNCFS_FILESYSTEMS | {fs})
+    opts = WalOptions(root_path=str(tmp_path / "wal"), sync_mode=SyncMode.ASYNC, group_sync=GroupSync.SYNCFS)
+    with Wal(opts) as wal:
+        for name in ("a", "b"):
+            wal.append(name, b"0")
+        wal.sync()  # the first group sync of a filesystem is per file
+        for name in ("a", "b"):
+            wal.append(name, b"1")
+        real = gs.syncfs
+        late = []
+
+        def syncfs(fd):
+            real(fd)
+            if not late:
+                late.append(wal.append("a", b"late"))  # after the syncfs began: not covered
+
+        monkeypatch.setattr(gs, "syncfs", syncfs)
+        wal.sync()
+        monkeypatch.setattr(gs, "syncfs", real)
+        assert late == [2] and wal._syncer.syncfs_calls == 1
+        assert wal.durable_id("b") == 2
+        assert wal.durable_id("a") == 2 < wal.next_id("a") == 3
+
+
+# --- engine/checkpoint_log.py --------------------------------------------------------------------
+
+
+def test_checkpoint_log_side_file_is_fsynced(tmp_path, fsynced):
+    """The cut tail of checkpoints.log is kept durably before the log is truncated
+    (checkpoint_log.py:376)."""
+    from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog
+
+    CheckpointLog(str(tmp_path)).append(CheckpointData(b"ck", 1, 1, (5,)))
+    with open(tmp_path / "checkpoints.log", "ab") as fh:
+        fh.write(b"CKPT torn")
+    log = CheckpointLog(str(tmp_path))
+    assert log.report.side_file is not None and len(log) == 1
+    assert os.path.realpath(log.report.side_file) in fsynced
+
+
+def test_checkpoint_append_rollback_is_fsynced(tmp_path, monkeypatch, fsynced):
+    """A failed append truncates the log back and fsyncs it, so the refused record cannot come
+    back after a crash (checkpoint_log.py:602)."""
+    import errno
+
+    from ironwal_mp.engine import checkpoint_log as cl
+    from ironwal_mp.errors import WalIOError
+
+    log = cl.CheckpointLog(str(tmp_path))
+    log.append(cl.CheckpointData(b"ck-1", 1, 1, (5,)))
+    size = os.path.getsize(tmp_path / "checkpoints.log")
+
+    def failing_sync(fds, dir_fd, use_syncfs):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(cl, "sync_files", failing_sync)
+    del fsynced[:]
+    with pytest.raises(WalIOError):
+        log.append(cl.CheckpointData(b"ck-2", 2, 1, (6,)))
+    assert os.path.getsize(tmp_path / "checkpoints.log") == size
+    assert os.path.realpath(str(tmp_path / "checkpoints.log")) in fsynced
+
+
+# --- coordinator/barrier.py ----------------------------------------------------------------------
+
+
+def test_barrier_aborts_when_a_worker_is_durable_below_its_cut():
+    """A PREPARED answer below the cut aborts the checkpoint (barrier.py:44)."""
+    from coordinator.barrier import Barrier, Phase
+
+    b = Barrier(1, [5, 7], [0, 1])
+    b.on_prepared(0, 1, {0: 5})
+    assert b.phase is Phase.PREPARING
+    b.on_prepared(1, 1, {1: 6})
+    assert b.phase is Phase.ABORTED and "below the cut" in b.error
+    with pytest.raises(RuntimeError):
+        b.offsets
+
+
+def test_barrier_ignores_stale_and_repeated_answers():
+    """Answers of another request, or a second one from a worker, change nothing (barrier.py:40),
+    and a failure of another request does not abort this one (barrier.py:52)."""
+    from coordinator.barrier import Barrier, Phase
+
+    b = Barrier(2, [5, 7], [0, 1])
+    b.on_failed(0, 1, "stale")  # an earlier, aborted barrier's answer
+    b.on_prepared(1, 1, {1: 7})  # ditto
+    assert b.phase is Phase.PREPARING and b.waiting == {0, 1}
+    b.on_prepared(0, 2, {0: 5})
+    b.on_prepared(0, 2, {0: 3})  # repeated: ignored
+    assert b.phase is Phase.PREPARING and b.durable == {0: 5}
+    b.on_prepared(1, 2, {1: 9})
+    assert b.phase is Phase.PREPARED and b.offsets == [5, 7] and b.durable == {0: 5, 1: 9}
+
+
+# --- ipc/ring.py ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ring(tmp_path):
+    """An open ring of this test's own root (objects removed afterwards), ids from 10."""
+    import posix_ipc
+    import ringutil
+    from ironwal_mp.ipc.names import Names
+    from ironwal_mp.ipc.ring import Ring
+
+    root = tmp_path / "ringroot"
+    root.mkdir()
+    names = Names(str(root))
+    try:
+        r = Ring(names, 0, capacity=4096, create=True)
+    except BaseException:
+        names.remove_all()
+        raise
+    ringutil.open_ring(r, 10)
+    yield r
+    owned = ringutil.worker_object_names(names, r)
+    r.close()
+    r.unlink()
+    for name in owned:
+        try:
+            posix_ipc.unlink_semaphore(name)
+        except posix_ipc.ExistentialError:
+            pass
+    left = names.leftovers()
+    names.remove_all()
+    assert left == []
+
+
+def test_wait_durable_waits_for_the_last_id_too(ring):
+    """A STRICT append is acknowledged only once its own id is durable: DURABLE_SEQ one below
+    the id after it is not enough (ring.py:610)."""
+    from ironwal_mp.errors import WorkerFailedError
+    from ironwal_mp.ipc import ring_layout as L
+
+    h = ring.header
+    seq = ring.append_one(b"strict", strict=True)
+    assert seq == 10 and h[L.DUR_WAITERS] == 1
+    h[L.WRITTEN_SEQ] = h[L.DURABLE_SEQ] = seq  # ids below 10 durable, 10 itself not
+    with pytest.raises(WorkerFailedError, match="no durability before the timeout"):
+        ring.wait_durable(seq + 1, timeout=0.2)
+    assert h[L.DUR_WAITERS] == 0
+    h[L.DURABLE_SEQ] = seq + 1
+    ring.wait_durable(seq + 1, timeout=5, registered=False)  # durable now: returns at once
+
+
+# --- workers/worker.py (a Worker assembled by hand around stubs, as in test_worker_policy) -------
+
+
+class _Ring:
+    def __init__(self, slices=()):
+        import types
+
+        self.slices = list(slices)
+        self.states, self.views, self.consumed = [], [], []
+        self.capacity = 4096
+        self.data = memoryview(bytearray(4096))
+        self.space_free = types.SimpleNamespace(release=lambda: None)
+
+    def next_slice(self):
+        return self.slices.pop(0) if self.slices else None
+
+    def consume(self, s):
+        self.consumed.append(s)
+
+    def set_state(self, state):
+        self.states.append(state)
+
+    def set_view(self, seg, size, durable):
+        self.views.append((seg, size, durable))
+
+    def wake_durable_waiters(self):
+        pass
+
+    def acquire(self, timeout=30.0):
+        pass
+
+    def release(self):
+        pass
+
+
+class _Stream:
+    def __init__(self, next_id, first=None):
+        self.next_id, self.first = next_id, first
+
+    def view(self):
+        from ironwal_mp.engine.reader import StreamView
+        from ironwal_mp.engine.sparse_index import SparseIndex
+
+        return StreamView((0,), 64, self.next_id, SparseIndex())
+
+    def append_payload(self, payload, count, trusted=False):
+        return self.first
+
+
+def _worker(*streams, slices=()):
+    from ironwal_mp.ipc import ring_layout as L
+    from workers import worker as W
+
+    w = W.Worker.__new__(W.Worker)
+    w.shards = {}
+    for i, stream in enumerate(streams):
+        st = W.ShardState.__new__(W.ShardState)
+        st.shard, st.ring, st.stream, st.dirty_since = i, _Ring(slices), stream, 0.0
+        st.h = [0] * (L.HEADER_BYTES // 8)
+        st.h[L.STATE] = L.ST_OPEN
+        w.shards[i] = st
+    w._stopped = False
+    w.stopping = False
+    return w
+
+
+def test_a_failed_sync_publishes_no_durable_id():
+    """A shard whose fsync failed gets no durable id (a STRICT appender would take it as an
+    acknowledgement); the others of the group sync do (worker.py:219)."""
+    import errno
+    import types
+
+    from ironwal_mp.errors import WalIOError
+    from ironwal_mp.ipc import ring_layout as L
+
+    w = _worker(_Stream(7), _Stream(9))
+    w.syncer = types.SimpleNamespace(sync=lambda streams: [WalIOError("fsync failed", errno.EIO, "/x"), None])
+    bad, good = w.shards[0], w.shards[1]
+    bad.h[L.WRITTEN_SEQ], good.h[L.WRITTEN_SEQ] = 7, 9
+    w.sync([bad, good])
+    assert bad.h[L.DURABLE_SEQ] == 0 and bad.ring.views == [] and bad.ring.states == [L.ST_FAILED]
+    assert bad.h[L.ERRNO] == errno.EIO
+    assert good.h[L.DURABLE_SEQ] == 9 and good.ring.views == [(0, 64, 9)] and good.ring.states == []
+
+
+def test_stop_syncs_what_it_drained_before_closing_the_rings():
+    """stop() makes every dirty shard durable and publishes its durable id before the rings
+    are closed, so STRICT appenders waiting at shutdown are acknowledged (worker.py:372)."""
+    from ironwal_mp.ipc import ring_layout as L
+
+    w = _worker(_Stream(5))
+    st = w.shards[0]
+    st.h[L.WRITTEN_SEQ] = 5
+    w.synced = []
+    w.sync = lambda due: w.synced.append([s.shard for s in due])
+    w.stop()
+    assert w.synced == [[0]]
+    assert st.ring.states == [L.ST_CLOSING, L.ST_CLOSED]
+
+
+def test_a_frame_written_under_another_id_than_the_ring_gave_fails_the_shard():
+    """If the engine assigns a frame other ids than the ring handed to producers, the shard
+    fails and the slice is not consumed (worker.py:185)."""
+    from ironwal_mp.ipc import ring_layout as L
+
+    s = L.Slice(0, 8, 5, 1, 8)
+    w = _worker(_Stream(6, first=6), slices=[s])
+    st = w.shards[0]
+    assert w._drain(st) == 0
+    assert st.ring.states == [L.ST_FAILED] and st.ring.consumed == []
+    assert st.h[L.WRITTEN_SEQ] == 0
+
+
+# --- engine/layout.py ----------------------------------------------------------------------------
+
+
+def test_write_file_atomic_syncs_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """MANIFEST, segments.idx, head.state and a compacted checkpoints.log are replaced this way:
+    the new bytes must be durable before the rename (layout.py:113), and the rename after it
+    (layout.py:122), or a crash can leave an empty file or the old one."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = os.path.join(os.path.realpath(str(tmp_path)), "f")
+    layout.write_file_atomic(target, b"data")
+    monkeypatch.undo()
+    assert events == [("fsync", target + ".tmp"), ("rename", target), ("fsync", os.path.dirname(target))]
+    with open(target, "rb") as fh:
+        assert fh.read() == b"data"
