@@ -115,6 +115,25 @@ def worker_object_names(names: Names, ring: Ring) -> List[str]:
     return out
 
 
+def dispose(names: Names, ring: Ring) -> List[str]:
+    """Close and unlink a test's ring with what its coordinator would remove beside it; return
+    the IPC objects of ``names`` still left after that (removed too)."""
+    import posix_ipc
+
+    coordinator_owned = worker_object_names(names, ring)
+    ring.close()
+    ring.unlink()
+    for name in coordinator_owned:
+        try:
+            posix_ipc.unlink_semaphore(name)
+        except posix_ipc.ExistentialError:
+            pass
+    found = names.leftovers()
+    if found:
+        names.remove_all()
+    return found
+
+
 class Drainer:
     """The test's worker: takes slices, checks them, parses their records.
 

@@ -289,7 +289,6 @@ def test_barrier_ignores_stale_and_repeated_answers():
 @pytest.fixture
 def ring(tmp_path):
     """An open ring of this test's own root (objects removed afterwards), ids from 10."""
-    import posix_ipc
     import ringutil
     from ironwal_mp.ipc.names import Names
     from ironwal_mp.ipc.ring import Ring
@@ -304,17 +303,7 @@ def ring(tmp_path):
         raise
     ringutil.open_ring(r, 10)
     yield r
-    owned = ringutil.worker_object_names(names, r)
-    r.close()
-    r.unlink()
-    for name in owned:
-        try:
-            posix_ipc.unlink_semaphore(name)
-        except posix_ipc.ExistentialError:
-            pass
-    left = names.leftovers()
-    names.remove_all()
-    assert left == []
+    assert ringutil.dispose(names, r) == []
 
 
 def test_wait_durable_waits_for_the_last_id_too(ring):

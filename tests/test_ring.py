@@ -62,19 +62,7 @@ def make_ring(tmp_path):
         proc.wait(HANG)
     left = []
     for names, ring in made:
-        coordinator_owned = ringutil.worker_object_names(names, ring)
-        ring.close()
-        ring.unlink()
-        # what the coordinator removes (a worker's wake-up semaphore shared by its rings)
-        for name in coordinator_owned:
-            try:
-                posix_ipc.unlink_semaphore(name)
-            except posix_ipc.ExistentialError:
-                pass
-        found = names.leftovers()
-        if found:
-            left.extend(found)
-            names.remove_all()
+        left.extend(ringutil.dispose(names, ring))
     assert left == [], f"objects left behind: {left}"
 
 

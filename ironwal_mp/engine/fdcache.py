@@ -61,18 +61,6 @@ class FdCache:
     def __len__(self) -> int:
         return len(self._files)
 
-    def close_in_child(self) -> None:
-        """In a forked child: close the inherited descriptors without taking the lock (a
-        thread of the parent may have held it at the fork), so that the child does not keep
-        files the parent deletes; the cache refuses every later use."""
-        self._closed = True
-        for entry in list(self._files.values()):
-            try:
-                entry.close()
-            except OSError:
-                pass
-        self._files = OrderedDict()
-
     def acquire(self, path: str, writable: bool = False) -> OpenFile:
         """Pin and return the open file for ``path``, opening it (append mode if writable)."""
         key = (path, writable)

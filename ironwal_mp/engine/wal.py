@@ -40,7 +40,7 @@ def _after_fork_in_child() -> None:
         wal._closed = True
         if wal._lock is not None:
             wal._lock.close_in_child()
-        wal._fdcache.close_in_child()
+        wal._fdcache.abandon()
 
 
 if hasattr(os, "register_at_fork"):
