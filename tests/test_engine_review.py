@@ -433,3 +433,19 @@ def test_a_wal_is_not_opened_in_a_stream_directory_or_inside_a_wal(tmp_path):
     assert (sorted(os.listdir(stream_dir)), sorted(os.listdir(root))) == before, "a refused open wrote"
     with Wal(_opts(stream_dir), read_only=True):  # looking is allowed
         pass
+
+
+def test_another_programs_lock_file_does_not_make_a_wal(tmp_path):
+    """Only what this library leaves marks a WAL: a directory holding another program's LOCK
+    (LevelDB keeps one) may hold a WAL."""
+    other = os.path.join(str(tmp_path), "app")
+    os.makedirs(other)
+    open(os.path.join(other, "LOCK"), "w").close()
+    with Wal(_opts(os.path.join(other, "wal"))) as wal:
+        wal.append("s", b"x")
+    held = os.path.join(str(tmp_path), "held")
+    with Wal(_opts(held)):  # an open engine root with no stream yet is one all the same
+        from ironwal_mp.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="inside the WAL directory"):
+            Wal(_opts(os.path.join(held, "inner")))

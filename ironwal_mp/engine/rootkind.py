@@ -18,14 +18,15 @@ from typing import List, Optional
 from ..errors import ConfigError, WalIOError
 from . import layout
 from .checkpoint_log import CHECKPOINTS_LOG
-from .rootlock import LOCK_FILE
+from .rootlock import LOCK_FILE, ROLES, lock_owner
 
 #: the sharded root's description (docs/FORMAT.md §1), written by ironwal_mp.sharded.manifest
 MANIFEST = "MANIFEST"
+#: the "format" its JSON names
+MANIFEST_FORMAT = "ironwal_mp.sharded"
 #: a shard's stream directory: shard_00 .. shard_999 (fullmatch)
 SHARD_DIR_RE = re.compile(r"shard_([0-9]{2,3})")
 
-_ROOT_MARKERS = (MANIFEST, CHECKPOINTS_LOG, LOCK_FILE)
 
 
 def is_stream_dir(path: str) -> bool:
@@ -45,14 +46,40 @@ def sharded_marker(path: str) -> Optional[str]:
     return None
 
 
-def engine_streams(path: str) -> List[str]:
-    """Stream directories in ``path`` that are not shard directories: an engine WAL's streams."""
+def stream_dirs(path: str) -> List[str]:
+    """Names of the stream directories in ``path``."""
     try:
         names = os.listdir(path)
     except OSError:
         return []
-    return sorted(n for n in names if layout.is_stream_name(n) and not SHARD_DIR_RE.fullmatch(n)
-                  and is_stream_dir(os.path.join(path, n)))
+    return sorted(n for n in names if layout.is_stream_name(n) and is_stream_dir(os.path.join(path, n)))
+
+
+def engine_streams(path: str) -> List[str]:
+    """Stream directories in ``path`` that are not shard directories: an engine WAL's streams."""
+    return [n for n in stream_dirs(path) if not SHARD_DIR_RE.fullmatch(n)]
+
+
+def holds_wal(path: str) -> bool:
+    """True if ``path`` is a WAL's root or a stream's directory, judged by what only this
+    library (or the crate) leaves there: a name like LOCK or MANIFEST alone may be another
+    program's (LevelDB keeps a LOCK too)."""
+    if is_stream_dir(path) or os.path.exists(os.path.join(path, CHECKPOINTS_LOG)):
+        return True
+    if _ours(os.path.join(path, MANIFEST)):
+        return True
+    if not os.path.exists(os.path.join(path, LOCK_FILE)):
+        return False
+    owner = lock_owner(path)
+    return (owner is not None and owner[1] in ROLES) or bool(stream_dirs(path))
+
+
+def _ours(manifest_path: str) -> bool:
+    try:
+        with open(manifest_path, "rb") as fh:
+            return f'"{MANIFEST_FORMAT}"'.encode() in fh.read(4096)
+    except OSError:
+        return False
 
 
 def check_engine_root(root: str) -> None:
@@ -87,6 +114,6 @@ def _check_not_inside(root: str) -> None:
     parent = os.path.dirname(root)
     while parent != os.path.dirname(parent) and not os.path.isdir(parent):
         parent = os.path.dirname(parent)
-    if any(os.path.exists(os.path.join(parent, m)) for m in _ROOT_MARKERS) or is_stream_dir(parent):
+    if holds_wal(parent):
         raise ConfigError("root_path", f"{root} is inside the WAL directory {parent}; "
                                        "a WAL cannot be nested in another")

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..engine.layout import write_file_atomic
-from ..engine.rootkind import MANIFEST, SHARD_DIR_RE as _SHARD_DIR
+from ..engine.rootkind import MANIFEST, MANIFEST_FORMAT as FORMAT, SHARD_DIR_RE as _SHARD_DIR
 from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
 
-FORMAT = "ironwal_mp.sharded"
 FORMAT_VERSION = 1
 MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
 
