@@ -30,7 +30,8 @@ class StreamView(NamedTuple):
 
     @property
     def first_id(self) -> Optional[int]:
-        return self.segments[0] if self.segments else None
+        """The first readable id (truncation moves it up), or None when nothing is readable."""
+        return self.segments[0] if self.segments and self.next_id > self.segments[0] else None
 
 
 class SegmentReader:

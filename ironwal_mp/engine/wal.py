@@ -323,8 +323,7 @@ class Wal:
 
     def first_id(self, stream: str) -> Optional[int]:
         """The first readable id (after truncation), or None for an empty stream."""
-        view = self._view(stream)[0]
-        return view.segments[0] if view.segments and view.next_id > view.segments[0] else None
+        return self._view(stream)[0].first_id
 
     def current_segment_start_id(self, stream: str) -> Optional[int]:
         """Start id of the stream's active segment, or None for a stream never written."""

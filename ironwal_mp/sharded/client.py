@@ -659,8 +659,7 @@ class ShardedWal:
         none: where ``iter_shard(shard_id, 0)`` starts."""
         self._check()
         self._check_shard(shard_id)
-        view = self._att.reader.view(shard_id)[0]
-        return view.segments[0] if view.segments and view.next_id > view.segments[0] else None
+        return self._att.reader.view(shard_id)[0].first_id
 
     # --- checkpoints ------------------------------------------------------------------------
 
