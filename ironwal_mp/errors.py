@@ -57,6 +57,14 @@ class WalLockedError(WalError):
     """Another live process already owns this WAL directory."""
 
 
+class ReadOnlyError(WalError):
+    """A write (append, batch, transaction, sync, truncate) on a handle opened read-only."""
+
+
+class TransactionClosedError(WalError):
+    """A transaction (``Wal.writer``) was used after its commit or rollback."""
+
+
 # --- storage -----------------------------------------------------------------------------------
 
 

@@ -76,6 +76,7 @@ class WalModel(RuleBasedStateMachine):
         super().__init__()
         self.root = tempfile.mkdtemp(prefix="walmodel-")
         self.wal: Optional[Wal] = None
+        self.follower: Optional[Wal] = None
         self.model: Dict[str, StreamModel] = {s: StreamModel() for s in STREAMS}
 
     # --- set-up --------------------------------------------------------------------------------
@@ -92,10 +93,13 @@ class WalModel(RuleBasedStateMachine):
         self.opts = WalOptions(root_path=self.root, **kw)
         self.compress = kw["compression"] is CompressionType.LZ4
         self.wal = Wal(self.opts)
+        self.follower = Wal(self.opts, read_only=True)  # a reader beside the writer
 
     def teardown(self) -> None:
         if self.wal is not None:
             self.wal.close()
+        if self.follower is not None:
+            self.follower.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     # --- the model's idea of one write -----------------------------------------------------------
@@ -195,6 +199,8 @@ class WalModel(RuleBasedStateMachine):
         """Close, then tear the active segment: cut bytes off its end or leave garbage after it."""
         self.wal.close()
         self.wal = None
+        self.follower.close()  # (a power loss ends the reader too)
+        self.follower = None
         m = self.model[stream]
         expect_cut = None  # (offset, bytes kept aside)
         if m.segments:
@@ -240,6 +246,21 @@ class WalModel(RuleBasedStateMachine):
                 assert fh.read() == expect_cut[1]
         # and nothing else needed repair
         assert all(r.stream_dir == self.stream_dir(stream) for r in reports)
+        self.follower = Wal(self.opts, read_only=True)
+
+    @rule(stream=st.one_of(st.none(), stream_st))
+    def follower_catches_up(self, stream):
+        """A read-only handle shows, after refresh, everything the writer wrote (it is all in
+        the OS's hands in this process); streams it never used are read at first use."""
+        self.follower.refresh(stream)
+        for name in STREAMS if stream is None else (stream,):
+            m = self.model[name]
+            assert list(self.follower.iter(name, 0)) == m.kept, name
+            assert self.follower.next_id(name) == m.next_id
+            assert self.follower.first_id(name) == (m.first if m.next_id > m.first else None)
+            if m.next_id > m.first:
+                assert self.follower.get(name, m.next_id - 1) == m.entries[-1]
+            assert self.follower.durable_id(name) == (m.segments[-1].start if m.segments else 0)
 
     # --- reads ---------------------------------------------------------------------------------
 

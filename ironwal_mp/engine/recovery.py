@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ..errors import CorruptionError
 from ..options import CorruptionPolicy
 from . import layout
-from .scanner import ScanError, scan_frames
+from .scanner import ReadFn, ScanError, scan_frames
 from .sparse_index import SparseIndex
 
 
@@ -45,6 +45,7 @@ class StreamTail:
     next_id: int
     index: SparseIndex  # sparse index of the active segment
     active_frames: int = 0
+    active_file: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the active segment
 
 
 def recover_stream(
@@ -75,23 +76,12 @@ def recover_stream(
 
     path = os.path.join(stream_dir, layout.segment_name(active))
     index = SparseIndex()
-    next_id = active
-    valid_end = 0
-    frames = 0
     fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        problem = None
-        try:
-            for offset, header, _ in scan_frames(
-                lambda off, n: os.pread(fd, n, off), 0, active, end=size, chunk=chunk
-            ):
-                index.add(header.start_id, offset)
-                next_id = header.start_id + header.count
-                valid_end = offset + header.frame_size
-                frames += 1
-        except ScanError as exc:
-            problem = exc
+        st = os.fstat(fd)
+        size, active_file = st.st_size, (st.st_dev, st.st_ino)
+        scan = scan_active(lambda off, n: os.pread(fd, n, off), 0, active, size, index, chunk)
+        problem, valid_end, next_id, frames = scan.problem, scan.valid_end, scan.next_id, scan.frames
         if problem is not None and policy is CorruptionPolicy.ERROR:
             # refuse before touching anything
             raise CorruptionError(path, problem.offset, problem.error.reason)
@@ -118,7 +108,34 @@ def recover_stream(
             os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
     finally:
         os.close(fd)
-    return StreamTail(segments, valid_end, next_id, index, frames), report
+    return StreamTail(segments, valid_end, next_id, index, frames, active_file), report
+
+
+@dataclass
+class ActiveScan:
+    """Where the valid frames of an active segment end, and why they end there."""
+
+    valid_end: int  # offset just past the last valid frame
+    next_id: int  # the id after the last valid frame
+    frames: int  # valid frames walked over
+    problem: Optional[ScanError]  # None: the data ended cleanly at ``valid_end``
+
+
+def scan_active(
+    read: ReadFn, offset: int, first_id: int, size: int, index: SparseIndex, chunk: int
+) -> ActiveScan:
+    """Walk the valid frames of an active segment from ``offset`` (where id ``first_id``
+    starts) up to ``size`` bytes, adding each to ``index``; stop at the first invalid one."""
+    scan = ActiveScan(offset, first_id, 0, None)
+    try:
+        for off, header, _ in scan_frames(read, offset, first_id, end=size, chunk=chunk):
+            index.add(header.start_id, off)
+            scan.next_id = header.start_id + header.count
+            scan.valid_end = off + header.frame_size
+            scan.frames += 1
+    except ScanError as exc:
+        scan.problem = exc
+    return scan
 
 
 def _keep_aside(fd: int, path: str, offset: int, size: int) -> str:

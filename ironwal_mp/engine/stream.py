@@ -13,11 +13,12 @@ import os
 import threading
 from typing import Optional
 
-from ..errors import DiskFullError, RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError
+from ..errors import DiskFullError, ReadOnlyError, RecordTooLargeError, StreamFailedError, WalClosedError, WalIOError
 from ..options import CompressionType, WalOptions
 from . import layout
 from .frame import HEADER, LENGTH_SIZE, MAGIC, MAX_PAYLOAD, MAX_U32, FrameError, choose_payload, decode_entries, frame_crc
 from .reader import SegmentReader, StreamView
+from .follow import advance
 from .recovery import StreamTail
 from .sparse_index import SparseIndex
 
@@ -28,7 +29,8 @@ class Stream:
     """Writer state of one stream directory. Created by :class:`~ironwal_mp.Wal`."""
 
     def __init__(
-        self, name: str, stream_dir: str, opts: WalOptions, reader: SegmentReader, tail: StreamTail
+        self, name: str, stream_dir: str, opts: WalOptions, reader: SegmentReader, tail: StreamTail,
+        *, read_only: bool = False,
     ) -> None:
         self.name = name
         self.dir = stream_dir
@@ -39,7 +41,10 @@ class Stream:
         self._active_size = tail.active_size
         self._next_id = tail.next_id
         self._index = tail.index
-        self._synced_id = tail.next_id  # recovery left the tail durable
+        self._active_file = tail.active_file
+        self._chunk = opts.read_buffer_size
+        #: a writer's recovery fsynced the tail; a reader knows only that sealed segments are durable
+        self._synced_id = (tail.segments[-1] if tail.segments else 0) if read_only else tail.next_id
         self._failed: Optional[BaseException] = None
         self._closed = False  # set by close_writes: the handle is closing
         self._max_segment_size = opts.max_segment_size
@@ -47,7 +52,7 @@ class Stream:
         self._compress = opts.compression is CompressionType.LZ4
         self._min_compression = opts.min_compression_size
         self._active_path = self._path(self._segments[-1]) if self._segments else ""
-        self.read_only = False
+        self.read_only = read_only
         self.fsyncs = 0
         self.frames_written = 0
         self.bytes_written = 0
@@ -86,11 +91,29 @@ class Stream:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise WalError(f"stream {self.name!r} was opened read-only")
+            raise ReadOnlyError(f"stream {self.name!r} was opened read-only")
         if self._failed is not None:
             raise StreamFailedError(
                 f"stream {self.name!r} failed earlier and refuses writes: {self._failed}"
             )
+
+    def follow(self) -> None:
+        """Read-only: take in what the stream's writer added since the last look (see follow.py)."""
+        with self.lock:
+            old = StreamTail(self._segments, self._active_size, self._next_id, self._index,
+                             active_file=self._active_file)
+            got = advance(self.dir, old, self._chunk)
+            for start in got.forget:  # (closes descriptors of deleted or replaced files too)
+                self.reader.forget(self._path(start))
+            tail = got.tail
+            self._segments = list(tail.segments)
+            self._active_size = tail.active_size
+            self._next_id = tail.next_id
+            self._index = tail.index
+            self._active_file = tail.active_file
+            self._active_path = self._path(self._segments[-1]) if self._segments else ""
+            # sealed segments were fsynced by the rotation that sealed them
+            self._synced_id = self._segments[-1] if self._segments else 0
 
     # --- writing ----------------------------------------------------------------------------
 

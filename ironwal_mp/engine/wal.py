@@ -9,7 +9,8 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import errno
 
-from ..errors import RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError
+from ..errors import (ReadOnlyError, RecordTooLargeError, StreamFailedError, TransactionClosedError, WalClosedError,
+                      WalError, WalIOError)
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -66,8 +67,9 @@ class Wal:
 
     ``lock=False`` skips ``<root>/LOCK``: only for a process that owns its streams by other
     means (a shard worker under a coordinator that holds the lock). ``read_only=True`` takes
-    no lock, repairs nothing (a torn tail is left as it is and not read) and refuses writes:
-    for looking at a directory another process may own.
+    no lock, repairs nothing (a torn tail is left as it is and not read) and refuses writes
+    (ReadOnlyError): for looking at a directory another process may own. It shows each stream
+    as it was at first use until :meth:`refresh` takes in what the writer added since.
 
     A handle belongs to the process that opened it: in a forked child it is closed
     (WalClosedError), and it cannot be pickled. Open a Wal in each process instead
@@ -136,7 +138,8 @@ class Wal:
                 stream.close_writes()
             # a stream that failed earlier has told its writers; a sync failing now tells nobody
             # else, so close raises it (what was written since the last sync may be lost)
-            errors = [e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
+            errors = [] if self.read_only else [
+                e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
         finally:
             self._syncer.close()
             self._fdcache.close_all()
@@ -180,7 +183,7 @@ class Wal:
                 return stream
             stream_dir = os.path.join(self.root, name)
             if create and self.read_only:
-                raise WalError("this Wal was opened read-only")
+                raise ReadOnlyError(f"this Wal was opened read-only: cannot write stream {name!r}")
             if not os.path.isdir(stream_dir):
                 if not create:
                     return None
@@ -200,8 +203,7 @@ class Wal:
                                      getattr(exc, "filename", None) or stream_dir) from exc
                 if report.changed:
                     self.recovery_reports.append(report)
-            stream = Stream(name, stream_dir, self.options, self._reader, tail)
-            stream.read_only = self.read_only
+            stream = Stream(name, stream_dir, self.options, self._reader, tail, read_only=self.read_only)
             with self._open_lock:
                 self._check_open()
                 self._streams[name] = stream
@@ -271,7 +273,12 @@ class Wal:
         """A transaction: entries added to it are appended as one batch on commit."""
         self._check_open()
         layout.check_stream_name(stream)
+        self._check_writable()
         return TxnWriter(self, stream)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("this Wal was opened read-only")
 
     def sync(self, stream: Optional[str] = None) -> None:
         """Fsync one stream, or every stream this handle wrote, now (for ASYNC users).
@@ -282,6 +289,7 @@ class Wal:
         self._check_open()
         if stream is not None:
             layout.check_stream_name(stream)  # (a stream this handle never wrote has nothing to sync)
+        self._check_writable()
         targets = [self._streams[stream]] if stream in self._streams else (
             [] if stream is not None else list(self._streams.values())
         )
@@ -292,8 +300,34 @@ class Wal:
     def truncate(self, stream: str, safe_id: int) -> int:
         """Delete whole segments whose ids are all below ``safe_id`` (never the active one)."""
         layout.check_id(safe_id, "safe_id")
+        self._check_writable()
         s = self._stream(stream, False)
         return 0 if s is None else s.truncate(safe_id)
+
+    def refresh(self, stream: Optional[str] = None) -> None:
+        """Read-only handles: take in what the writer added to ``stream`` (or to every stream
+        this handle has used) since it last looked: new entries and segments, truncations.
+
+        Until then the handle keeps showing the streams as it saw them. Only whole, valid
+        frames are taken in, so a write under way is seen once it is complete. A writing
+        handle always sees its own writes: for it this does nothing.
+        """
+        self._check_open()
+        if stream is not None:
+            layout.check_stream_name(stream)
+        if not self.read_only:
+            return
+        with self._open_lock:
+            targets = list(self._streams.values()) if stream is None else (
+                [self._streams[stream]] if stream in self._streams else [])
+        for s in targets:  # (a stream not used yet is read afresh at its first use)
+            try:
+                s.follow()
+            except OSError as exc:
+                if isinstance(exc, WalError):
+                    raise
+                raise WalIOError(f"following stream {s.name!r} failed: {exc.strerror or exc}", exc.errno,
+                                 getattr(exc, "filename", None) or s.dir) from exc
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -364,7 +398,7 @@ class TxnWriter:
 
     def add(self, data: bytes) -> None:
         if self._done:
-            raise WalError("transaction already committed or rolled back")
+            raise TransactionClosedError("the transaction was already committed or rolled back")
         self._entries.append(_check_data(data))
 
     def __len__(self) -> int:
@@ -377,7 +411,7 @@ class TxnWriter:
         if only the sync after it fails, it is done (the entries may or may not survive).
         """
         if self._done:
-            raise WalError("transaction already committed or rolled back")
+            raise TransactionClosedError("the transaction was already committed or rolled back")
         # a write that fails has written nothing (or failed the stream until a reopen), so the
         # entries stay for a retry; once written, a failed sync must not lead to a second copy
         wal = self._wal
