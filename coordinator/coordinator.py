@@ -408,7 +408,9 @@ class Coordinator:
     def checkpoint(self, raw_id: bytes) -> dict:
         user_id = check_checkpoint_id(raw_id)
         if user_id in self.ckpt_log:
-            raise E.CheckpointExistsError(f"checkpoint {user_id!r} already exists; an id is not reused while the log holds it")
+            raise E.CheckpointExistsError(
+                f"checkpoint {user_id!r} already exists; an id is not reused while the log holds it "
+                f"(a create_checkpoint that got no answer may have written it: load_checkpoint shows it)")
         barrier = self._start_barrier(user_id, self.cut())
         head = None
         try:
