@@ -10,9 +10,11 @@ not (yet) whole and valid: a writer in the middle of a write leaves one there, a
 crashed writer whose torn tail no writer has repaired yet. The next look starts from there, so
 it sees the frame once it is complete, or the frames a repairing writer puts in its place.
 
-If the files do not continue the old view (the active segment was replaced or has shrunk, or
-segments appeared below it), the view is built again from a full scan of the active segment,
-and every file of the old view must be forgotten by the caller's caches.
+The files continue the old view only if the old active segment still holds, at the same
+offset, the last frame the view took from it (its header, CRC included, is read again), is no
+shorter if it is still the newest, and no segment has appeared below it. Otherwise (the stream
+was deleted and written again, or its active segment cut short) the view is rebuilt from a full
+scan of the newest segment, and the caller must drop everything it cached of the old files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import List
 
 from . import layout
+from .frame import HEADER_SIZE, FrameError, parse_header
 from .recovery import StreamTail, scan_active
 from .sparse_index import SparseIndex
 
@@ -33,43 +36,42 @@ class Followed:
     tail: StreamTail
     #: start ids of old segments whose cached descriptors, indexes and blocks must go
     forget: List[int]
+    #: False: the files did not continue the old view, which was rebuilt from scratch
+    continued: bool = True
 
 
 def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
-    """The view of ``stream_dir`` that continues ``tail`` (``tail.active_file`` tells whether
-    its active segment has since been replaced)."""
+    """The view of ``stream_dir`` that continues ``tail``."""
     old = tail.segments
     try:
         segments = layout.list_segments(stream_dir)
     except FileNotFoundError:  # the stream's directory was removed
         segments = []
     if not segments:
-        return Followed(StreamTail([], 0, 0, SparseIndex()), list(old))
+        return Followed(StreamTail([], 0, 0, SparseIndex()), list(old), not old)
     active = segments[-1]
     try:  # (a descriptor of its own: a cached one may belong to a file since replaced)
         fd = os.open(os.path.join(stream_dir, layout.segment_name(active)), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:  # removed since the listing: nothing to add this time
         return Followed(tail, [])
     try:
-        st = os.fstat(fd)
-        ident = (st.st_dev, st.st_ino)
-        if _continues(old, segments, tail, ident, st.st_size):
-            forget = [s for s in old if s < segments[0]]  # truncated away, oldest first
-            if active == old[-1]:
-                index, offset, first_id = tail.index, tail.active_size, tail.next_id
-            else:
-                index, offset, first_id = SparseIndex(), 0, active
+        size = os.fstat(fd).st_size
+        continued = _continues(stream_dir, segments, tail, fd, size)
+        if continued and active == old[-1]:
+            index, offset, first_id, last = tail.index, tail.active_size, tail.next_id, tail.last_frame
         else:
-            forget = list(old)
-            index, offset, first_id = SparseIndex(), 0, active
-        scan = scan_active(lambda off, n: os.pread(fd, n, off), offset, first_id, st.st_size, index, chunk)
+            index, offset, first_id, last = SparseIndex(), 0, active, None
+        scan = scan_active(lambda off, n: os.pread(fd, n, off), offset, first_id, size, index, chunk)
     finally:
         os.close(fd)
-    return Followed(StreamTail(segments, scan.valid_end, scan.next_id, index, active_file=ident), forget)
+    forget = [s for s in old if s < segments[0]] if continued else list(old)  # (truncated: oldest first)
+    new = StreamTail(segments, scan.valid_end, scan.next_id, index, last_frame=scan.last or last)
+    return Followed(new, forget, continued)
 
 
-def _continues(old: List[int], segments: List[int], tail: StreamTail, ident: tuple, size: int) -> bool:
-    """Whether ``segments`` (the files now) can follow ``old`` (the view) without a rescan."""
+def _continues(stream_dir: str, segments: List[int], tail: StreamTail, newest_fd: int, newest_size: int) -> bool:
+    """Whether ``segments`` (the files now; the newest open as ``newest_fd``) continue ``tail``."""
+    old = tail.segments
     if not old:
         return False
     last = old[-1]
@@ -78,6 +80,26 @@ def _continues(old: List[int], segments: List[int], tail: StreamTail, ident: tup
     below = [s for s in segments if s <= last]
     if below != old[len(old) - len(below):]:
         return False
-    if segments[-1] == last:  # the same active segment: the same file, not shorter
-        return ident == tail.active_file and size >= tail.active_size
-    return True
+    if not below:
+        return True  # all of the old view truncated away: nothing left to compare
+    if segments[-1] == last:
+        return newest_size >= tail.active_size and _holds(newest_fd, tail)
+    try:  # rotated since: the old active segment, now sealed, must be the file the view read
+        fd = os.open(os.path.join(stream_dir, layout.segment_name(last)), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.fstat(fd).st_size >= tail.active_size and _holds(fd, tail)
+    finally:
+        os.close(fd)
+
+
+def _holds(fd: int, tail: StreamTail) -> bool:
+    """Whether the file still has the view's last frame header where the view found it."""
+    if tail.last_frame is None:
+        return True  # no frame taken from it: nothing the view holds can be wrong
+    offset, header = tail.last_frame
+    try:
+        return parse_header(os.pread(fd, HEADER_SIZE, offset)) == header
+    except FrameError:
+        return False

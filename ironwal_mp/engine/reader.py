@@ -27,6 +27,9 @@ class StreamView(NamedTuple):
     active_size: int  # readable bytes of the active segment
     next_id: int  # ids below this (and at or above segments[0]) are readable
     active_index: SparseIndex
+    #: which version of the files: a follower's view rebuilt from scratch gets a new one, so
+    #: reads still under an older view put nothing in the caches that the new one reads
+    epoch: int = 0
 
     @property
     def first_id(self) -> Optional[int]:
@@ -110,9 +113,9 @@ class SegmentReader:
         path = os.path.join(stream_dir, layout.segment_name(view.segments[pos]))
         raise CorruptionError(path, 0, "the segment file is missing, although older segments are still there")
 
-    def sealed_index(self, path: str, start: int) -> tuple[SparseIndex, int]:
+    def sealed_index(self, path: str, start: int, epoch: int = 0) -> tuple[SparseIndex, int]:
         """(index, valid size) of a sealed segment, built once by a CRC-checked scan."""
-        cached = self.indexes.get(path)
+        cached = self.indexes.get((path, epoch))
         if cached is not None:
             return cached
         size = self.file_size(path)
@@ -127,21 +130,21 @@ class SegmentReader:
         except ScanError:
             valid = size  # let a read that reaches the bad bytes report them precisely
         result = (index, valid)
-        self.indexes.put(path, result)
+        self.indexes.put((path, epoch), result)
         return result
 
     def forget(self, path: str) -> None:
         self.fdcache.forget(path)
-        self.indexes.discard_where(lambda key: key == path)
+        self.indexes.discard_where(lambda key: key[0] == path)  # type: ignore[index]
         if self.blocks is not None:
             self.blocks.discard_where(lambda key: key[0] == path)  # type: ignore[index]
 
     def decode(self, path: str, offset: int, header: FrameHeader, stored: bytes,
-               crc_checked: bool = False) -> List[bytes]:
+               crc_checked: bool = False, epoch: int = 0) -> List[bytes]:
         """A frame's entries, CRC-checked (unless the caller just did); from the block cache when enabled."""
         blocks = self.blocks
         if blocks is not None:
-            hit = blocks.get((path, offset))
+            hit = blocks.get((path, epoch, offset))
             if hit is not None:
                 return hit[0]
         try:
@@ -153,7 +156,7 @@ class SegmentReader:
                 raise CrcMismatchError(path, offset, exc.crc_expected, exc.crc_actual) from None
             raise CorruptionError(path, offset, exc.reason) from None
         if blocks is not None:
-            blocks.put((path, offset), (entries, header.uncompressed_size))
+            blocks.put((path, epoch, offset), (entries, header.uncompressed_size))
         return entries
 
     # --- frames of one segment ------------------------------------------------------------
@@ -168,7 +171,7 @@ class SegmentReader:
             index, end = view.active_index, view.active_size
             end_id = view.next_id
         else:
-            index, end = self.sealed_index(path, start)
+            index, end = self.sealed_index(path, start, view.epoch)
             end_id = view.segments[pos + 1]
         try:
             first_id, offset = index.floor(from_id) if from_id > start else (start, 0)
@@ -181,10 +184,10 @@ class SegmentReader:
             ):  # (every frame walked over is CRC-checked: see scan_frames)
                 reached, last = header.start_id + header.count, (off, header, stored)
                 if reached > from_id:
-                    yield off, header, self.decode(path, off, header, stored, crc_checked=True)
+                    yield off, header, self.decode(path, off, header, stored, True, view.epoch)
         except ScanError as exc:
             if last is not None:  # a gap in ids may be the previous frame's damaged count
-                self.decode(path, *last)
+                self.decode(path, *last, epoch=view.epoch)
             err = exc.error
             if err.is_crc:
                 raise CrcMismatchError(path, exc.offset, err.crc_expected, err.crc_actual) from None
@@ -195,7 +198,7 @@ class SegmentReader:
             if last is None:
                 raise CorruptionError(path, offset, f"no frame holds id {first_id}")
             off, header, stored = last
-            self.decode(path, off, header, stored)
+            self.decode(path, off, header, stored, epoch=view.epoch)
             raise CorruptionError(path, off, f"frames end at id {reached}, expected {end_id}")
 
     # --- public reads -----------------------------------------------------------------------
@@ -214,10 +217,15 @@ class SegmentReader:
         return None
 
     def iter(self, view: StreamView, stream_dir: str, start_id: int) -> Iterator[bytes]:
-        """Entries from ``start_id`` (or the first kept id, if that is later) to the view's end."""
+        """Entries from ``start_id`` (or the view's first id, if that is later) to the view's end.
+
+        ConcurrentTruncationError if ids the caller asked for, at or after the view's first id,
+        are truncated away before they are read: an iteration never skips ids silently.
+        """
         segments = view.segments
         if not segments:
             return
+        from_first = start_id < segments[0]  # (asked for ids already gone: "from the first kept")
         start_id = max(start_id, segments[0])
         end_id = view.next_id
         if start_id >= end_id:
@@ -236,7 +244,7 @@ class SegmentReader:
                         return
             except FileNotFoundError:
                 self._truncated(view, stream_dir, p)
-                if next_id == start_id:
+                if next_id == start_id and from_first:
                     continue  # truncated before we began: start at the first kept segment
                 raise ConcurrentTruncationError(
                     f"{stream_dir}: ids from {next_id} were truncated away while this iteration "

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 from ..errors import CorruptionError
 from ..options import CorruptionPolicy
 from . import layout
+from .frame import FrameHeader
 from .scanner import ReadFn, ScanError, scan_frames
 from .sparse_index import SparseIndex
 
@@ -45,7 +46,9 @@ class StreamTail:
     next_id: int
     index: SparseIndex  # sparse index of the active segment
     active_frames: int = 0
-    active_file: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the active segment
+    #: (offset, header) of the active segment's last valid frame: tells a follower that the
+    #: file still holds what it saw (see follow.py)
+    last_frame: Optional[Tuple[int, FrameHeader]] = None
 
 
 def recover_stream(
@@ -78,8 +81,7 @@ def recover_stream(
     index = SparseIndex()
     fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
     try:
-        st = os.fstat(fd)
-        size, active_file = st.st_size, (st.st_dev, st.st_ino)
+        size = os.fstat(fd).st_size
         scan = scan_active(lambda off, n: os.pread(fd, n, off), 0, active, size, index, chunk)
         problem, valid_end, next_id, frames = scan.problem, scan.valid_end, scan.next_id, scan.frames
         if problem is not None and policy is CorruptionPolicy.ERROR:
@@ -108,7 +110,7 @@ def recover_stream(
             os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
     finally:
         os.close(fd)
-    return StreamTail(segments, valid_end, next_id, index, frames, active_file), report
+    return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report
 
 
 @dataclass
@@ -119,6 +121,7 @@ class ActiveScan:
     next_id: int  # the id after the last valid frame
     frames: int  # valid frames walked over
     problem: Optional[ScanError]  # None: the data ended cleanly at ``valid_end``
+    last: Optional[Tuple[int, FrameHeader]] = None  # (offset, header) of the last valid frame
 
 
 def scan_active(
@@ -133,6 +136,7 @@ def scan_active(
             scan.next_id = header.start_id + header.count
             scan.valid_end = off + header.frame_size
             scan.frames += 1
+            scan.last = (off, header)
     except ScanError as exc:
         scan.problem = exc
     return scan

@@ -41,7 +41,8 @@ class Stream:
         self._active_size = tail.active_size
         self._next_id = tail.next_id
         self._index = tail.index
-        self._active_file = tail.active_file
+        self._last_frame = tail.last_frame
+        self._epoch = 0  # bumped when a follower's view is rebuilt: keys its cached blocks
         self._chunk = opts.read_buffer_size
         #: a writer's recovery fsynced the tail; a reader knows only that sealed segments are durable
         self._synced_id = (tail.segments[-1] if tail.segments else 0) if read_only else tail.next_id
@@ -81,7 +82,7 @@ class Stream:
 
     def view(self) -> StreamView:
         with self.lock:
-            return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index)
+            return StreamView(tuple(self._segments), self._active_size, self._next_id, self._index, self._epoch)
 
     def close_writes(self) -> None:
         """Refuse appends and truncation from now on (WalClosedError), once the one under way
@@ -101,16 +102,18 @@ class Stream:
         """Read-only: take in what the stream's writer added since the last look (see follow.py)."""
         with self.lock:
             old = StreamTail(self._segments, self._active_size, self._next_id, self._index,
-                             active_file=self._active_file)
+                             last_frame=self._last_frame)
             got = advance(self.dir, old, self._chunk)
             for start in got.forget:  # (closes descriptors of deleted or replaced files too)
                 self.reader.forget(self._path(start))
+            if not got.continued:  # reads under an older view cache nothing the new one sees
+                self._epoch += 1
             tail = got.tail
             self._segments = list(tail.segments)
             self._active_size = tail.active_size
             self._next_id = tail.next_id
             self._index = tail.index
-            self._active_file = tail.active_file
+            self._last_frame = tail.last_frame
             self._active_path = self._path(self._segments[-1]) if self._segments else ""
             # sealed segments were fsynced by the rotation that sealed them
             self._synced_id = self._segments[-1] if self._segments else 0
