@@ -932,8 +932,9 @@ def test_verify_finds_checkpointed_entries_that_are_gone(wal_root, tmp_path):
     for seg in segment_paths(os.path.join(cases["segments-removed"], "shard_01")):
         os.remove(seg)
     seg = segment_paths(os.path.join(cases["cut-at-a-frame"], "shard_00"))[-1]
+    frames = frame_offsets(seg)  # (how many the last segment holds depends on the workers' drains)
     with open(seg, "r+b") as fh:
-        fh.truncate(frame_offsets(seg)[-2][0])  # two whole frames gone, nothing torn
+        fh.truncate(frames[-min(2, len(frames))][0])  # whole frames gone, nothing torn
     for name, root in cases.items():
         proc = cli("verify", root, expect=1)
         assert "recorded it reaching" in proc.stdout_text and "entries were lost" in proc.stdout_text, (name, proc.stdout_text)
