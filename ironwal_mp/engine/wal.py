@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, NoReturn, Optional
 
 import errno
 
@@ -46,6 +46,13 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _raise_as_wal_error(exc: OSError, message: str, path: str) -> NoReturn:
+    """Raise ``exc`` itself if the library raised it, else a WalIOError saying ``message``."""
+    if isinstance(exc, WalError):
+        raise exc
+    raise WalIOError(message, exc.errno, getattr(exc, "filename", None) or path) from exc
 
 
 def _check_data(data: object) -> bytes:
@@ -197,10 +204,7 @@ class Wal:
                         chunk=self.options.read_buffer_size,
                     )
                 except OSError as exc:
-                    if isinstance(exc, WalError):
-                        raise
-                    raise WalIOError(f"recovering stream {name!r} failed: {exc}", exc.errno,
-                                     getattr(exc, "filename", None) or stream_dir) from exc
+                    _raise_as_wal_error(exc, f"recovering stream {name!r} failed: {exc}", stream_dir)
                 if report.changed:
                     self.recovery_reports.append(report)
             stream = Stream(name, stream_dir, self.options, self._reader, tail, read_only=self.read_only)
@@ -324,10 +328,7 @@ class Wal:
             try:
                 s.follow()
             except OSError as exc:
-                if isinstance(exc, WalError):
-                    raise
-                raise WalIOError(f"following stream {s.name!r} failed: {exc.strerror or exc}", exc.errno,
-                                 getattr(exc, "filename", None) or s.dir) from exc
+                _raise_as_wal_error(exc, f"following stream {s.name!r} failed: {exc.strerror or exc}", s.dir)
 
     # --- reads ----------------------------------------------------------------------------
 
