@@ -433,6 +433,62 @@ def test_bad_input_part_way_says_what_was_already_appended(wal_root, tmp_path):
     assert cli_json("checkpoint", "list", "--root", wal_root) == []
 
 
+def test_ingest_from_a_pipe_that_goes_quiet_appends_at_once_and_stops_on_sigterm(wal_root, tmp_path):
+    """`tail -f log | ironwal-mp ingest -`: lines that came in are appended once the pipe goes
+    quiet, not held until a batch of 1000 fills; SIGTERM stops it at once (it used to sit in its
+    read until the batch filled or the pipe closed) with everything it read appended."""
+    import ironwal_mp
+
+    with open(os.path.join(str(tmp_path), "pipe.err"), "wb") as err, \
+            open(os.path.join(str(tmp_path), "pipe.out"), "wb") as out:
+        proc = subprocess.Popen(CMD + ["ingest", "-", "--root", wal_root, "--shards", "2", "--workers", "1",
+                                       "--json"], stdin=subprocess.PIPE, stdout=out, stderr=err, env=_env())
+    try:
+        proc.stdin.write(b"a\nb\nc\n")
+        proc.stdin.flush()
+        wal = None
+        deadline = time.monotonic() + 60
+        while wal is None:  # (the coordinator ingest starts takes a moment)
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                wal = ironwal_mp.connect(wal_root)
+            except Exception:
+                time.sleep(0.05)
+        with wal:
+            def appended() -> int:
+                return sum(s["next_id"] for s in wal.stats()["shards"])
+
+            while appended() < 3:
+                assert time.monotonic() < deadline, "lines from a quiet pipe were never appended"
+                time.sleep(0.05)
+            proc.stdin.write(b"d\n")  # a trickle: appended on its own too
+            proc.stdin.flush()
+            while appended() < 4:
+                assert time.monotonic() < deadline, "a line that trickled in was never appended"
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the pipe stays open: its writer has not finished
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+    with open(os.path.join(str(tmp_path), "pipe.out"), "rb") as fh:
+        summary = json.loads(fh.read())
+    assert code == 143
+    assert summary["records"] == 4 and summary["interrupted"] is True
+    assert sorted(cli("replay", "--root", wal_root).stdout.splitlines()) == [b"a", b"b", b"c", b"d"]
+    assert cli_json("checkpoint", "show", "latest", "--root", wal_root)["entries"] == 4
+
+
+def test_ingest_from_a_pipe_reports_a_bad_line_after_appending_the_good_ones(wal_root):
+    rows = b"".join(b'{"user": "u%d", "i": %d}\n' % (i % 3, i) for i in range(30)) + b"not json\n"
+    line = usage_error("ingest", "-", "--format", "jsonl", "--key", "user", "--root", wal_root, "--shards", "2",
+                       "--workers", "1", "--batch", "10", stdin=rows)
+    assert "line 31" in line and "the 30 records before it were appended" in line
+    assert sum(s["entries"] for s in cli_json("inspect", wal_root)["streams"]) == 30
+
+
 @pytest.mark.parametrize("batch,sync", [("1", "strict"), ("1", "async"), ("7", "batch_only"), ("50", "strict")])
 def test_ingest_batch_and_sync_paths(wal_root, tmp_path, batch, sync):
     rows = [{"k": f"key-{i % 13}", "i": i} for i in range(60)]

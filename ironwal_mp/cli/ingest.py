@@ -17,10 +17,13 @@ from typing import Dict, List, Optional, Tuple
 from .. import ShardedWal, SyncMode, WalOptions
 from ..engine import layout
 from ..sharded.manifest import shard_stream
+from .live import IDLE, Feed, is_live
 from .output import Progress, UsageError, emit_json, rate, size, table
 from .sources import Record, open_source, synthetic_ledger
 
 DEFAULT_RECORDS = 1_000_000
+#: an input that goes quiet for this long has what it sent appended (and acknowledged) at once
+IDLE_FLUSH_S = 0.1
 
 
 def _dir_bytes(root: str, shards: int) -> Tuple[int, int]:
@@ -56,6 +59,7 @@ def _stop_signals_held():
 def run(args) -> int:
     # (--batch, --checkpoint-every and --records are range-checked by main._check_numbers)
     total: Optional[int] = None
+    live = False
     if args.input is None:
         records = synthetic_ledger(args.records)
         described = f"synthetic ledger events ({args.records:,} records, key 'account')"
@@ -63,6 +67,7 @@ def run(args) -> int:
     else:
         records, described = open_source(args.input, args.format, args.key)
         total = None
+        live = is_live(args.input)
     root = os.path.abspath(args.root)
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
     stop = {"requested": False, "signal": 0}
@@ -120,23 +125,43 @@ def run(args) -> int:
                     wal.create_checkpoint(cid)
                 checkpoints.append(cid)
 
-            def flushed_then_stop() -> bool:
-                """Flush the batch, write a checkpoint if one is due; True if Ctrl-C asked to stop."""
+            def flush_and_checkpoint() -> None:
+                """Flush the batch, then write a checkpoint if one is due."""
                 nonlocal next_ckpt
                 flush()
                 if next_ckpt is not None and count >= next_ckpt:
                     checkpoint(str(count))
                     next_ckpt = (count // args.checkpoint_every + 1) * args.checkpoint_every
-                return stop["requested"]
 
-            for record in records:
+            def add(record: Record) -> None:
                 shard, need = wal.shard_for(record[0]), 4 + len(record[1])
-                if batch and part_bytes.get(shard, 0) + need > part_limit and flushed_then_stop():
-                    break
+                if batch and part_bytes.get(shard, 0) + need > part_limit:
+                    flush_and_checkpoint()
                 batch.append(record)
                 part_bytes[shard] = part_bytes.get(shard, 0) + need
-                if len(batch) >= args.batch and flushed_then_stop():
-                    break
+                if len(batch) >= args.batch:
+                    flush_and_checkpoint()
+
+            # a pipe or a terminal may go quiet for good: read it on a thread, and append what
+            # came in as soon as it does (a regular file is read here, at full speed)
+            feed = Feed(records, IDLE_FLUSH_S, 4 * args.batch, STOP_SIGNALS) if live else None
+            try:
+                for record in feed if feed is not None else records:
+                    if record is not IDLE:
+                        add(record)
+                    elif batch:
+                        flush_and_checkpoint()
+                    # a file stops once the batch in hand is full and appended; a live input
+                    # at once (its batch may never fill), with what it has sent appended
+                    if stop["requested"] and (feed is not None or not batch):
+                        break
+            except BaseException:
+                if feed is not None:
+                    feed.stop()
+                raise
+            # what the thread read is gone from the input: on a stop it is appended too
+            for record in feed.stop() if feed is not None else ():
+                add(record)
             flush()
             if stop["requested"] or not checkpoints or not checkpoints[-1].endswith(b"-%d" % count):
                 checkpoint("interrupted" if stop["requested"] else "end")
