@@ -135,7 +135,8 @@ class StreamFailedError(WalError):
 
 class ShardCountMismatchError(WalError, ValueError):
     """A sharded directory was reopened with another shard count than its MANIFEST records, or
-    a checkpoint record to prune by names another number of shards than the WAL has."""
+    a checkpoint record to prune by (or to replay from) names another number of shards than the
+    WAL has."""
 
     def __init__(self, expected: int, found: int, detail: str = "") -> None:
         super().__init__(

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from ironwal_mp import CompressionType, ShardedWal, SyncMode, Wal, WalOptions
+from ironwal_mp.errors import ManifestError
 from ironwal_mp.engine import layout
 from ironwal_mp.engine.frame import HEADER_SIZE
 from ironwal_mp.engine.scanner import scan_frames
@@ -800,6 +801,35 @@ def test_checkpoint_commands_on_an_empty_or_foreign_directory(wal_root, tmp_path
     assert "not a sharded WAL" in line
     line = usage_error("checkpoint", "list", "--root", os.path.join(str(tmp_path), "nowhere"))
     assert "not a directory" in line
+
+
+def _set_manifest_count(root: str, count: int) -> None:
+    path = os.path.join(root, "MANIFEST")
+    with open(path) as fh:
+        doc = json.load(fh)
+    doc["shard_count"] = count
+    with open(path, "w") as fh:
+        json.dump(doc, fh)
+
+
+def test_a_manifest_that_disagrees_with_the_shards_is_reported_not_trusted(wal_root):
+    """A MANIFEST edited to fewer shards than the directory holds made verify say OK and replay
+    leave shards out; one edited to more crashed replay --from-checkpoint (IndexError)."""
+    summary = ingest_synthetic(wal_root, 400)
+    _set_manifest_count(wal_root, 2)  # shard_02 and shard_03 would be left out of everything
+    for args in (("verify", wal_root), ("replay", "--root", wal_root), ("inspect", wal_root),
+                 ("checkpoint", "create", "c2", "--root", wal_root)):
+        line = one_line(cli(*args, expect=1).stderr_text)
+        assert "MANIFEST records 2 shards" in line and "shard_03" in line, line
+    with pytest.raises(ManifestError, match="shard_03"):
+        ShardedWal(WalOptions(root_path=wal_root), 2)
+
+    _set_manifest_count(wal_root, 6)  # more is allowed (a shard's directory comes with its first use)
+    proc = cli("verify", wal_root, expect=1)
+    assert "records 4 shards, but the WAL has 6" in proc.stdout_text
+    line = usage_error("replay", "--root", wal_root, "--from-checkpoint", "latest")
+    assert "records 4 shards" in line and summary["checkpoints"][-1] in line
+    assert len(replay_json(wal_root)) == 400  # every entry is still there
 
 
 def test_show_latest_without_checkpoints(wal_root):

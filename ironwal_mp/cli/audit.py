@@ -118,6 +118,11 @@ def _behind_checkpoints(target: Target, audits: List[StreamAudit]) -> List[Dict[
             if offset > reach.get(shard, (0, b""))[0]:
                 reach[shard] = (offset, rec.user_id)
     out = []
+    for rec in CheckpointLog(target.root, repair=False).records():
+        if rec.shard_count != target.shard_count:
+            out.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": None,
+                        "reason": f"checkpoint {rec.user_id.decode(errors='replace')!r} records "
+                                  f"{rec.shard_count} shards, but the WAL has {target.shard_count}"})
     for shard, a in enumerate(audits):
         offset, cid = reach.get(shard, (0, b""))
         if a.next_id < offset:

@@ -14,7 +14,7 @@ from typing import List
 
 from ..engine.audit import audit_stream
 from ..engine.checkpoint_log import CheckpointLog
-from ..errors import CorruptionError, WalClosedError
+from ..errors import CorruptionError, ShardCountMismatchError, WalClosedError
 from .checkpoints import _sharded_root
 from .locate import locate, open_sharded
 from .output import EXIT_OK, UsageError
@@ -55,7 +55,11 @@ def run(args) -> int:
         starts: List[int] = [0] * n
         if args.from_checkpoint:
             log = CheckpointLog(root, repair=False)
-            data = log.latest() if args.from_checkpoint == "latest" else log.get(args.from_checkpoint.encode())
+            data = log.latest() if args.from_checkpoint == "latest" else log.get(os.fsencode(args.from_checkpoint))
+            if data.shard_count != n:
+                raise ShardCountMismatchError(
+                    n, data.shard_count, f"checkpoint {data.user_id!r} records {data.shard_count} shards, "
+                                         f"this WAL has {n}: its offsets are not this WAL's")
             starts = list(data.offsets)
         shards = [args.shard] if args.shard is not None else range(n)
         try:

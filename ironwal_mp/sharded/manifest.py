@@ -60,11 +60,17 @@ def read_manifest(root: str) -> Optional[Manifest]:
         if doc.get("version") != FORMAT_VERSION:
             raise ManifestError(f"{path}: format version {doc.get('version')} is not supported")
         get_router(doc["router"])
-        return Manifest(check_shard_count(doc["shard_count"]), doc["router"], doc["version"], "adopted_from" in doc)
+        manifest = Manifest(check_shard_count(doc["shard_count"]), doc["router"], doc["version"], "adopted_from" in doc)
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, ManifestError):
             raise
         raise ManifestError(f"{path} is unreadable: {exc}") from None
+    beyond = [s for s in existing_shard_dirs(root) if s >= manifest.shard_count]
+    if beyond:  # (opening it would leave those shards' entries out of every read and checkpoint)
+        raise ManifestError(
+            f"{path} records {manifest.shard_count} shards, but {root} also holds "
+            f"{shard_stream(beyond[-1])}: the MANIFEST was changed or belongs to another WAL")
+    return manifest
 
 
 def existing_shard_dirs(root: str) -> list[int]:
