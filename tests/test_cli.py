@@ -1027,6 +1027,39 @@ def test_verify_finds_checkpointed_entries_that_are_gone(wal_root, tmp_path):
         assert cli_json("verify", root, expect=1)["ok"] is False
 
 
+def test_repair_waits_for_workers_that_outlive_their_coordinator(wal_root, tmp_path):
+    """A coordinator killed outright leaves its workers draining for a moment, writing the shard
+    files without LOCK. repair used to go ahead beside them ("nothing to repair") as soon as LOCK
+    was free; now it waits for them as the next start does."""
+    from ironwal_mp.ipc.names import processes_of
+
+    serve = start_serve(tmp_path, wal_root, 2)
+    workers = [pid for pid, _ in processes_of(wal_root, roles=("workers",))]
+    assert workers
+    repair = None
+    try:
+        for pid in workers:  # (held so that the window stays open for the test)
+            os.kill(pid, signal.SIGSTOP)
+        serve.stop(signal.SIGKILL)
+        repair = Background(tmp_path, "repair", "repair", wal_root).start()
+        time.sleep(1.0)
+        assert repair.proc.poll() is None, f"repair ran beside live workers\n{repair.stdout}\n{repair.stderr}"
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)  # they see their coordinator gone, drain and exit
+        assert repair.proc.wait(timeout=60) == 0, repair.stderr
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                    and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if repair is not None and repair.proc.poll() is None:
+            repair.stop(signal.SIGKILL)
+    assert cli("verify", wal_root).returncode == 0
+
+
 def test_verify_finds_sealed_damage_that_repair_cannot_mend(tmp_path):
     root = os.path.join(str(tmp_path), "engine")
     write_engine_wal(root, "events", 200)

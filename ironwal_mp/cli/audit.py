@@ -168,9 +168,22 @@ def repair(args) -> int:
               f"(pid {holder}); stop it first", file=sys.stderr)
         return EXIT_FINDING
     changes: List[str] = []
+    notes: List[str] = []
     # LOCK taken here, not by the Wal: an engine Wal refuses a sharded root, which this repairs
     lock = RootLock(target.root).acquire()
     try:
+        if target.kind == "sharded":
+            # Workers outlive a coordinator killed outright while they drain their rings, and
+            # write the shard files without LOCK: let them finish (or stop them), then remove
+            # the dead run's IPC objects but the rings still holding unwritten records, as a
+            # start does.
+            from ..ipc.leftovers import clear_leftovers
+            from ..ipc.names import Names
+
+            for shard, ring in sorted(clear_leftovers(target.root, Names(target.root), target.shard_count).items()):
+                ring.close()
+                notes.append(f"shard_{shard:02d}: its ring from the last run holds records the files "
+                             "lack; kept for the next start, which writes them")
         with Wal(WalOptions(root_path=target.root), lock=False) as wal:
             for name in target.streams:
                 if os.path.isdir(os.path.join(target.root, name)):
@@ -188,10 +201,13 @@ def repair(args) -> int:
     remaining = [p for name in target.streams if os.path.isdir(os.path.join(target.root, name))
                  for p in audit_stream(os.path.join(target.root, name)).problems]
     if args.json:
-        emit_json({"root": target.root, "changes": changes, "remaining_problems": [str(p) for p in remaining]})
+        emit_json({"root": target.root, "changes": changes, "notes": notes,
+                   "remaining_problems": [str(p) for p in remaining]})
     else:
         for c in changes:
             print(f"repaired {c}")
+        for n in notes:
+            print(f"NOTE {n}")
         if not changes:
             print(f"nothing to repair in {target.root}")
         for p in remaining:
