@@ -1113,6 +1113,30 @@ def test_verify_finds_a_damaged_checkpoint_log_and_repair_cuts_it(wal_root):
     assert [c["id"] for c in cli_json("checkpoint", "list", "--root", wal_root)] == summary["checkpoints"]
 
 
+def test_a_damaged_first_checkpoint_record_is_not_listed_as_no_checkpoints(wal_root):
+    """A flipped bit in the first of three records: `checkpoint list` said "no checkpoints"
+    with exit 0 and inspect showed nothing amiss; repair cut the two intact records behind it
+    without saying so."""
+    summary = ingest_synthetic(wal_root, 3000, "--checkpoint-every", "1000")
+    log = os.path.join(wal_root, "checkpoints.log")
+    with open(log, "r+b") as fh:
+        fh.seek(20)
+        byte = fh.read(1)
+        fh.seek(20)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    proc = cli("checkpoint", "list", "--root", wal_root, expect=1)
+    assert "no checkpoints" in proc.stdout_text
+    line = one_line(proc.stderr_text)
+    assert "damaged at offset 0" in line and "2 intact record(s) past it are not listed" in line
+    proc = cli("checkpoint", "list", "--root", wal_root, "--json", expect=1)
+    assert json.loads(proc.stdout) == []
+    assert "PROBLEM checkpoints.log: cut" in cli("inspect", wal_root).stdout_text
+    rep = cli("repair", wal_root).stdout_text
+    assert "checkpoints.log.broken; they hold 2 intact record(s)" in rep, rep
+    assert cli_json("checkpoint", "list", "--root", wal_root) == []
+    assert len(summary["checkpoints"]) == 3
+
+
 def test_verify_reports_a_bad_index_file_and_repair_rebuilds_it(tmp_path):
     root = os.path.join(str(tmp_path), "engine")
     write_engine_wal(root, "events", 100)

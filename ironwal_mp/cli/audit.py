@@ -106,6 +106,8 @@ def inspect(args) -> int:
         print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {latest}")
         for rec in ck["list"][-5:]:
             print(f"  {rec['id'].decode(errors='replace')}  offsets {rec['offsets']}")
+        for problem in ck["problems"]:
+            print(f"  PROBLEM checkpoints.log: {problem}")
     return EXIT_OK
 
 
@@ -193,8 +195,14 @@ def repair(args) -> int:
                     side = f" (cut bytes kept in {report.side_file})" if report.side_file and action.startswith("cut") else ""
                     changes.append(f"{os.path.basename(report.stream_dir)}: {action}{side}")
             if target.kind == "sharded":
-                log = CheckpointLog(target.root)
-                for action in log.report.actions:
+                report = CheckpointLog(target.root).report
+                for action in report.actions:
+                    if action.startswith("cut") and report.side_file:
+                        action += f" (cut bytes kept in {report.side_file}"
+                        if report.stranded_records:
+                            action += f"; they hold {report.stranded_records} intact record(s) that " \
+                                      "lay past the damage, gone from the log now"
+                        action += ")"
                     changes.append(f"checkpoints.log: {action}")
     finally:
         lock.release()

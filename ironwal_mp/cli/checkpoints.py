@@ -6,12 +6,13 @@ running one, or, for a stopped WAL, one started for the call and stopped after i
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Dict
 
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog
 from .locate import locate, open_sharded
-from .output import EXIT_OK, UsageError, emit_json, table
+from .output import EXIT_FINDING, EXIT_OK, UsageError, emit_json, table
 
 
 def _doc(data: CheckpointData) -> Dict[str, Any]:
@@ -42,7 +43,15 @@ def run(args) -> int:
         else:
             table([[d["id"].decode(errors="replace"), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for d in docs],
                   header=["checkpoint", "created (UTC)", "entries before it"])
-        return EXIT_OK
+        report = log.report
+        if report.cut_offset is None:
+            return EXIT_OK
+        # (on stderr: stdout stays the list, and valid JSON with --json)
+        past = (f"; {report.stranded_records} intact record(s) past it are not listed"
+                if report.stranded_records else "")
+        print(f"ironwal-mp checkpoint list: {report.log_path} is damaged at offset {report.cut_offset} "
+              f"({report.cut_reason}){past}: see `ironwal-mp verify`", file=sys.stderr)
+        return EXIT_FINDING
     if args.action == "show":
         log = CheckpointLog(root, repair=False)
         data = log.latest() if args.id == "latest" else log.get(args.id.encode())
