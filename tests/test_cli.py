@@ -342,6 +342,50 @@ def test_ingest_csv_row_without_the_key_column_is_a_usage_error(wal_root, tmp_pa
     assert "account" in line
 
 
+def test_ingest_csv_refuses_a_repeated_column_and_takes_large_fields(wal_root, tmp_path):
+    path = os.path.join(str(tmp_path), "dup.csv")
+    with open(path, "w") as fh:
+        fh.write("k,amount,amount\nacct1,100,-40\n")
+    line = usage_error("ingest", path, "--key", "k", "--root", wal_root, "--shards", "2", "--workers", "1")
+    assert "'amount' more than once" in line  # (a row kept only the last value, silently)
+    big = "x" * (300 << 10)  # over the csv module's default field limit (128 KiB): a traceback before
+    with open(path, "w") as fh:
+        fh.write(f"k,blob\na,{big}\nb,small\n")
+    summary = cli_json("ingest", path, "--key", "k", "--root", wal_root, "--shards", "2", "--workers", "1")
+    assert summary["records"] == 2
+    values = sorted(json.loads(e["data"])["blob"] for e in replay_json(wal_root))
+    assert values == sorted([big, "small"])
+
+
+def test_ingest_record_too_large_says_what_was_appended_and_ring_size_fits_it(wal_root, tmp_path):
+    path = os.path.join(str(tmp_path), "in.raw")
+    with open(path, "wb") as fh:
+        fh.write(b"".join(b"line%d\n" % i for i in range(2500)) + b"A" * (3 << 20) + b"\n")
+    line = usage_error("ingest", path, "--root", wal_root, "--shards", "2", "--workers", "1")
+    assert "exceeds the limit of 1048576 bytes (see --ring-size)" in line
+    assert "the 2,500 records before its batch were appended" in line  # (the big one is a batch of its own)
+    assert len(replay_json(wal_root)) == 2500
+    other = os.path.join(str(tmp_path), "wal2")
+    assert "--ring-size" in usage_error("ingest", path, "--root", other, "--ring-size", "1000")
+    summary = cli_json("ingest", path, "--root", other, "--shards", "2", "--workers", "1", "--ring-size", str(16 << 20))
+    assert summary["records"] == 2501
+
+
+def test_checkpoint_ids_that_are_not_utf8_round_trip_and_never_print_alike(wal_root):
+    ingest_synthetic(wal_root, 100)
+    odd = os.fsdecode(b"\xab\xcd")  # what a shell passes for those bytes
+    cli("checkpoint", "create", odd, "--root", wal_root)
+    cli("checkpoint", "create", "abcd", "--root", wal_root)
+    listed = cli_json("checkpoint", "list", "--root", wal_root)
+    assert listed[-2]["id_hex"] == "abcd" and "id" not in listed[-2]
+    assert listed[-1]["id"] == "abcd" and "id_hex" not in listed[-1]
+    assert cli_json("checkpoint", "show", odd, "--root", wal_root)["id_hex"] == "abcd"
+    assert cli_json("inspect", wal_root)["checkpoints"]["list"][-2]["id_hex"] == "abcd"
+    assert "b'\\xab\\xcd'" in cli("checkpoint", "list", "--root", wal_root).stdout_text
+    assert replay_json(wal_root, "--from-checkpoint", odd) == []
+    assert "empty" in usage_error("replay", "--root", wal_root, "--from-checkpoint", "")
+
+
 def test_ingest_raw_lines_from_stdin(wal_root):
     data = b"alpha\nbeta\n\ngamma\r\nalpha\n"
     summary = cli_json("ingest", "-", "--root", wal_root, "--shards", "4", "--workers", "1", stdin=data)

@@ -12,7 +12,7 @@ from ..engine.checkpoint_log import CheckpointLog
 from ..engine.rootlock import RootLock, lock_holder
 from ..errors import WalError
 from .locate import Target, locate
-from .output import EXIT_FINDING, EXIT_OK, Progress, emit_json, size, table
+from .output import EXIT_FINDING, EXIT_OK, Progress, bytes_field, emit_json, size, table
 
 
 def _checkpoints(target: Target) -> Dict[str, Any]:
@@ -27,10 +27,11 @@ def _checkpoints(target: Target) -> Dict[str, Any]:
         pass
     return {
         "count": len(records),
-        "latest": latest,
+        **bytes_field("latest", latest),
         "bytes": log.bytes_size,
         "problems": [] if not log.report.changed else list(log.report.actions),
-        "list": [{"id": r.user_id, "timestamp": r.timestamp, "offsets": list(r.offsets)} for r in records],
+        "list": [{**bytes_field("id", r.user_id), "timestamp": r.timestamp, "offsets": list(r.offsets)}
+                 for r in records],
     }
 
 
@@ -102,10 +103,12 @@ def inspect(args) -> int:
     table(rows, header=["stream", "segments", "ids", "entries", "frames", "raw", "on disk", "ratio", "problems"])
     ck = doc["checkpoints"]
     if ck:
-        latest = ck["latest"].decode(errors="replace") if ck["latest"] else "-"
-        print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {latest}")
+        def shown(doc: Dict[str, Any], key: str) -> str:
+            return doc[key] if doc.get(key) is not None else (f"(hex) {doc[key + '_hex']}" if key + "_hex" in doc else "-")
+
+        print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {shown(ck, 'latest')}")
         for rec in ck["list"][-5:]:
-            print(f"  {rec['id'].decode(errors='replace')}  offsets {rec['offsets']}")
+            print(f"  {shown(rec, 'id')}  offsets {rec['offsets']}")
         for problem in ck["problems"]:
             print(f"  PROBLEM checkpoints.log: {problem}")
     return EXIT_OK

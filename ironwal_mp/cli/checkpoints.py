@@ -6,22 +6,31 @@ running one, or, for a stopped WAL, one started for the call and stopped after i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Dict
 
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog
 from .locate import locate, open_sharded
-from .output import EXIT_FINDING, EXIT_OK, UsageError, emit_json, table
+from .output import EXIT_FINDING, EXIT_OK, UsageError, bytes_field, emit_json, table
 
 
 def _doc(data: CheckpointData) -> Dict[str, Any]:
-    return {"id": data.user_id, "timestamp_ns": data.timestamp, "shard_count": data.shard_count,
+    return {**bytes_field("id", data.user_id), "timestamp_ns": data.timestamp, "shard_count": data.shard_count,
             "offsets": list(data.offsets), "entries": sum(data.offsets)}
 
 
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
+
+
+def _shown(user_id: bytes) -> str:
+    """An id as text: itself if UTF-8, else as Python writes bytes (so no two ids look alike)."""
+    try:
+        return user_id.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(user_id)
 
 
 def _sharded_root(path: str) -> str:
@@ -41,8 +50,8 @@ def run(args) -> int:
         elif not docs:
             print(f"no checkpoints in {root}")
         else:
-            table([[d["id"].decode(errors="replace"), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for d in docs],
-                  header=["checkpoint", "created (UTC)", "entries before it"])
+            table([[_shown(r.user_id), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for r, d in zip(log.records(), docs)],
+                  header=["checkpoint", "created (UTC)", "entries appended before it"])
         report = log.report
         if report.cut_offset is None:
             return EXIT_OK
@@ -54,22 +63,22 @@ def run(args) -> int:
         return EXIT_FINDING
     if args.action == "show":
         log = CheckpointLog(root, repair=False)
-        data = log.latest() if args.id == "latest" else log.get(args.id.encode())
+        data = log.latest() if args.id == "latest" else log.get(os.fsencode(args.id))
         doc = _doc(data)
         if args.json:
             emit_json(doc)
         else:
-            print(f"checkpoint {data.user_id.decode(errors='replace')}, created {_when(data.timestamp)}, "
-                  f"{data.shard_count} shards, {doc['entries']:,} entries before it")
+            print(f"checkpoint {_shown(data.user_id)}, created {_when(data.timestamp)}, "
+                  f"{data.shard_count} shards, {doc['entries']:,} entries appended before it")
             table([[s, f"{off:,}"] for s, off in enumerate(data.offsets)], header=["shard", "next id"])
         return EXIT_OK
     with open_sharded(root) as wal:
         if args.action == "create":
-            data = wal.create_checkpoint(args.id.encode())
+            data = wal.create_checkpoint(os.fsencode(args.id))
             doc = _doc(data)
             text = f"created checkpoint {args.id}: offsets {list(data.offsets)}"
         elif args.action == "prune":
-            stats = wal.prune_before_checkpoint(args.id.encode())
+            stats = wal.prune_before_checkpoint(os.fsencode(args.id))
             doc = {"shards_pruned": stats.shards_pruned, "segments_deleted": stats.segments_deleted}
             text = f"pruned before {args.id}: {stats.segments_deleted} segments deleted on {stats.shards_pruned} shards"
         elif args.action == "compact":

@@ -15,6 +15,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from .. import ShardedWal, SyncMode, WalOptions
+from ..errors import RecordTooLargeError
+from ..sharded.client import DEFAULT_RING_SIZE
 from ..engine import layout
 from ..sharded.manifest import shard_stream
 from .live import IDLE, Feed, is_live
@@ -70,6 +72,8 @@ def run(args) -> int:
         live = is_live(args.input)
     root = os.path.abspath(args.root)
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
+    # (--ring-size is checked by main._check_numbers)
+    ring_size = DEFAULT_RING_SIZE if args.ring_size is None else args.ring_size
     stop = {"requested": False, "signal": 0}
 
     def on_stop_signal(sig, _frame):
@@ -89,7 +93,7 @@ def run(args) -> int:
     progress = Progress("ingest", total)
     disk_before, _ = _dir_bytes(root, args.shards)  # the ratio is this run's: what its bytes added
     try:
-        with ShardedWal(opts, args.shards, workers=args.workers) as wal:
+        with ShardedWal(opts, args.shards, workers=args.workers, ring_size=ring_size) as wal:
             # installed once the WAL is open: until then Ctrl-C is a plain KeyboardInterrupt ("aborted"),
             # and no signal mask is inherited by the coordinator the open starts
             for sig in STOP_SIGNALS:
@@ -175,6 +179,9 @@ def run(args) -> int:
             raise UsageError(f"{exc}; the {count:,} records before it were appended "
                              "(no checkpoint marks them)") from None
         raise
+    except RecordTooLargeError as exc:  # (nothing of the batch that held it was appended)
+        raise UsageError(f"a record too large for its shard: {exc} (see --ring-size); the {count:,} records "
+                         "before its batch were appended (no checkpoint marks them)") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

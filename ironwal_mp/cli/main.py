@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default min(shards, cpus))")
     s.add_argument("--sync", choices=SYNC_CHOICES, default="async", help="sync mode (default async)")
     s.add_argument("--batch", type=int, default=1000, help="records per append_batch call (default 1000)")
+    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard, a power of two: a record "
+                                                 "must fit in one (default 1 MiB; only when ingest starts the WAL)")
     s.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N records")
     s.add_argument("--records", type=int, default=None, help="synthetic records to generate (default 1,000,000)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -88,6 +90,14 @@ def _check_numbers(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    ring_size = getattr(args, "ring_size", None)
+    if ring_size is not None:
+        from ..ipc.ring_layout import check_capacity
+
+        try:
+            check_capacity(ring_size)
+        except ValueError as exc:  # said here, not as a traceback from inside the coordinator
+            raise UsageError(f"--ring-size: {exc}") from None
     interval = getattr(args, "interval", None)
     if interval is not None and not 0 < interval < float("inf"):
         raise UsageError(f"--interval must be a positive number of seconds, got {interval}")

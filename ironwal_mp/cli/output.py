@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Iterable, List, Optional, Sequence, TextIO
+from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +58,16 @@ def table(rows: Sequence[Sequence[Any]], header: Optional[Sequence[str]] = None,
 
 def emit_json(obj: Any, out: TextIO = sys.stdout) -> None:
     out.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def bytes_field(name: str, value: Optional[bytes]) -> Dict[str, Any]:
+    """``{name: text}`` for UTF-8 bytes, else ``{name + "_hex": hex}``: two ids never print alike."""
+    if value is None:
+        return {name: None}
+    try:
+        return {name: value.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {name + "_hex": value.hex()}
 
 
 def _json_default(value: Any) -> Any:

@@ -53,7 +53,7 @@ def run(args) -> int:
         if args.shard is not None and not 0 <= args.shard < n:
             raise UsageError(f"--shard {args.shard} is out of range (0..{n - 1})")
         starts: List[int] = [0] * n
-        if args.from_checkpoint:
+        if args.from_checkpoint is not None:
             log = CheckpointLog(root, repair=False)
             data = log.latest() if args.from_checkpoint == "latest" else log.get(os.fsencode(args.from_checkpoint))
             if data.shard_count != n:

@@ -7,7 +7,6 @@ import os
 import sys
 
 from .. import WalOptions
-from ..ipc.ring_layout import check_capacity
 from ..options import SyncMode, options_to_dict
 from ..errors import ConfigError
 from ..sharded.client import (DEFAULT_FLUSH_INTERVAL, DEFAULT_RING_SIZE, check_flush_interval, check_workers,
@@ -18,11 +17,6 @@ from .output import EXIT_FINDING, EXIT_OK, UsageError
 
 def run(args) -> int:
     root = os.path.abspath(args.root)
-    if args.ring_size is not None:
-        try:
-            check_capacity(args.ring_size)
-        except ValueError as exc:  # said here, not as a traceback from inside the coordinator
-            raise UsageError(f"--ring-size: {exc}") from None
     flush = DEFAULT_FLUSH_INTERVAL if args.flush_interval is None else args.flush_interval
     try:
         check_flush_interval(flush)

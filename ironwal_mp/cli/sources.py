@@ -17,6 +17,7 @@ from .output import UsageError
 
 Record = Tuple[bytes, bytes]
 FORMATS = ("jsonl", "csv", "raw")
+CSV_FIELD_LIMIT = 1 << 30
 _GUESS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
@@ -56,14 +57,21 @@ def read_csv(stream: BinaryIO, key_field: str) -> Iterator[Record]:
     # (utf-8-sig: a byte-order mark, as spreadsheets write, is not part of the first column's name)
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     reader = csv.DictReader(text)
+    # a field may be as large as a record may be (the ring's limit says so at the append)
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     try:
         if reader.fieldnames is None:
             return
         if key_field not in reader.fieldnames:
             raise UsageError(f"CSV has no column {key_field!r} to route by (columns: {', '.join(reader.fieldnames)})")
+        repeated = sorted({n for n in reader.fieldnames if reader.fieldnames.count(n) > 1})
+        if repeated:  # (a row would keep only the last of them, silently)
+            raise UsageError(f"CSV header names column(s) {', '.join(map(repr, repeated))} more than once")
         yield from _csv_rows(reader, key_field)
     except UnicodeDecodeError:
         raise UsageError(f"not UTF-8 text, near line {reader.line_num + 1} (CSV input must be UTF-8)") from None
+    except csv.Error as exc:
+        raise UsageError(f"line {reader.line_num}: not valid CSV ({exc})") from None
 
 
 def _csv_rows(reader: csv.DictReader, key_field: str) -> Iterator[Record]:
