@@ -917,6 +917,46 @@ def test_compact_keeps_newest_n(tmp_path):
     assert [u for u, _ in CheckpointLog(str(tmp_path)).list()][-2:] == [b"ck-9", b"ck-10"]
 
 
+@pytest.mark.parametrize("crash_left", [False, True])
+def test_a_reader_racing_a_commit_never_pairs_a_new_head_with_an_old_log(tmp_path, monkeypatch, crash_left):
+    """A reader (a client's load_latest_checkpoint) read the log, then HEAD. A commit between the
+    two reads paired the new HEAD with the old log: HEAD named an id that compaction had freed
+    and the commit used again, and the reader returned the old record of that id; or HEAD named
+    a record the old log lacked, and the reader fell back to a record a crash had left
+    unanswered, which was never the latest. The answer must be the latest at some moment of the
+    call: the one before the commit, or the one it made."""
+    root = str(tmp_path)
+    writer = CheckpointLog(root)
+    old_a = CheckpointData(b"A", 1, 2, (1, 1))
+    writer.append(old_a)
+    for i in range(3):
+        writer.append(CheckpointData(b"F%d" % i, 2 + i, 2, (2 + i, 2 + i)))
+    if crash_left:  # a record whose HEAD rename a crash prevented (its caller got no answer)
+        _write(os.path.join(root, "checkpoints.log"),
+               _read(os.path.join(root, "checkpoints.log")) + encode_record(CheckpointData(b"U", 9, 2, (9, 9))))
+        writer = CheckpointLog(root)
+    before = writer.latest()
+    new_a = CheckpointData(b"C" if crash_left else b"A", 10, 2, (10, 10))
+    real_read = cl._read_file
+    reads = []
+
+    def read_then_commit(path):
+        data = real_read(path)
+        reads.append(path)
+        if len(reads) == 1:  # between the reader's two reads
+            if not crash_left:
+                writer.compact(3)  # frees the id A
+            writer.append(new_a)
+        return data
+
+    monkeypatch.setattr(cl, "_read_file", read_then_commit)
+    got = CheckpointLog(root, repair=False).latest()
+    monkeypatch.setattr(cl, "_read_file", real_read)
+    assert len(reads) == 2
+    assert got in (before, new_a), got
+    assert CheckpointLog(root, repair=False).latest() == new_a
+
+
 def test_compact_with_nothing_to_drop(tmp_path):
     log = CheckpointLog(str(tmp_path))
     assert log.compact(1) == (0, 0, 0)

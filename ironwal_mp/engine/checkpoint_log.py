@@ -313,6 +313,11 @@ class CheckpointLog:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
                     report.actions.append(f"removed {os.path.basename(leftover)} left by a crash")
+        # HEAD before the log: a commit writes its record before it renames HEAD, so the log
+        # read after HEAD holds the record HEAD named (read the other way round, a commit between
+        # the two reads paired a new HEAD with an older log: a reused id's old record, or a
+        # fallback to a record that was never the latest)
+        head_buf = _read_file(self.head_path)
         buf = _read_file(self.log_path)
         if buf is None:
             buf = b""
@@ -338,7 +343,6 @@ class CheckpointLog:
         report.records = len(records)
         report.duplicate_ids = _duplicates(records)
 
-        head_buf = _read_file(self.head_path)
         head = decode_head(head_buf) if head_buf is not None else None
         if head_buf is None:
             report.head_status = "missing"
