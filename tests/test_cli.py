@@ -765,9 +765,8 @@ def test_stats_without_a_running_coordinator(wal_root, tmp_path):
     line = one_line(proc.stderr_text)
     assert "no coordinator is running" in line
     assert proc.stdout == b""
-    os.makedirs(os.path.join(str(tmp_path), "empty"))
-    proc = cli("stats", "--root", os.path.join(str(tmp_path), "empty"), expect=1)
-    assert "no coordinator is running" in one_line(proc.stderr_text)
+    os.makedirs(os.path.join(str(tmp_path), "empty"))  # no WAL at all: a usage error, as the README says
+    assert "is not a sharded WAL" in usage_error("stats", "--root", os.path.join(str(tmp_path), "empty"))
 
 
 # --- checkpoints on a stopped WAL ----------------------------------------------------------------------
@@ -874,6 +873,25 @@ def test_a_manifest_that_disagrees_with_the_shards_is_reported_not_trusted(wal_r
     line = usage_error("replay", "--root", wal_root, "--from-checkpoint", "latest")
     assert "records 4 shards" in line and summary["checkpoints"][-1] in line
     assert len(replay_json(wal_root)) == 400  # every entry is still there
+
+
+def test_small_usage_and_output_errors_are_one_line(wal_root, tmp_path):
+    empty = os.path.join(str(tmp_path), "empty")
+    os.makedirs(empty)
+    assert "at most a day" in usage_error("stats", "--root", empty, "--interval", "1e10")  # (OverflowError)
+    ingest_synthetic(wal_root, 100)
+    with open("/dev/full", "wb") as full:  # stdout on a full disk: no traceback
+        proc = subprocess.run(CMD + ["inspect", wal_root], stdout=full, stderr=subprocess.PIPE, timeout=TIMEOUT,
+                              env=_env())
+    assert proc.returncode == 1
+    assert "No space left on device" in one_line(proc.stderr.decode())
+    write_engine_wal(os.path.join(str(tmp_path), "lockdir"), count=3)
+    lock = os.path.join(str(tmp_path), "lockdir", "LOCK")
+    if os.path.exists(lock):
+        os.unlink(lock)
+    os.makedirs(lock)
+    proc = cli("repair", os.path.join(str(tmp_path), "lockdir"), expect=1)
+    assert "Is a directory" in one_line(proc.stderr_text)
 
 
 def test_show_latest_without_checkpoints(wal_root):

@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict
 
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog
-from .locate import locate, open_sharded
+from .locate import open_sharded, sharded_root
 from .output import EXIT_FINDING, EXIT_OK, UsageError, bytes_field, emit_json, table
 
 
@@ -33,15 +33,8 @@ def _shown(user_id: bytes) -> str:
         return repr(user_id)
 
 
-def _sharded_root(path: str) -> str:
-    target = locate(path, allow_other=True)
-    if target.kind != "sharded":
-        raise UsageError(f"{target.root} is not a sharded WAL")
-    return target.root
-
-
 def run(args) -> int:
-    root = _sharded_root(args.root)
+    root = sharded_root(args.root)
     if args.action == "list":
         log = CheckpointLog(root, repair=False)
         docs = [_doc(r) for r in log.records()]

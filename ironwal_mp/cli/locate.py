@@ -42,6 +42,14 @@ def locate(path: str, allow_other: bool = False) -> Target:
     return Target("engine", path, streams)
 
 
+def sharded_root(path: str) -> str:
+    """The root of the sharded WAL at ``path``; UsageError if it holds none."""
+    target = locate(path, allow_other=True)
+    if target.kind != "sharded":
+        raise UsageError(f"{target.root} is not a sharded WAL")
+    return target.root
+
+
 def check_sharded_root(root: str) -> None:
     """UsageError unless ``root`` is missing, empty, or a sharded WAL: a sharded WAL is never
     created inside an engine WAL, a stream's directory or a file."""

@@ -99,8 +99,8 @@ def _check_numbers(args) -> None:
         except ValueError as exc:  # said here, not as a traceback from inside the coordinator
             raise UsageError(f"--ring-size: {exc}") from None
     interval = getattr(args, "interval", None)
-    if interval is not None and not 0 < interval < float("inf"):
-        raise UsageError(f"--interval must be a positive number of seconds, got {interval}")
+    if interval is not None and not 0 < interval <= 86400:
+        raise UsageError(f"--interval must be a positive number of seconds, at most a day (86400), got {interval}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -156,6 +156,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # e.g. stdout on a full disk, or a LOCK that is a directory
+        print(f"ironwal-mp {args.command}: {exc}", file=sys.stderr)
+        try:
+            sys.stdout.close()  # (what it could not write is not tried again at exit)
+        except OSError:
+            pass
+        return EXIT_FINDING
     return EXIT_USAGE
 
 

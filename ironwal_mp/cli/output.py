@@ -56,8 +56,10 @@ def table(rows: Sequence[Sequence[Any]], header: Optional[Sequence[str]] = None,
         out.write(line(r) + "\n")
 
 
-def emit_json(obj: Any, out: TextIO = sys.stdout) -> None:
-    out.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def emit_json(obj: Any, out: Optional[TextIO] = None, line: bool = False) -> None:
+    """One JSON document; ``line``: on one line (a stream of them is JSON lines)."""
+    out = out or sys.stdout
+    out.write(json.dumps(obj, indent=None if line else 2, sort_keys=True, default=_json_default) + "\n")
 
 
 def bytes_field(name: str, value: Optional[bytes]) -> Dict[str, Any]:

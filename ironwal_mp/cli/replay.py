@@ -15,8 +15,7 @@ from typing import List
 from ..engine.audit import audit_stream
 from ..engine.checkpoint_log import CheckpointLog
 from ..errors import CorruptionError, ShardCountMismatchError, WalClosedError
-from .checkpoints import _sharded_root
-from .locate import locate, open_sharded
+from .locate import locate, open_sharded, sharded_root
 from .output import EXIT_OK, UsageError
 
 
@@ -41,7 +40,7 @@ def _refuse_if_damaged(root: str) -> None:
 
 
 def run(args) -> int:
-    root = _sharded_root(args.root)
+    root = sharded_root(args.root)
     out = sys.stdout.buffer
     try:
         wal = open_sharded(root, start=False)

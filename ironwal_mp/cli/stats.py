@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from .. import connect
 from ..ipc.ring import pid_alive
+from .locate import sharded_root
 from .output import EXIT_FINDING, EXIT_OK, emit_json, rate, table
 
 
@@ -35,7 +36,8 @@ def _print(root: str, snap: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
 
 
 def run(args) -> int:
-    with connect(args.root) as wal:
+    root = sharded_root(args.root)  # (a path that holds no sharded WAL is a usage error)
+    with connect(root) as wal:
         a = wal.stats()
         t = time.monotonic()
         while True:
@@ -44,7 +46,7 @@ def run(args) -> int:
             now = time.monotonic()
             rows = _rates(a, b, now - t)
             if args.json:
-                emit_json({**{k: v for k, v in b.items() if k != "shards"}, "shards": rows})
+                emit_json({**{k: v for k, v in b.items() if k != "shards"}, "shards": rows}, line=args.watch)
             else:
                 if args.watch and sys.stdout.isatty():
                     sys.stdout.write("\x1b[H\x1b[2J")
