@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 import select
 import struct
 import subprocess
@@ -307,6 +308,18 @@ def child_acquire_raw(root: str, shard: int) -> None:
     ring = attach(root, shard)
     ring.lock.acquire()
     _say("locked")
+    time.sleep(3600)
+
+
+def child_acquire_raw_then_stop(root: str, shard: int) -> None:
+    """Emulate a producer paused (SIGSTOP, Ctrl-Z, a debugger) right after its sem_wait
+    returned, before it stored HOLDER; once continued, it releases as a producer does."""
+    ring = attach(root, shard)
+    ring.lock.acquire()
+    _say("locked")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    ring.lock.release()
+    _say("released")
     time.sleep(3600)
 
 

@@ -529,6 +529,33 @@ def test_holder_killed_before_recording_its_pid_is_repaired(make_ring):
         pytest.fail(f"lock of a dead holder never repaired: {exc}")
 
 
+def test_holder_stopped_before_recording_its_pid_is_waited_for_not_repaired(make_ring, monkeypatch):
+    """BUG (review): a live producer paused for over STUCK_S between taking the lock and storing
+    HOLDER had its lock "repaired": two producers were then inside at once, the semaphore stayed
+    at 2 for good, and the same ids were acknowledged to both. A stopped process that maps the
+    ring may be that holder: it is waited for."""
+    monkeypatch.setattr(ring_mod, "STUCK_S", 0.2)
+    ring = make_ring(4096, first_seq=1)
+    proc = spawn(make_ring, "child_acquire_raw_then_stop", root(ring), 0)
+    assert ringutil.read_line(proc) == "locked"
+    deadline = time.monotonic() + HANG
+    while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        with pytest.raises(WorkerFailedError, match=f"pid {proc.pid} maps the ring and is stopped"):
+            ring.acquire(timeout=1.5)
+    except BaseException:
+        os.kill(proc.pid, signal.SIGCONT)
+        raise
+    assert ring.header[L.REPAIRS] == 0
+    os.kill(proc.pid, signal.SIGCONT)
+    assert ringutil.read_line(proc) == "released"
+    ring.acquire(timeout=HANG)
+    ring.release()
+    assert ring.lock.value == 1 and ring.header[L.REPAIRS] == 0
+
+
 # --- worker side ----------------------------------------------------------------------------------
 
 

@@ -319,7 +319,8 @@ class Ring:
         A dead holder is recognised by its recorded pid. A holder killed in the instants
         between taking the semaphore and recording its pid (or between clearing it and
         posting) leaves no pid: such a lock is repaired once it has stayed held with no
-        progress at all (GEN, LOCKS, REPAIRS unchanged) for STUCK_S.
+        progress at all (GEN, LOCKS, REPAIRS unchanged) for STUCK_S, unless a stopped process
+        that maps the ring may be its live holder (see _paused_mapper).
         """
         self._enter()
         try:
@@ -347,14 +348,22 @@ class Ring:
             elif state != seen:
                 seen, since = state, now
             elif holder == 0 and now - since >= STUCK_S:
-                self._repair_if(state, dead=0)
+                # a holder stopped (SIGSTOP, Ctrl-Z, a debugger) between taking the lock and
+                # recording its pid is alive: releasing for it would let two in at once
+                paused = _paused_mapper(self._shm_path)
+                if paused is None:
+                    self._repair_if(state, dead=0)
+                else:
+                    since = now
             live = self.liveness
             if live is not None and not cleanup:
                 live()
             if now > deadline:
+                paused = _paused_mapper(self._shm_path) if not holder else None
                 raise WorkerFailedError(
                     f"shard {self.shard}: ring lock not obtained in {timeout:.0f}s "
-                    f"(holder pid {holder or 'unknown'})"
+                    f"(holder pid {holder or 'unknown'}"
+                    + (f"; pid {paused} maps the ring and is stopped" if paused else "") + ")"
                 )
 
     def repair_lock(self, dead_pid: int) -> bool:
@@ -884,6 +893,34 @@ class Ring:
 assert (L.HOLDER, L.GEN, L.SLOT0, L.SLOT1, L.OPEN_EPOCH, L.HEAD, L.SLEEPING, L.DUR_WAITERS) == (
     9, 8, 16, 24, 5, 32, 38, 11
 ), "make_appender's literal field indexes are out of date"
+
+
+def _paused_mapper(shm_path: str) -> Optional[int]:
+    """The pid of another process that maps ``shm_path`` and is stopped or traced, if any.
+
+    Only such a process can hold a ring lock with no pid recorded and be alive: it was paused
+    in the instants between taking the lock and recording its pid (or clearing it and posting).
+    Read from /proc, and only after STUCK_S without progress: never on a fast path.
+    """
+    me = os.getpid()
+    try:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                if shm_path not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone, or not ours to look at
+        if state in ("T", "t"):
+            return pid
+    return None
 
 
 def _state_error(shard: int, state: int, code: int = 0, other_epoch: bool = False) -> Exception:
