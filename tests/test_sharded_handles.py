@@ -77,6 +77,31 @@ def test_an_interrupt_right_after_ready_stops_the_coordinator(wal_root, monkeypa
     assert os.path.realpath(wal_root) not in client._attachments
 
 
+def test_an_interrupt_inside_close_before_shutdown_still_stops_the_coordinator(wal_root, monkeypatch):
+    """Review: Ctrl-C landing in the starter's close() before SHUTDOWN was sent left the
+    coordinator and workers running for the life of the process (the handle was closed, so
+    nothing else would stop them; a reopened handle attached as a non-starter)."""
+    from ironwal_mp.ipc import messages as M
+    from ironwal_mp.ipc import queues
+
+    send = queues.Queue.send
+
+    def interrupted(self, msg, *args, **kw):
+        if msg.kind == M.SHUTDOWN:
+            raise KeyboardInterrupt  # where a SIGINT handler can raise
+        return send(self, msg, *args, **kw)
+
+    wal = ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2)
+    shard, seq = wal.append(b"k", b"v")
+    monkeypatch.setattr(queues.Queue, "send", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        wal.close()
+    monkeypatch.undo()
+    _nothing_left(wal_root)  # stopped cleanly (SIGTERM from its starter): nothing left behind
+    with ShardedWal(WalOptions(root_path=wal_root), 2) as wal:
+        assert wal.get(shard, seq) == b"v"
+
+
 def test_two_spellings_of_one_root_share_one_attachment(wal_root, tmp_path):
     link = str(tmp_path / "link")
     a = ShardedWal(WalOptions(root_path=wal_root), 2)

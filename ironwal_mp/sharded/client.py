@@ -841,6 +841,10 @@ def _release(att: _Attachment) -> None:
                     # stop too, where waiting would end in a kill that leaves its IPC objects
                     if att.started.poll() is None:
                         att.started.terminate()
+                except BaseException:  # (Ctrl-C in here: the handle is closed, so nothing else
+                    if att.started.poll() is None:  # would stop what it started; SIGTERM does)
+                        att.started.terminate()
+                    raise
                 _wait_or_kill(att.started)
             elif att.replies is not None:
                 try:
