@@ -785,7 +785,7 @@ def test_checkpoint_commands_on_a_stopped_wal(wal_root):
     assert shown["id"] == ids[0] and shown["entries"] == 1000 and shown["shard_count"] == 4
     assert cli_json("checkpoint", "show", "latest", "--root", wal_root)["id"] == ids[-1]
     text = cli("checkpoint", "show", ids[1], "--root", wal_root).stdout_text
-    assert f"checkpoint {ids[1]}" in text and "2,000 entries before it" in text
+    assert f"checkpoint {ids[1]}" in text and "2,000 entries appended before it" in text
 
     missing = cli("checkpoint", "show", "no-such-checkpoint", "--root", wal_root, expect=1)
     assert "no-such-checkpoint" in one_line(missing.stderr_text)

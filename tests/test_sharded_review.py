@@ -501,6 +501,11 @@ def test_a_sharded_wal_is_not_created_in_an_engine_wal(tmp_path, wal_root):
     with pytest.raises(ConfigError, match="inside the WAL directory"):
         ShardedWal(WalOptions(root_path=os.path.join(engine, "sub")), 2)
     assert (sorted(os.listdir(engine)), sorted(os.listdir(os.path.join(engine, "acct-1")))) == listing
+    # the same for a root the crate wrote, which has no LOCK (review: it was let through)
+    os.unlink(os.path.join(engine, "LOCK"))
+    with pytest.raises(ConfigError, match="inside the WAL directory"):
+        ShardedWal(WalOptions(root_path=os.path.join(engine, "sub")), 2)
+    assert not os.path.exists(os.path.join(engine, "sub"))
     afile = os.path.join(str(tmp_path), "afile")
     open(afile, "w").close()
     with pytest.raises(WalIOError, match="is not a directory"):

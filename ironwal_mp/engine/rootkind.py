@@ -66,12 +66,12 @@ def holds_wal(path: str) -> bool:
     program's (LevelDB keeps a LOCK too)."""
     if is_stream_dir(path) or os.path.exists(os.path.join(path, CHECKPOINTS_LOG)):
         return True
-    if _ours(os.path.join(path, MANIFEST)):
+    if _ours(os.path.join(path, MANIFEST)) or stream_dirs(path):  # (a crate-written root has no LOCK)
         return True
     if not os.path.exists(os.path.join(path, LOCK_FILE)):
         return False
     owner = lock_owner(path)
-    return (owner is not None and owner[1] in ROLES) or bool(stream_dirs(path))
+    return owner is not None and owner[1] in ROLES
 
 
 def _ours(manifest_path: str) -> bool:
