@@ -12,7 +12,7 @@ from ..engine.checkpoint_log import CheckpointLog
 from ..engine.rootlock import RootLock, lock_holder
 from ..errors import WalError
 from .locate import Target, locate
-from .output import EXIT_FINDING, EXIT_OK, Progress, bytes_field, emit_json, size, table
+from .output import EXIT_FINDING, EXIT_OK, Progress, bytes_field, emit_json, shown_field, size, table
 
 
 def _checkpoints(target: Target) -> Dict[str, Any]:
@@ -103,12 +103,9 @@ def inspect(args) -> int:
     table(rows, header=["stream", "segments", "ids", "entries", "frames", "raw", "on disk", "ratio", "problems"])
     ck = doc["checkpoints"]
     if ck:
-        def shown(doc: Dict[str, Any], key: str) -> str:
-            return doc[key] if doc.get(key) is not None else (f"(hex) {doc[key + '_hex']}" if key + "_hex" in doc else "-")
-
-        print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {shown(ck, 'latest')}")
+        print(f"\ncheckpoints: {ck['count']} ({size(ck['bytes'])}), latest {shown_field(ck, 'latest')}")
         for rec in ck["list"][-5:]:
-            print(f"  {shown(rec, 'id')}  offsets {rec['offsets']}")
+            print(f"  {shown_field(rec, 'id')}  offsets {rec['offsets']}")
         for problem in ck["problems"]:
             print(f"  PROBLEM checkpoints.log: {problem}")
     return EXIT_OK
@@ -118,12 +115,13 @@ def _behind_checkpoints(target: Target, audits: List[StreamAudit]) -> List[Dict[
     """Shards that end below what a checkpoint recorded them reaching: entries were lost
     (files removed, cut or replaced), though every frame left may be sound."""
     reach: Dict[int, tuple] = {}
-    for rec in CheckpointLog(target.root, repair=False).records():
+    records = CheckpointLog(target.root, repair=False).records()
+    for rec in records:
         for shard, offset in enumerate(rec.offsets):
             if offset > reach.get(shard, (0, b""))[0]:
                 reach[shard] = (offset, rec.user_id)
     out = []
-    for rec in CheckpointLog(target.root, repair=False).records():
+    for rec in records:
         if rec.shard_count != target.shard_count:
             out.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": None,
                         "reason": f"checkpoint {rec.user_id.decode(errors='replace')!r} records "

@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog
 from .locate import open_sharded, sharded_root
-from .output import EXIT_FINDING, EXIT_OK, UsageError, bytes_field, emit_json, table
+from .output import EXIT_FINDING, EXIT_OK, UsageError, bytes_field, emit_json, shown_field, table
 
 
 def _doc(data: CheckpointData) -> Dict[str, Any]:
@@ -23,14 +23,6 @@ def _doc(data: CheckpointData) -> Dict[str, Any]:
 
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
-
-
-def _shown(user_id: bytes) -> str:
-    """An id as text: itself if UTF-8, else as Python writes bytes (so no two ids look alike)."""
-    try:
-        return user_id.decode("utf-8")
-    except UnicodeDecodeError:
-        return repr(user_id)
 
 
 def run(args) -> int:
@@ -43,7 +35,7 @@ def run(args) -> int:
         elif not docs:
             print(f"no checkpoints in {root}")
         else:
-            table([[_shown(r.user_id), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for r, d in zip(log.records(), docs)],
+            table([[shown_field(d, "id"), _when(d["timestamp_ns"]), f"{d['entries']:,}"] for d in docs],
                   header=["checkpoint", "created (UTC)", "entries appended before it"])
         report = log.report
         if report.cut_offset is None:
@@ -61,7 +53,7 @@ def run(args) -> int:
         if args.json:
             emit_json(doc)
         else:
-            print(f"checkpoint {_shown(data.user_id)}, created {_when(data.timestamp)}, "
+            print(f"checkpoint {shown_field(doc, 'id')}, created {_when(data.timestamp)}, "
                   f"{data.shard_count} shards, {doc['entries']:,} entries appended before it")
             table([[s, f"{off:,}"] for s, off in enumerate(data.offsets)], header=["shard", "next id"])
         return EXIT_OK

@@ -72,6 +72,15 @@ def bytes_field(name: str, value: Optional[bytes]) -> Dict[str, Any]:
         return {name + "_hex": value.hex()}
 
 
+def shown_field(doc: Dict[str, Any], name: str) -> str:
+    """A :func:`bytes_field` as text: itself if UTF-8, else as Python writes bytes; '-' if none."""
+    if doc.get(name) is not None:
+        return doc[name]
+    if name + "_hex" in doc:
+        return repr(bytes.fromhex(doc[name + "_hex"]))
+    return "-"
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         try:
