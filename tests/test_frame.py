@@ -99,6 +99,40 @@ def test_decode_entries_rejects_inconsistent_payloads():
         fr.decode_entries(payload[:-1], 2)
 
 
+def test_same_size_entries_are_checked_prefix_by_prefix():
+    """Entries of one size take a shortcut; a single wrong length prefix must still be caught."""
+    payload = bytearray(fr.encode_entries([b"abcd"] * 6))
+    assert fr.decode_entries(bytes(payload), 6) == [b"abcd"] * 6
+    assert fr.entry_at(bytes(payload), 6, 5) == b"abcd"
+    # as long as six entries of four bytes, but not of one size: no shortcut may be taken
+    mixed_entries = [b"abcd"] * 3 + [b"abc", b"abcde", b"abcd"]
+    mixed = fr.encode_entries(mixed_entries)
+    assert len(mixed) == len(payload)
+    assert fr.decode_entries(mixed, 6) == mixed_entries
+    assert [fr.entry_at(mixed, 6, i) for i in range(6)] == mixed_entries
+    for i in range(4):  # any one byte of one prefix
+        bad = bytearray(fr.encode_entries([b"xy"] * 5))
+        bad[2 * 6 + i] ^= 0x40
+        with pytest.raises(fr.FrameError):
+            fr.decode_entries(bytes(bad), 5)
+        with pytest.raises(fr.FrameError):
+            fr.entry_at(bytes(bad), 5, 0)
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=30), st.data())
+def test_entry_at_agrees_with_decode_entries(entries, data):
+    payload = fr.encode_entries(entries)
+    assert fr.decode_entries(payload, len(entries)) == entries
+    i = data.draw(st.integers(0, len(entries) - 1))
+    assert fr.entry_at(payload, len(entries), i) == entries[i]
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    for damaged, count in ((payload[:cut], len(entries)), (payload, len(entries) + 1)):
+        with pytest.raises(fr.FrameError):
+            fr.decode_entries(damaged, count)
+        with pytest.raises(fr.FrameError):
+            fr.entry_at(damaged, count, 0)
+
+
 @given(
     st.integers(0, 2**64 - 1 - 1000),
     st.lists(st.binary(max_size=3000), min_size=1, max_size=20),

@@ -97,6 +97,22 @@ def test_get_and_iter(tmp_path):
         assert list(wal.iter("nope", 0)) == []
 
 
+@pytest.mark.parametrize("cache", [None, 1 << 20])
+def test_get_inside_batch_frames(tmp_path, cache):
+    """get copies one entry out of a batch frame (no block cache) or decodes it whole (cache):
+    both answer every id, for entries of one size, of mixed sizes, raw and LZ4."""
+    with Wal(opts(tmp_path, block_cache_size=cache, min_compression_size=64)) as wal:
+        same = [b"%07d" % i for i in range(300)]
+        mixed = [b"m" * (i % 13) for i in range(300)]
+        noise = [os.urandom(i % 50) for i in range(300)]
+        for name, batch in (("same", same), ("mixed", mixed), ("noise", noise)):
+            wal.append_batch(name, batch)
+            wal.append_batch(name, batch[:7])
+            want = batch + batch[:7]
+            assert [wal.get(name, i) for i in range(len(want))] == want
+            assert wal.get(name, len(want)) is None
+
+
 def test_empty_batch_and_empty_entries(tmp_path):
     with Wal(opts(tmp_path)) as wal:
         assert wal.append_batch("s", []) == range(0, 0)

@@ -84,24 +84,56 @@ def encode_entry(entry: bytes) -> bytes:
     return LENGTH.pack(len(entry)) + entry
 
 
+def entry_bounds(payload: bytes, count: int) -> Sequence[int]:
+    """Where each of ``count`` batch-encoded entries starts (at its length prefix), then the
+    payload's end; FrameError unless the entries fill the payload exactly. Copies nothing."""
+    stride = _uniform_stride(payload, count)
+    if stride:
+        return range(0, len(payload) + 1, stride)
+    bounds = [0]
+    add = bounds.append
+    unpack = LENGTH.unpack_from
+    pos = 0
+    try:
+        for _ in range(count):
+            pos += LENGTH_SIZE + unpack(payload, pos)[0]
+            add(pos)
+    except struct.error:  # a length prefix past the end (a walk past the end fails below)
+        raise FrameError("entries run past the payload") from None
+    if pos != len(payload):
+        if pos > len(payload):
+            raise FrameError("entries run past the payload")
+        raise FrameError(f"payload has {len(payload) - pos} bytes after its {count} entries")
+    return bounds
+
+
+def _uniform_stride(payload: bytes, count: int) -> int:
+    """``4 + n`` when the payload is ``count`` entries of ``n`` bytes each, else 0. Records of
+    one size are common, and this checks every length prefix with four slices, not a loop."""
+    if count <= 0 or len(payload) % count:
+        return 0
+    stride = len(payload) // count
+    if stride < LENGTH_SIZE:
+        return 0
+    prefix = LENGTH.pack(stride - LENGTH_SIZE)
+    for i in range(LENGTH_SIZE):
+        if payload[i::stride] != prefix[i : i + 1] * count:
+            return 0
+    return stride
+
+
 def decode_entries(payload: bytes, count: int) -> List[bytes]:
     """Split a batch encoding of ``count`` entries; raises FrameError if it does not add up."""
-    out: List[bytes] = []
-    pos = 0
-    end = len(payload)
-    unpack = LENGTH.unpack_from
-    for _ in range(count):
-        if pos + LENGTH_SIZE > end:
-            raise FrameError("entry length runs past the payload")
-        (size,) = unpack(payload, pos)
-        pos += LENGTH_SIZE
-        if pos + size > end:
-            raise FrameError("entry runs past the payload")
-        out.append(bytes(payload[pos : pos + size]))
-        pos += size
-    if pos != end:
-        raise FrameError(f"payload has {end - pos} bytes after its {count} entries")
-    return out
+    payload = bytes(payload)
+    bounds = entry_bounds(payload, count)
+    return [payload[start + LENGTH_SIZE : end] for start, end in zip(bounds, bounds[1:])]
+
+
+def entry_at(payload: bytes, count: int, index: int) -> bytes:
+    """Entry ``index`` of a batch encoding of ``count`` entries, checked as :func:`decode_entries`
+    checks, copying only that entry (a ``get`` from a large batch frame)."""
+    bounds = entry_bounds(payload, count)
+    return bytes(payload[bounds[index] + LENGTH_SIZE : bounds[index + 1]])
 
 
 # --- frames ------------------------------------------------------------------------------------
@@ -227,6 +259,8 @@ __all__ = [
     "encode_entries",
     "encode_entry",
     "decode_entries",
+    "entry_bounds",
+    "entry_at",
     "encode_frame",
     "frame_for_entries",
     "parse_header",

@@ -17,7 +17,7 @@ from ..options import ReadStrategy, WalOptions
 from . import layout
 from .caches import LruCache
 from .fdcache import FdCache
-from .frame import FrameError, FrameHeader, decode_entries, check_payload, raw_payload
+from .frame import FrameError, FrameHeader, decode_entries, check_payload, entry_at, raw_payload
 from .scanner import ReadFn, ScanError, scan_frames
 from .sparse_index import SparseIndex
 
@@ -152,12 +152,21 @@ class SegmentReader:
                 check_payload(header, stored)
             entries = decode_entries(raw_payload(header, stored), header.count)
         except FrameError as exc:
-            if exc.is_crc:
-                raise CrcMismatchError(path, offset, exc.crc_expected, exc.crc_actual) from None
-            raise CorruptionError(path, offset, exc.reason) from None
+            raise _frame_error(exc, path, offset) from None
         if blocks is not None:
             blocks.put((path, epoch, offset), (entries, header.uncompressed_size))
         return entries
+
+    def entry(self, path: str, offset: int, header: FrameHeader, stored: bytes, seq_id: int,
+              epoch: int = 0) -> bytes:
+        """Entry ``seq_id`` of a CRC-checked frame. Without a block cache to fill, only that
+        entry is copied out: decoding a whole batch frame made a ``get`` several times slower."""
+        if self.blocks is not None:
+            return self.decode(path, offset, header, stored, True, epoch)[seq_id - header.start_id]
+        try:
+            return entry_at(raw_payload(header, stored), header.count, seq_id - header.start_id)
+        except FrameError as exc:
+            raise _frame_error(exc, path, offset) from None
 
     # --- frames of one segment ------------------------------------------------------------
 
@@ -165,6 +174,14 @@ class SegmentReader:
         self, view: StreamView, stream_dir: str, pos: int, from_id: int
     ) -> Iterator[tuple[int, FrameHeader, List[bytes]]]:
         """Decoded frames of segment ``view.segments[pos]``, from the one holding ``from_id``."""
+        for path, off, header, stored in self._stored_frames(view, stream_dir, pos, from_id):
+            yield off, header, self.decode(path, off, header, stored, True, view.epoch)
+
+    def _stored_frames(
+        self, view: StreamView, stream_dir: str, pos: int, from_id: int
+    ) -> Iterator[tuple[str, int, FrameHeader, bytes]]:
+        """(path, offset, header, CRC-checked stored payload) of the frames of segment
+        ``view.segments[pos]``, from the one holding ``from_id``."""
         start = view.segments[pos]
         path = os.path.join(stream_dir, layout.segment_name(start))
         if pos == len(view.segments) - 1:
@@ -184,14 +201,11 @@ class SegmentReader:
             ):  # (every frame walked over is CRC-checked: see scan_frames)
                 reached, last = header.start_id + header.count, (off, header, stored)
                 if reached > from_id:
-                    yield off, header, self.decode(path, off, header, stored, True, view.epoch)
+                    yield path, off, header, stored
         except ScanError as exc:
             if last is not None:  # a gap in ids may be the previous frame's damaged count
                 self.decode(path, *last, epoch=view.epoch)
-            err = exc.error
-            if err.is_crc:
-                raise CrcMismatchError(path, exc.offset, err.crc_expected, err.crc_actual) from None
-            raise CorruptionError(path, exc.offset, err.reason) from None
+            raise _frame_error(exc.error, path, exc.offset) from None
         if reached != end_id:
             # frames must end exactly where the next segment (or the view) begins; the last
             # frame's count is the likely culprit, and it is CRC-covered
@@ -209,8 +223,8 @@ class SegmentReader:
             return None
         pos = bisect_right(segments, seq_id) - 1
         try:
-            for _, header, entries in self._frames(view, stream_dir, pos, seq_id):
-                return entries[seq_id - header.start_id]
+            for path, off, header, stored in self._stored_frames(view, stream_dir, pos, seq_id):
+                return self.entry(path, off, header, stored, seq_id, view.epoch)
         except FileNotFoundError:
             if self._truncated(view, stream_dir, pos):
                 return None  # truncated away meanwhile
@@ -261,6 +275,13 @@ def _acquire(cache: FdCache, path: str):
         raise
     except OSError as exc:
         raise _read_error(exc, path) from exc
+
+
+def _frame_error(exc: FrameError, path: str, offset: int) -> CorruptionError:
+    """The public error for bytes of ``path`` at ``offset`` that are not a valid frame."""
+    if exc.is_crc:
+        return CrcMismatchError(path, offset, exc.crc_expected, exc.crc_actual)
+    return CorruptionError(path, offset, exc.reason)
 
 
 def _read_error(exc: OSError, path: str) -> WalIOError:

@@ -16,7 +16,7 @@ from typing import Optional
 from ..errors import DiskFullError, ReadOnlyError, RecordTooLargeError, StreamFailedError, WalClosedError, WalIOError
 from ..options import CompressionType, WalOptions
 from . import layout
-from .frame import HEADER, LENGTH_SIZE, MAGIC, MAX_PAYLOAD, MAX_U32, FrameError, choose_payload, decode_entries, frame_crc
+from .frame import HEADER, LENGTH_SIZE, MAGIC, MAX_PAYLOAD, MAX_U32, FrameError, choose_payload, entry_bounds, frame_crc
 from .reader import SegmentReader, StreamView
 from .follow import advance
 from .recovery import StreamTail
@@ -137,7 +137,7 @@ class Stream:
                              f"(1 to {MAX_U32} entries of a u32 length each)")
         if not trusted:
             try:
-                decode_entries(payload, count)
+                entry_bounds(payload, count)
             except FrameError as exc:
                 raise ValueError(f"stream {self.name!r}: the payload is not a batch of {count} entries: {exc}") from None
         ftype, stored = choose_payload(payload, self._compress, self._min_compression)
