@@ -546,3 +546,37 @@ def test_first_id_says_where_a_pruned_shard_starts(wal_root):
         assert next(wal.iter_shard(0, 0)) == b"entry-%03d" % first
         with pytest.raises(Exception, match="out of range"):
             wal.first_id(1)
+
+
+@pytest.mark.parametrize("mode", [SyncMode.ASYNC, SyncMode.STRICT])
+def test_a_shard_out_of_u64_ids_refuses_appends_with_a_clear_error(wal_root, mode):
+    """A ring's next id is a u64. A shard whose files reach the last ids (only crafted files
+    can) refuses appends with WalIOError(EOVERFLOW) on every path, where the fast path raised
+    ValueError and a worker whose files end at id 2**64 - 1 died at start."""
+    import errno
+
+    from ironwal_mp import WalIOError
+    from ironwal_mp.engine.frame import frame_for_entries
+
+    opts = WalOptions(root_path=wal_root, sync_mode=mode)
+    with ShardedWal(opts, 1):
+        pass
+    shard_dir = os.path.join(wal_root, "shard_00")
+    for last in (2**64 - 2, 2**64 - 1):
+        os.makedirs(shard_dir, exist_ok=True)
+        for name in os.listdir(shard_dir):
+            os.unlink(os.path.join(shard_dir, name))
+        with open(os.path.join(shard_dir, layout.segment_name(last - 2)), "wb") as f:
+            f.write(frame_for_entries(last - 2, [b"a", b"b", b"c"]))
+        with ShardedWal(opts, 1, timeout=60) as wal:
+            assert wal.stats()["shards"][0]["state"] == "open"
+            assert wal.get(0, last - 2) == b"a" and wal.get(0, last - 1) == b"b"
+            # (the ring cannot show id 2**64 - 1: reads stop before it)
+            assert wal.get(0, last) == (b"c" if last < 2**64 - 1 else None)
+            for append in (lambda: wal.append(b"k", b"v"), lambda: wal.append_batch([(b"k", b"v")]),
+                           lambda: wal.append_batch_for_key(b"k", [b"v", b"w"])):
+                with pytest.raises(WalIOError) as info:
+                    append()
+                assert info.value.errno == errno.EOVERFLOW and "run out of ids" in str(info.value)
+        with ShardedWal(opts, 1, timeout=60) as wal:  # nothing was written by the refusals
+            assert list(wal.iter_shard(0, 0)) == [b"a", b"b"] + ([b"c"] if last == 2**64 - 2 else [])

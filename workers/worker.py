@@ -105,6 +105,11 @@ class Worker:
         """Line each ring up with what the disk holds, then open it for producers."""
         for st in self.shards.values():
             h, ring, on_disk = st.h, st.ring, st.stream.next_id
+            if on_disk > L.SEQ_LIMIT:  # (crafted files only: ids start at 0)
+                log.warning("shard %d: its files reach id %d, the last u64 id, which a ring cannot "
+                            "show: it is not readable through the sharded layer, and appends are refused",
+                            st.shard, on_disk - 1)
+                on_disk = L.SEQ_LIMIT
             h[L.WORKER_PID] = os.getpid()
             ring.reset_view_lock()
             ring.acquire()
@@ -227,8 +232,9 @@ class Worker:
 
     def _publish_durable(self, st: ShardState, view) -> None:
         seg = view.segments[-1] if view.segments else view.next_id
-        st.ring.set_view(seg, view.active_size, view.next_id)
-        st.h[L.DURABLE_SEQ] = view.next_id
+        next_id = min(view.next_id, L.SEQ_LIMIT)  # (u64 fields: see resume)
+        st.ring.set_view(seg, view.active_size, next_id)
+        st.h[L.DURABLE_SEQ] = next_id
         st.ring.wake_durable_waiters()
 
     def _fail(self, st: ShardState, exc: BaseException, code: int = 0) -> None:

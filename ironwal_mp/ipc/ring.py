@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import posix_ipc
 
-from ..errors import RecordTooLargeError, SharedMemoryError, WalClosedError, WorkerFailedError
+from ..errors import RecordTooLargeError, SharedMemoryError, WalClosedError, WalIOError, WorkerFailedError
 from . import ring_layout as L
 from .names import Names, create_shm
 from .trylock import open_trylock
@@ -444,9 +444,12 @@ class Ring:
                     tail = h[base]
                     off = tail & self.mask
                     free = cap - (tail - h[L.HEAD])
+                    seq = h[base + 1]
+                    if seq + count > L.SEQ_LIMIT:
+                        raise WalIOError(f"shard {self.shard} has run out of ids (they are u64; the next "
+                                         f"is {seq})", errno.EOVERFLOW, self.names.ring(self.shard))
                     if need <= cap - off and need <= free:
                         self.data[off : off + need] = block
-                        seq = h[base + 1]
                         nb = L.SLOT0 if gen & 1 else L.SLOT1
                         h[nb] = tail + need
                         h[nb + 1] = seq + count
@@ -565,10 +568,16 @@ class Ring:
                 # strictly less: a block that ends exactly at the end of the area takes the
                 # slow path, which records that crossing for the worker
                 if h[5] == epoch and need < cap - off and end <= limit:  # OPEN_EPOCH
+                    try:  # (wrap fields are equal in both slots: _publish_wrap)
+                        h[nb + 1] = seq + 1
+                    except ValueError:  # past a u64, nothing published: the general path says so
+                        h[9] = 0
+                        held = False
+                        release()
+                        return slow(_LEN.pack(n) + value, 1, strict, timeout)
                     pack(data, off, n)
                     data[off + 4 : off + need] = value
                     h[nb] = end
-                    h[nb + 1] = seq + 1  # (wrap fields are equal in both slots: _publish_wrap)
                     if waiter:
                         h[11] += 1  # DUR_WAITERS
                     h[8] = gen + 1  # the publish

@@ -53,6 +53,9 @@ PRUNES = 55
 # worker killed between two stores leaves a consistent slot for its successor
 WGEN, WSLOT0, WSLOT1 = 56, 57, 59
 FIELDS = 64
+#: a ring's next id is a u64, so its ids stay below this (the engine's last id, 2**64 - 1,
+#: cannot be reached through a ring)
+SEQ_LIMIT = (1 << 64) - 1
 #: WRAP_POS before any wrap: a position no live range ever contains
 WRAP_NONE = (1 << 64) - 1
 
