@@ -139,7 +139,8 @@ def test_bytes_like_accepted_other_types_refused(tmp_path):
             wal.get("s", -1)
 
 
-@pytest.mark.parametrize("name", ["", "..", "a/b", ".x", "x" * 201, "a b", "ledger\n", "LOCK\n"])
+@pytest.mark.parametrize("name", ["", "..", "a/b", ".x", "x" * 201, "a b", "ledger\n", "LOCK\n",
+                                  "00000000000000000000.wal", "18446744073709551615.wal"])
 def test_unsafe_stream_names_refused_everywhere(tmp_path, name):
     with Wal(opts(tmp_path)) as wal:
         for call in (
@@ -152,6 +153,16 @@ def test_unsafe_stream_names_refused_everywhere(tmp_path, name):
             with pytest.raises(InvalidStreamNameError):
                 call()
     assert sorted(os.listdir(tmp_path)) == ["LOCK"]
+
+
+def test_a_root_holding_a_directory_named_like_a_segment_still_opens(tmp_path):
+    """Such a stream directory could be made before those names were refused; the root is not
+    taken for a stream's directory because of it (every writing open was refused)."""
+    with Wal(opts(tmp_path)) as wal:
+        wal.append("orders", b"x")
+    (tmp_path / layout.segment_name(0)).mkdir()
+    with Wal(opts(tmp_path)) as wal:
+        assert wal.get("orders", 0) == b"x" and wal.streams() == ["orders"]
 
 
 def test_transactions(tmp_path):

@@ -72,6 +72,8 @@ def check_stream_name(name: object) -> str:
         reason = "only ASCII letters, digits, '_', '-' and '.' are allowed"
     elif name in _RESERVED_NAMES or any(name.startswith(f + ".") for f in _ROOT_FILES):
         reason = "reserved file name"  # (also a root file's temp and .broken copies)
+    elif _SEGMENT_RE.fullmatch(name):  # (the root would look like a stream's directory)
+        reason = "a segment file's name"
     else:
         return name
     raise InvalidStreamNameError(name, reason)

@@ -30,12 +30,16 @@ SHARD_DIR_RE = re.compile(r"shard_([0-9]{2,3})")
 
 
 def is_stream_dir(path: str) -> bool:
-    """True if ``path`` holds a stream's files (a segment or ``segments.idx``)."""
+    """True if ``path`` holds a stream's files (a segment or ``segments.idx``). Directories do
+    not count: a WAL root made before stream names like segment files were refused may hold one."""
     try:
-        names = os.listdir(path)
+        with os.scandir(path) as entries:
+            return any(
+                (e.name == layout.SEGMENTS_IDX or layout.parse_segment_name(e.name) is not None)
+                and e.is_file() for e in entries
+            )
     except OSError:
         return False
-    return any(layout.parse_segment_name(n) is not None for n in names) or layout.SEGMENTS_IDX in names
 
 
 def sharded_marker(path: str) -> Optional[str]:
