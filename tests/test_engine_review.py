@@ -453,3 +453,92 @@ def test_another_programs_lock_file_does_not_make_a_wal(tmp_path):
 
         with pytest.raises(ConfigError, match="inside the WAL directory"):
             Wal(_opts(os.path.join(held, "inner")))
+
+
+# a segment the hint files prove existed is gone ------------------------------------------------
+
+
+def _rotated_stream(tmp_path, **kw):
+    opts = _opts(tmp_path, max_segment_size=200, **kw)
+    with Wal(opts) as wal:
+        for i in range(40):
+            wal.append("s", b"original-%03d" % i)
+    stream_dir = str(tmp_path / "s")
+    return opts, stream_dir, layout.list_segments(stream_dir)
+
+
+@pytest.mark.parametrize("which", ["newest", "middle", "all"])
+def test_a_lost_segment_named_by_the_hints_is_refused_under_error_policy(tmp_path, which):
+    """Rebuilding segments.idx and head.state from the files left hid the loss, and the writer
+    gave acknowledged ids out again with new content; the audit called it not rebuildable."""
+    from ironwal_mp import CorruptionError, CorruptionPolicy
+    from ironwal_mp.engine.audit import audit_stream
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path, on_corruption=CorruptionPolicy.ERROR)
+    gone = {"newest": segs[-1:], "middle": segs[2:3], "all": segs}[which]
+    for start in gone:
+        os.unlink(os.path.join(stream_dir, layout.segment_name(start)))
+    before = {n: open(os.path.join(stream_dir, n), "rb").read() for n in os.listdir(stream_dir)}
+    with Wal(opts) as wal:
+        with pytest.raises(CorruptionError) as info:
+            wal.append("s", b"NEW")
+    assert layout.segment_name(gone[0]) in str(info.value) and "CorruptionPolicy.TRUNCATE" in str(info.value)
+    after = {n: open(os.path.join(stream_dir, n), "rb").read() for n in os.listdir(stream_dir)}
+    assert after == before  # nothing rewritten: the hints still prove the loss
+    problems = audit_stream(stream_dir).problems
+    assert problems and not any(p.rebuildable for p in problems if "segments.idx" in p.path or "head.state" in p.path)
+
+
+def test_a_lost_newest_segment_is_reported_under_truncate_policy(tmp_path):
+    opts, stream_dir, segs = _rotated_stream(tmp_path)
+    os.unlink(os.path.join(stream_dir, layout.segment_name(segs[-1])))
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == segs[-1]  # accepted: the ids are given out again
+        actions = [a for r in wal.recovery_reports for a in r.actions]
+    assert any(f"ids from {segs[-1]} on were lost" in a for a in actions), actions
+
+
+def test_hints_behind_the_files_are_still_rebuilt_silently(tmp_path):
+    """A crash mid-rotation (new file made, hints not yet written) or mid-truncation (oldest
+    files deleted, segments.idx not yet rewritten) is no loss, even under ERROR."""
+    from ironwal_mp import CorruptionPolicy
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path, on_corruption=CorruptionPolicy.ERROR)
+    layout.write_segments_idx(stream_dir, segs[:-1])
+    layout.write_head_state(stream_dir, segs[-2])
+    os.unlink(os.path.join(stream_dir, layout.segment_name(segs[0])))
+    layout.write_segments_idx(stream_dir, segs[:-1])  # still lists the deleted oldest file
+    with Wal(opts) as wal:
+        assert wal.get("s", 39) == b"original-039" and wal.first_id("s") == segs[1]
+    assert layout.read_segments_idx(stream_dir) == segs[1:]
+
+
+def test_a_side_file_whose_copy_failed_is_removed(tmp_path, monkeypatch):
+    """A part copy would pass for the cut bytes (and took more of a full disk at every try);
+    nothing is cut until a copy succeeds."""
+    with Wal(_opts(tmp_path)) as wal:
+        wal.append("s", b"kept")
+    seg = os.path.join(str(tmp_path / "s"), layout.segment_name(0))
+    with open(seg, "ab") as f:
+        f.write(b"\xff" * (3 << 20))  # a garbage tail, copied in 1 MiB pieces
+    size = os.path.getsize(seg)
+    real, calls = layout.write_all, []
+
+    def full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(layout, "write_all", full)
+    for _ in range(2):
+        with pytest.raises(WalIOError):
+            with Wal(_opts(tmp_path)) as wal:
+                wal.get("s", 0)
+        assert sorted(os.listdir(tmp_path / "s")) == [layout.segment_name(0), "segments.idx"]
+        assert os.path.getsize(seg) == size
+        calls.clear()
+    monkeypatch.undo()
+    with Wal(_opts(tmp_path)) as wal:
+        assert wal.get("s", 0) == b"kept"
+    assert os.path.getsize(seg + ".broken") == size - os.path.getsize(seg)

@@ -85,6 +85,9 @@ def audit_stream(
     audit.side_files = sorted(n for n in os.listdir(stream_dir) if layout.BROKEN_SUFFIX in n)
     idx = layout.read_segments_idx(stream_dir)
     idx_path = os.path.join(stream_dir, layout.SEGMENTS_IDX)
+    head = layout.read_head_state(stream_dir)
+    head_path = os.path.join(stream_dir, layout.HEAD_STATE)
+    lost = set(layout.lost_segments(starts, idx, head))
     if not starts and idx:
         audit.problems.append(Problem(idx_path, None, f"lists segments {idx}, but no segment file exists "
                                                       "(the stream's files were removed)"))
@@ -93,17 +96,14 @@ def audit_stream(
     elif starts and idx != starts:
         # a crash mid-rotation leaves files the index does not list yet, and one mid-prune
         # leaves it listing files deleted oldest first; anything else listed and gone is lost
-        gone = [s for s in idx if s not in starts]
         audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}",
-                                      rebuildable=all(s < starts[0] for s in gone)))
-    head = layout.read_head_state(stream_dir)
-    head_path = os.path.join(stream_dir, layout.HEAD_STATE)
+                                      rebuildable=not lost.intersection(idx)))
     if os.path.exists(head_path) and head is None:
         audit.problems.append(Problem(head_path, None, "unreadable", rebuildable=bool(starts)))
     elif starts and head is not None and head != starts[-1]:
         # behind the newest file: a crash mid-rotation; ahead of it: the newest file is gone
         audit.problems.append(Problem(head_path, None, f"names segment {head}, the newest is {starts[-1]}",
-                                      rebuildable=head < starts[-1]))
+                                      rebuildable=head not in lost))
     elif len(starts) > 1 and head is None:
         audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
     for i, start in enumerate(starts):

@@ -199,6 +199,16 @@ def write_head_state(stream_dir: str, active_start: int) -> None:
     write_file_atomic(os.path.join(stream_dir, HEAD_STATE), encode_head_state(active_start))
 
 
+def lost_segments(starts: Sequence[int], idx: Optional[Sequence[int]], head: Optional[int]) -> List[int]:
+    """Segments that ``segments.idx`` or ``head.state`` name, whose files are gone, and that
+    truncation cannot have removed (it deletes the oldest first and never the active one). A
+    crash cannot lose them either: a rotation creates the file before naming it. So their ids
+    were lost outside ironwal_mp; rebuilding the hints would hide that."""
+    named = set(idx or ()) | ({head} if head is not None else set())
+    present = set(starts)
+    return sorted(s for s in named if s not in present and (not starts or s > starts[0]))
+
+
 def list_segments(stream_dir: str) -> List[int]:
     """Start ids of the segment files present, ascending."""
     starts = []

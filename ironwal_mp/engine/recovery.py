@@ -1,7 +1,9 @@
 """Opening a stream: find its segments and active tail, and repair what a crash left behind.
 
 The segment files are the truth. ``segments.idx`` and ``head.state`` are rebuilt from them when
-they are missing, unreadable or disagree. Only the active (last) segment is scanned: sealed
+they are missing, unreadable or disagree; when they name a segment that is gone and was not
+truncated away, its ids were lost, which is refused under ``CorruptionPolicy.ERROR`` and
+reported otherwise. Only the active (last) segment is scanned: sealed
 segments were fsynced before the stream rotated past them. A torn or corrupt tail of the
 active segment is cut at the last valid frame; the cut bytes are first copied to a
 ``<segment>.wal.broken`` side file and fsynced, so nothing is silently deleted.
@@ -65,14 +67,22 @@ def recover_stream(
     """
     report = RecoveryReport(stream_dir)
     segments = layout.list_segments(stream_dir)
+    listed = layout.read_segments_idx(stream_dir)
+    head = layout.read_head_state(stream_dir)
+    lost = layout.lost_segments(segments, listed, head)
+    if lost:
+        what = (f"segment {layout.segment_name(lost[0])} is named by segments.idx or head.state but is "
+                f"gone: ids from {lost[0]} on were lost (removed outside ironwal_mp, or by the disk)")
+        if policy is CorruptionPolicy.ERROR:
+            raise CorruptionError(os.path.join(stream_dir, layout.segment_name(lost[0])), 0,
+                                  f"{what}; restore it, or open with CorruptionPolicy.TRUNCATE to accept "
+                                  "the loss (those ids are then given out again)")
+        report.actions.append(f"{what}; those ids are given out again")
     if not segments:
-        if layout.read_segments_idx(stream_dir):
-            report.actions.append("segments.idx lists segments but no segment file exists")
         return StreamTail([], 0, 0, SparseIndex()), report
 
     active = segments[-1]
-    rebuild_idx = layout.read_segments_idx(stream_dir) != segments
-    head = layout.read_head_state(stream_dir)
+    rebuild_idx = listed != segments
     head_present = os.path.exists(os.path.join(stream_dir, layout.HEAD_STATE))
     # absent is fine before the first rotation (the crate writes it on rotation); unreadable is not
     rebuild_head = head != active and (head_present or len(segments) > 1)
@@ -155,7 +165,11 @@ def _keep_aside(fd: int, path: str, offset: int, size: int) -> str:
             layout.write_all(out, data)
             pos += len(data)
         os.fsync(out)
-    finally:
+    except BaseException:
+        # a part copy would pass for cut bytes (and fill a full disk further); nothing was cut
         os.close(out)
+        os.unlink(side)
+        raise
+    os.close(out)
     layout.fsync_dir(os.path.dirname(path))
     return side
