@@ -89,8 +89,11 @@ class WalOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.root_path, (str, os.PathLike)):
             raise ConfigError("root_path", f"expected a str or path, got {type(self.root_path).__name__}")
-        if not os.fspath(self.root_path):
+        path = os.fspath(self.root_path)
+        if not path:
             raise ConfigError("root_path", "must not be empty")
+        if ("\0" if isinstance(path, str) else b"\0") in path:  # (no system call takes one)
+            raise ConfigError("root_path", "must not contain a NUL character")
         _positive_int(self, "max_segment_size", minimum=64)
         _positive_int(self, "max_entries_per_segment", optional=True)
         _positive_int(self, "max_open_segments", minimum=2)

@@ -542,3 +542,25 @@ def test_a_side_file_whose_copy_failed_is_removed(tmp_path, monkeypatch):
     with Wal(_opts(tmp_path)) as wal:
         assert wal.get("s", 0) == b"kept"
     assert os.path.getsize(seg + ".broken") == size - os.path.getsize(seg)
+
+
+def test_a_rotation_that_fails_says_the_stream_now_refuses_writes(tmp_path, monkeypatch):
+    """It said only "nothing of this call was kept", yet freeing space did not help: every
+    later write got StreamFailedError until a reopen."""
+    from ironwal_mp import DiskFullError
+
+    with Wal(_opts(tmp_path, max_segment_size=64)) as wal:
+        wal.append("s", b"x" * 40)
+
+        def full(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(layout, "append_segments_idx", full)
+        with pytest.raises(DiskFullError) as info:
+            wal.append("s", b"y" * 40)
+        assert "refuses writes until it is reopened" in str(info.value)
+        monkeypatch.undo()
+        with pytest.raises(StreamFailedError):
+            wal.append("s", b"z")
+    with Wal(_opts(tmp_path)) as wal:
+        assert wal.append("s", b"z") == 1

@@ -57,6 +57,7 @@ def test_defaults_match_the_contract(tmp_path):
         ("min_compression_size", True),
         ("root_path", 42),
         ("root_path", ""),
+        ("root_path", "wal\0dir"),  # (a bare ValueError from os.makedirs before)
     ],
 )
 def test_invalid_options_name_the_field(tmp_path, field, value):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
@@ -16,6 +17,11 @@ from typing import Dict, Optional, Tuple
 from ..errors import WalClosedError
 
 Key = Tuple[str, bool]  # (path, writable)
+
+
+#: before Python 3.13 a map keeps a duplicate of its descriptor open (README: MMAP holds up to
+#: two descriptors per cached segment); from 3.13 it need not
+_NO_FD_COPY = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 class OpenFile:
@@ -38,7 +44,7 @@ class OpenFile:
         if size < needed or size == 0:
             raise EOFError(f"{self.key[0]} holds {size} bytes, {needed} needed")
         # an older, shorter map stays valid for whoever still holds it; GC unmaps it
-        self._map = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)
+        self._map = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ, **_NO_FD_COPY)
         return self._map
 
     def close(self) -> None:

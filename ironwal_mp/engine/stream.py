@@ -198,7 +198,7 @@ class Stream:
                 os.ftruncate(entry.fd, size)
             except OSError as exc2:
                 self._failed = exc2
-            raise _io_error(exc, self._active_path, "append") from exc
+            raise _io_error(exc, self._active_path, "append", failed=self._failed is not None) from exc
         finally:
             cache.release(entry)
 
@@ -240,7 +240,7 @@ class Stream:
         except OSError as exc:
             # the new (empty) segment may exist; recovery treats it as the active one
             self._failed = exc
-            raise _io_error(exc, path, "rotate") from exc
+            raise _io_error(exc, path, "rotate", failed=True) from exc
         if self._synced_id < start:
             self._synced_id = start  # everything in the sealed segment is now durable
         self._segments.append(start)
@@ -333,13 +333,17 @@ class Stream:
             self.reader.forget(self._path(start))
 
 
-def _io_error(exc: OSError, path: str, action: str, written: bool = False, partial: bool = False) -> WalIOError:
+def _io_error(exc: OSError, path: str, action: str, written: bool = False, partial: bool = False,
+              failed: bool = False) -> WalIOError:
     """``written``: a sync failed, so what was written before it may or may not survive;
-    ``partial``: the call had done part of its work (the action says what)."""
+    ``partial``: the call had done part of its work (the action says what); ``failed``: the
+    stream now refuses writes (freeing space does not change that; a reopen does)."""
     message = f"{action} failed on {path}: {exc.strerror or exc}"
     if written:
         message += ("; entries written before it were not acknowledged as durable and may or may "
                     "not be there after a reopen (the stream refuses writes until then)")
+    elif failed:
+        message += "; the stream refuses writes until it is reopened"
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         detail = "the disk is full" if written or partial else "the disk is full; nothing of this call was kept"
         return DiskFullError(f"{message} ({detail})", exc.errno, path)
