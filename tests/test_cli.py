@@ -1446,6 +1446,15 @@ def test_replay_refuses_a_stopped_wal_whose_newest_segment_file_is_gone(wal_root
         _refuse_if_damaged(wal_root)
 
 
+def test_a_byte_order_mark_is_not_kept_in_the_first_json_record():
+    import io
+
+    from ironwal_mp.cli.sources import read_jsonl
+
+    data = b'\xef\xbb\xbf{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n'
+    assert list(read_jsonl(io.BytesIO(data), "id")) == [(b"a", b'{"id": "a", "n": 1}'), (b"b", b'{"id": "b", "n": 2}')]
+
+
 def test_csv_with_a_byte_order_mark_and_csv_that_is_not_utf8(wal_root, tmp_path):
     good = os.path.join(str(tmp_path), "bom.csv")
     with open(good, "wb") as fh:
@@ -1496,3 +1505,20 @@ def test_verify_of_an_engine_root_with_no_entries_yet(tmp_path):
     with Wal(WalOptions(root_path=root)) as wal:
         wal.open_stream("a")
     assert cli("verify", root).stdout_text.rstrip().endswith("OK")
+
+
+def test_replay_shard_out_of_range_is_refused_before_the_wal_is_started(wal_root, tmp_path, monkeypatch):
+    import ironwal_mp.cli.replay as replay_cmd
+    from ironwal_mp.cli.main import main
+
+    path = os.path.join(str(tmp_path), "in.jsonl")
+    write_jsonl(path, [{"id": "k%d" % i} for i in range(10)])
+    cli_json("ingest", path, "--root", wal_root, "--key", "id", "--shards", "2", "--workers", "1")
+    line = usage_error("replay", "--root", wal_root, "--shard", "2")
+    assert "--shard 2 is out of range (0..1)" in line
+
+    def no_start(*a, **kw):
+        raise AssertionError("the WAL was started for a shard it does not have")
+
+    monkeypatch.setattr(replay_cmd, "open_sharded", no_start)
+    assert main(["replay", "--root", wal_root, "--shard", "2"]) == 2

@@ -15,6 +15,7 @@ from typing import List
 from ..engine.audit import audit_stream
 from ..engine.checkpoint_log import CheckpointLog
 from ..errors import CorruptionError, ShardCountMismatchError, WalClosedError
+from ..sharded.manifest import recorded_shard_count
 from .locate import locate, open_sharded, sharded_root
 from .output import EXIT_OK, UsageError
 
@@ -42,6 +43,7 @@ def _refuse_if_damaged(root: str) -> None:
 def run(args) -> int:
     root = sharded_root(args.root)
     out = sys.stdout.buffer
+    _check_shard(args.shard, recorded_shard_count(root))  # (before a stopped WAL is started)
     try:
         wal = open_sharded(root, start=False)
     except WalClosedError:  # stopped: starting it recovers, which may cut
@@ -49,8 +51,7 @@ def run(args) -> int:
         wal = open_sharded(root)
     with wal:
         n = wal.shard_count
-        if args.shard is not None and not 0 <= args.shard < n:
-            raise UsageError(f"--shard {args.shard} is out of range (0..{n - 1})")
+        _check_shard(args.shard, n)
         starts: List[int] = [0] * n
         if args.from_checkpoint is not None:
             log = CheckpointLog(root, repair=False)
@@ -81,6 +82,11 @@ def run(args) -> int:
         except BrokenPipeError:  # e.g. piped into head
             sys.stderr.close()
     return EXIT_OK
+
+
+def _check_shard(shard, count) -> None:
+    if shard is not None and count is not None and not 0 <= shard < count:
+        raise UsageError(f"--shard {shard} is out of range (0..{count - 1})")
 
 
 def _first_kept(wal, shard: int) -> int:

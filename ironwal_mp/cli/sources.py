@@ -6,6 +6,7 @@ are stored as a JSON object of the row; raw lines are their own key and value.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -38,6 +39,8 @@ def _key_bytes(value: object) -> bytes:
 def read_jsonl(stream: BinaryIO, key_field: str) -> Iterator[Record]:
     for lineno, line in enumerate(stream, 1):
         line = line.rstrip(b"\r\n")
+        if lineno == 1 and line.startswith(codecs.BOM_UTF8):  # (as for CSV: not the record's)
+            line = line[len(codecs.BOM_UTF8):]
         if not line.strip():
             continue
         try:
