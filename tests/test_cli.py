@@ -1522,3 +1522,32 @@ def test_replay_shard_out_of_range_is_refused_before_the_wal_is_started(wal_root
 
     monkeypatch.setattr(replay_cmd, "open_sharded", no_start)
     assert main(["replay", "--root", wal_root, "--shard", "2"]) == 2
+
+
+def test_verify_audits_again_a_stream_that_changed_under_it(tmp_path, monkeypatch, capsys):
+    """Beside a live writer, verify reported a segment deleted after it was listed. A problem
+    found while the directory changed is checked again; one found on still files is reported."""
+    import ironwal_mp.cli.audit as audit_cmd
+    from ironwal_mp import Wal, WalOptions
+    from ironwal_mp.cli.main import main
+    from ironwal_mp.engine.audit import Problem, StreamAudit
+
+    with Wal(WalOptions(root_path=str(tmp_path / "w"))) as wal:
+        wal.append("s", b"x")
+    real, calls = audit_cmd.audit_stream, []
+
+    def racing(stream_dir, **kw):
+        calls.append(stream_dir)
+        if len(calls) == 1:  # as if a writer appended while the audit read
+            os.utime(os.path.join(stream_dir, "00000000000000000000.wal"), ns=(1, 1))
+            return StreamAudit("s", stream_dir, problems=[Problem(stream_dir, None, "listed and gone")])
+        return real(stream_dir, **kw)
+
+    monkeypatch.setattr(audit_cmd, "audit_stream", racing)
+    assert main(["verify", str(tmp_path / "w")]) == 0 and len(calls) == 2
+    assert "OK" in capsys.readouterr().out
+
+    calls.clear()
+    monkeypatch.setattr(audit_cmd, "audit_stream",
+                        lambda d, **kw: calls.append(d) or StreamAudit("s", d, problems=[Problem(d, 0, "bad")]))
+    assert main(["verify", str(tmp_path / "w")]) == 1 and len(calls) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import sys
 from typing import Any, Dict, List
 
@@ -73,12 +74,45 @@ def _audit_all(target: Target, show_progress: bool) -> List[StreamAudit]:
     for name in target.streams:
         d = os.path.join(target.root, name)
         if os.path.isdir(d):
-            audits.append(audit_stream(d, progress=(lambda n: progress.update(n)) if progress else None))
+            audits.append(_audit_settled(d, (lambda n: progress.update(n)) if progress else None))
         else:
             audits.append(StreamAudit(name, d))
     if progress:
         progress.done()
     return audits
+
+
+#: audits of a stream whose files changed while it was read, before its problems are believed
+AUDIT_TRIES = 4
+#: the wait before a stream whose only problems are lagging hint files is audited again
+HINT_SETTLE_S = 0.05
+
+
+def _audit_settled(stream_dir: str, progress) -> StreamAudit:
+    """An audit, done again while it found problems and the directory changed under it: beside
+    a live writer, a segment deleted after the listing is no damage. Hint files that lag the
+    segment files (a rotation or truncation under way, or one a crash cut short) are looked at
+    again a little later. What persists is reported."""
+    for attempt in range(AUDIT_TRIES):
+        before = _dir_state(stream_dir)
+        audit = audit_stream(stream_dir, progress=progress)
+        progress = None  # (counted once)
+        if not audit.problems or attempt == AUDIT_TRIES - 1:
+            break
+        if _dir_state(stream_dir) == before:
+            if not all(p.rebuildable for p in audit.problems):
+                break
+            time.sleep(HINT_SETTLE_S)
+    return audit
+
+
+def _dir_state(stream_dir: str) -> set:
+    """(name, size, mtime) of each file: what a writer's append, rotation or truncation moves."""
+    try:
+        with os.scandir(stream_dir) as entries:
+            return {(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries}
+    except OSError:
+        return set()
 
 
 def inspect(args) -> int:
