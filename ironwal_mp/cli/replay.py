@@ -14,7 +14,7 @@ from typing import List
 
 from ..engine.audit import audit_stream
 from ..engine.checkpoint_log import CheckpointLog
-from ..errors import CorruptionError, ShardCountMismatchError, WalClosedError
+from ..errors import CorruptionError, ShardCountMismatchError, WalClosedError, WorkerFailedError
 from ..sharded.manifest import recorded_shard_count
 from .locate import locate, open_sharded, sharded_root
 from .output import EXIT_OK, UsageError
@@ -44,12 +44,18 @@ def run(args) -> int:
     root = sharded_root(args.root)
     out = sys.stdout.buffer
     _check_shard(args.shard, recorded_shard_count(root))  # (before a stopped WAL is started)
+    started = False
     try:
         wal = open_sharded(root, start=False)
     except WalClosedError:  # stopped: starting it recovers, which may cut
         _refuse_if_damaged(root)
-        wal = open_sharded(root)
+        wal, started = open_sharded(root), True
     with wal:
+        if started:  # records a killed run acknowledged into kept rings are written now: wait
+            try:
+                wal.sync()
+            except WorkerFailedError as exc:
+                print(f"ironwal-mp replay: warning: {exc}; replaying what the files hold", file=sys.stderr)
         n = wal.shard_count
         _check_shard(args.shard, n)
         starts: List[int] = [0] * n
