@@ -25,7 +25,7 @@ import pytest
 
 from ironwal_mp import errors as E
 from ironwal_mp.ipc import ring_layout as L
-from ironwal_mp.ipc.names import Names
+from ironwal_mp.ipc.names import Names, processes_of
 from ironwal_mp.ipc.ring import pid_alive
 from ironwal_mp.options import SyncMode, WalOptions
 from ironwal_mp.sharded.client import ShardedWal, connect
@@ -971,3 +971,48 @@ def test_coordinator_killed_during_checkpoints(harness, wal_root, delay_ms):
                 assert wal2.get(shard, off - 1) is not None
     wal2.close()
     assert Names(wal_root).leftovers() == []
+
+
+def test_a_coordinator_killed_while_starting_leaves_nothing_and_its_workers_exit_quietly(wal_root, capfd):
+    """SIGKILL of the coordinator after it published its workers, before READY: the open fails
+    with WorkerFailedError and the starter clears what it created at once (not at the next
+    open); the orphaned workers exit with one log line each, not a traceback."""
+    import threading
+
+    from ironwal_mp.ipc import control as C
+
+    names = Names(wal_root)
+    for _attempt in range(5):  # (READY before the kill, on a stall: try again)
+        result: Dict[str, object] = {}
+
+        def opener() -> None:
+            try:
+                ShardedWal(WalOptions(root_path=wal_root), 4, workers=2, timeout=10).close()
+                result["opened"] = True
+            except E.WalError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=opener)
+        thread.start()
+        killed = None
+        while killed is None and thread.is_alive():
+            ctl = C.ControlBlock.try_open(names)
+            if ctl is not None:
+                if ctl.state == C.ST_STARTING and ctl.f[C.WORKER_PIDS] and pid_alive(ctl.coordinator_pid):
+                    killed = ctl.coordinator_pid
+                    kill(killed)
+                ctl.close()
+            time.sleep(0.001)
+        thread.join(HANG_S)
+        assert not thread.is_alive()
+        if killed is not None and "error" in result:
+            break
+    else:
+        pytest.skip("the coordinator was ready before it could be killed, five times")
+    assert isinstance(result["error"], E.WorkerFailedError), result
+    assert "while starting" in str(result["error"])
+    assert names.leftovers() == [], "the failed open left the killed coordinator's IPC objects"
+    assert processes_of(wal_root) == [], "the failed open returned before the orphaned workers exited"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.count("is gone") == 2, err  # (one line per worker)

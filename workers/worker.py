@@ -398,6 +398,19 @@ class Worker:
             self.replies.close()
 
 
+def _coordinator_gone(root: str) -> bool:
+    """Whether the coordinator that started this process is gone: our parent is no longer the
+    one the control block names, or the block itself was removed (a coordinator, alive, is
+    always the parent of its workers and keeps its block until they have exited)."""
+    ctl = ControlBlock.try_open(Names(root))
+    if ctl is None:
+        return True
+    try:
+        return ctl.coordinator_pid != os.getppid()
+    finally:
+        ctl.close()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description="ironwal_mp shard worker")
     parser.add_argument("--root", required=True)
@@ -412,7 +425,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (inherited blocked)
     opts = json.loads(os.environ["IRONWAL_MP_OPTIONS"])
-    worker = Worker(os.path.abspath(args.root), [int(s) for s in args.shards.split(",")], args.index, opts)
+    root = os.path.abspath(args.root)
+    try:
+        worker = Worker(root, [int(s) for s in args.shards.split(",")], args.index, opts)
+    except Exception as exc:
+        if not _coordinator_gone(root):
+            raise
+        # (killed while starting: its objects may be gone too; the next start clears the rest)
+        log.warning("the coordinator of %s is gone while this worker started; exiting (%s)", root, exc)
+        return 1
     try:
         worker.run()  # (it returns only through stop(): a STOP, or the coordinator gone)
     finally:

@@ -309,9 +309,18 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     msg = M.Message(M.READY, 0, 0, {})
                     break
             if proc.poll() is not None:
+                try:  # its ERROR may have come in since the wait above
+                    msg = notify.receive(0)
+                except posix_ipc.ExistentialError:  # (the queue's name was swept away, see above:
+                    msg = None  # a poll opens it by name)
+                if msg is not None:
+                    break
                 owner = lock_owner(root)
                 if proc.returncode == M.EXIT_LOCKED or (owner is not None and owner[0] != proc.pid):
                     raise _locked_error(root, owner)
+                # killed (or crashed) while starting: nothing cleared what it created, and its
+                # workers, orphaned, exit by themselves; the leftover pass waits for them
+                _clear_after_killed_start(root, names, keep=[names.client_queue(token)])
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 _kill_start(proc, root, names, keep=[names.client_queue(token)])
