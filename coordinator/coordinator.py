@@ -24,6 +24,7 @@ from ironwal_mp.ipc.leftovers import clear_leftovers
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring, pid_alive
+from ironwal_mp.ipc.shm_room import check_room
 from ironwal_mp.options import options_from_dict
 from ironwal_mp.sharded.manifest import open_manifest
 
@@ -96,6 +97,9 @@ class Coordinator:
             raise StartupError(exc) from exc
         try:
             self._clear_leftovers()
+            # (before any object is made: rings past the free memory would be allocated until
+            # the OOM killer came; kept rings exist already)
+            check_room(sum(1 for s in range(self.shard_count) if s not in self.kept), self.ring_size)
             self._create_ipc()
         except (E.WalError, OSError) as exc:
             raise StartupError(exc) from exc

@@ -39,3 +39,53 @@ def test_every_shared_memory_page_is_allocated_up_front(wal_root):
         for name in shm:
             st = os.stat(os.path.join(SHM_DIR, name))
             assert st.st_blocks * 512 >= st.st_size, f"{name}: {st.st_blocks * 512} of {st.st_size} bytes allocated"
+
+
+def test_the_room_a_start_needs_is_checked_against_dev_shm_and_memory():
+    """Pure arithmetic: nothing is allocated."""
+    from ironwal_mp.ipc import shm_room as R
+
+    ring = 1 << 20
+    need = R.start_needs(2, ring)
+    assert need == 2 * (4096 + ring) + 16384
+    assert R.start_needs(0, ring) == 16384, "kept rings are not created again; the control block is"
+    big = 1 << 40
+    assert R.refusal(need, R.Room(need, big)) is None, "exactly the free space fits"
+    assert "/dev/shm has 100 bytes free" in R.refusal(need, R.Room(100, big))
+    # memory: a reserve is left (the larger of 64 MiB and an eighth of what is available)
+    avail = 1 << 30
+    usable = avail - avail // 8
+    assert R.refusal(usable, R.Room(big, avail)) is None
+    assert "MemAvailable" in R.refusal(usable + 1, R.Room(big, avail))
+    assert R.refusal(1, R.Room(big, 64 << 20)) is not None, "at least 64 MiB are left alone"
+    assert R.refusal(need, R.Room(None, None)) is None, "figures that cannot be read refuse nothing"
+    with pytest.raises(SharedMemoryError) as info:
+        R.check_room(2, 1 << 31, R.Room(big, 4 << 30))
+    message = str(info.value)
+    assert "ring_size" in message and str(4 << 30) in message and str(R.start_needs(2, 1 << 31)) in message
+
+
+@pytest.mark.parametrize("room", ["dev_shm", "memory"])
+def test_a_start_refuses_rings_the_machine_cannot_hold_before_creating_any(wal_root, monkeypatch, room):
+    """Rings bigger than free memory but within /dev/shm's size were allocated page by page until
+    the OOM killer killed the coordinator: the start-up now checks both figures before it
+    creates anything. (The check is made to see small figures: no large ring is allocated.)"""
+    import json
+
+    from coordinator.coordinator import Coordinator, StartupError
+    from ironwal_mp.ipc import shm_room as R
+
+    small = R.start_needs(2, 1 << 16) - 1  # one byte short of two 64 KiB rings and the control block
+    figures = R.Room(small, None) if room == "dev_shm" else R.Room(None, small + R.RESERVE_MIN)
+    monkeypatch.setattr(R, "read_room", lambda: figures)
+    coord = Coordinator(wal_root, 2, 1, 1 << 16, json.dumps({"root_path": wal_root}))
+    try:
+        with pytest.raises(StartupError) as info:
+            coord.start()
+    finally:
+        coord.shutdown()
+    err = info.value.error
+    assert isinstance(err, SharedMemoryError) and isinstance(err, OSError)
+    assert "ring_size 65536" in str(err) and str(figures.shm_free or figures.mem_available) in str(err)
+    assert Names(wal_root).leftovers() == [], "nothing was created"
+    assert not any(name.startswith("shard_") for name in os.listdir(wal_root))
