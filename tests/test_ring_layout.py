@@ -317,11 +317,19 @@ def test_next_slice_empty_and_wrap_end():
 
 
 def test_check_capacity():
-    for ok in (4096, 8192, 1 << 20):
+    for ok in (4096, 8192, 1 << 20, 1 << 31):
         L.check_capacity(ok)
-    for bad in (0, 2048, 4095, 4097, 6144):
+    for bad in (0, 2048, 4095, 4097, 6144, (1 << 31) + 4096, 1 << 32, 1 << 63, 1 << 64):
         with pytest.raises(ValueError):
             L.check_capacity(bad)
+
+
+def test_the_largest_ring_drains_as_one_frame():
+    """A worker writes a run of records from its ring as one frame: the largest ring's whole
+    contents must fit a frame payload (a u32 length)."""
+    from ironwal_mp.engine.frame import MAX_PAYLOAD
+
+    assert L.max_block(L.MAX_CAPACITY) <= MAX_PAYLOAD < 2 * L.MAX_CAPACITY
 
 
 def test_run_never_crosses_the_end_after_an_exact_fill():

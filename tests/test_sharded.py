@@ -273,9 +273,10 @@ def test_bad_constructor_arguments(wal_root):
     for bad in (0, -2, True, "1", 257):
         with pytest.raises(ConfigError):
             ShardedWal(opts, 2, workers=bad)
-    for bad in (1000, 4095, 3 << 12):
-        with pytest.raises(ConfigError):
+    for bad in (1000, 4095, 3 << 12, 1 << 32, 1 << 63, 1 << 64):  # (2**31 at most: one frame)
+        with pytest.raises(ConfigError, match="ring_size") as info:
             ShardedWal(opts, 2, ring_size=bad)
+        assert info.value.field == "ring_size"
     for bad in (0, -1, 0.00001, 3601, True, "0.1", None, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="flush_interval"):
             ShardedWal(opts, 2, flush_interval=bad)

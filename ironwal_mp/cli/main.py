@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default min(shards, cpus))")
     s.add_argument("--sync", choices=SYNC_CHOICES, default="async", help="sync mode (default async)")
     s.add_argument("--batch", type=int, default=1000, help="records per append_batch call (default 1000)")
-    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard, a power of two: a record "
-                                                 "must fit in one (default 1 MiB; only when ingest starts the WAL)")
+    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard, a power of two from 4096 to 2**31: "
+                                                 "a record must fit in one (default 1 MiB; only when ingest starts the WAL)")
     s.add_argument("--checkpoint-every", type=int, metavar="N", help="write a checkpoint every N records")
     s.add_argument("--records", type=int, default=None, help="synthetic records to generate (default 1,000,000)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, required=True)
     s.add_argument("--workers", type=int)
     s.add_argument("--sync", choices=SYNC_CHOICES, default="strict")
-    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (power of two)")
+    s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (a power of two, 4096 to 2**31)")
     s.add_argument("--flush-interval", type=float, metavar="SECONDS",
                    help="longest an ASYNC entry stays unsynced under continuous load (default 0.1)")
     s.add_argument("--no-idle-flush", action="store_true",

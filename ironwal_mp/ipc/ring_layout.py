@@ -73,9 +73,18 @@ def slot_base(gen: int) -> int:
     return SLOT1 if gen & 1 else SLOT0
 
 
+#: the largest ring (2 GiB): a run of records taken from a ring is written as one frame, whose
+#: payload length is a u32 (engine/frame.py MAX_PAYLOAD, 2**32 - 1), and ring sizes are powers
+#: of two
+MIN_CAPACITY, MAX_CAPACITY = 4096, 1 << 31
+
+
 def check_capacity(capacity: int) -> None:
-    if capacity < 4096 or capacity & (capacity - 1):
-        raise ValueError(f"ring capacity must be a power of two >= 4096, got {capacity}")
+    """ValueError unless ``capacity`` is a power of two in MIN_CAPACITY..MAX_CAPACITY (the one
+    check of ``ring_size``: the client, the CLI and ring creation all call it)."""
+    if not MIN_CAPACITY <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two from {MIN_CAPACITY} to 2**31 "
+                         f"({MAX_CAPACITY}), got {capacity}")
 
 
 def max_block(capacity: int) -> int:
