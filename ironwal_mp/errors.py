@@ -8,6 +8,8 @@ Wrong argument *types* raise the built-in ``TypeError``.
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class WalError(Exception):
     """Base class of every ironwal_mp error."""
@@ -113,6 +115,21 @@ class WalIOError(WalError, OSError):
 class DiskFullError(WalIOError):
     """The file system is out of space (ENOSPC/EDQUOT). As for any WalIOError: a failed write
     was rolled back; after a failed sync or rotation the stream refuses writes until reopened."""
+
+
+def io_error(exc: OSError, path: str | None = None, action: str = "") -> WalIOError:
+    """The WalIOError (DiskFullError for ENOSPC/EDQUOT) for an OSError the system raised, with
+    its errno and the file (``path``, else the error's own file name): what callers, and a
+    client across the coordinator's queue, get instead of a bare OSError."""
+    if isinstance(exc, WalIOError):
+        return exc
+    if path is None and isinstance(exc.filename, str):
+        path = exc.filename
+    reason = exc.strerror or str(exc)
+    message = f"{action} {path} failed: {reason}" if action and path else f"{path}: {reason}" if path else reason
+    if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", _errno.ENOSPC)):
+        return DiskFullError(f"{message} (the disk is full)", exc.errno, path)
+    return WalIOError(message, exc.errno, path)
 
 
 class ConcurrentTruncationError(WalError):

@@ -111,3 +111,29 @@ def test_errors_cross_with_their_type_message_and_attributes():
             assert getattr(got, name, None) == getattr(exc, name, None), (exc, name)
     assert isinstance(M.error_from_body({"type": "KeyboardInterrupt", "message": "x"}), E.WalError)
     assert type(M.error_from_body({"type": "NoSuchError", "message": "m"})) is E.WalError
+
+
+def test_an_os_error_crosses_as_wal_io_error_or_disk_full_with_its_errno_and_file():
+    """A start-up's raw OSError (LOCK or MANIFEST on a full disk, an unwritable root) reached
+    the client as a bare WalError: no OSError, errno None, no path."""
+    import errno
+
+    from ironwal_mp import errors as E
+
+    cases = [
+        (OSError(errno.ENOSPC, "No space left on device", "/r/MANIFEST.tmp"), E.DiskFullError),
+        (OSError(errno.EDQUOT, "Disk quota exceeded", "/r/LOCK"), E.DiskFullError),
+        (PermissionError(errno.EACCES, "Permission denied", "/r"), E.WalIOError),
+        (OSError(errno.EIO, "Input/output error"), E.WalIOError),
+    ]
+    for exc, kind in cases:
+        body = msgpack.unpackb(msgpack.packb(M.error_body(exc), use_bin_type=True), raw=False)
+        got = M.error_from_body(body)
+        assert type(got) is kind and isinstance(got, OSError), (exc, got)
+        assert got.errno == exc.errno and got.path == exc.filename, (exc, got.errno, got.path)
+        assert exc.strerror in str(got) and (exc.filename is None or exc.filename in str(got))
+    # one converter: errors.io_error, which keeps an ironwal_mp error as it is
+    already = E.DiskFullError("x", errno.ENOSPC, "/p")
+    assert E.io_error(already) is already
+    named = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/r/LOCK", "writing")
+    assert isinstance(named, E.DiskFullError) and named.path == "/r/LOCK" and "writing /r/LOCK failed" in str(named)

@@ -635,6 +635,54 @@ def test_a_full_disk_fails_the_shards_clearly_and_loses_nothing(small_disk):
 # --- 5. a stalled worker: backpressure, then a clear timeout --------------------------------
 
 
+def test_a_lock_that_cannot_be_written_is_a_disk_full_error_and_not_held(tmp_path, monkeypatch):
+    """LOCK's holder pid is written when it is taken: on a full disk that write failed with a
+    bare OSError (no path) and the descriptor, with its flock, stayed open in the process."""
+    import errno
+
+    from ironwal_mp.engine import rootlock
+
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rootlock.os, "pwrite", no_space)
+    lock = rootlock.RootLock(str(tmp_path))
+    with pytest.raises(E.DiskFullError) as info:
+        lock.acquire()
+    assert info.value.errno == errno.ENOSPC and info.value.path == os.path.join(str(tmp_path), "LOCK")
+    assert not lock.held and rootlock.lock_owner(str(tmp_path)) is None, "the flock was let go"
+    monkeypatch.undo()
+    rootlock.RootLock(str(tmp_path)).acquire().release()
+
+
+def test_a_full_disk_at_start_up_reaches_the_client_as_disk_full_error(small_disk):
+    """The coordinator's first write (LOCK) fails with ENOSPC: the client gets DiskFullError (an
+    OSError) with errno and the path, not WalError('[Errno 28] ...'); nothing is left behind."""
+    import errno
+
+    from _sharded_procs import cleanup_root
+
+    fd = os.open(os.path.join(small_disk, "ballast"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:  # fill the disk to the last byte
+        for chunk in (bytes(4096), b"x"):
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    root = os.path.join(small_disk, "wal")
+    try:
+        with pytest.raises(E.DiskFullError) as info:
+            ShardedWal(WalOptions(root_path=root), 2, workers=1, timeout=10)
+        assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+        assert info.value.path == os.path.join(root, "LOCK"), info.value.path
+    finally:
+        procs, objects = cleanup_root(root)
+    assert procs == [] and objects == []
+
+
 def test_stalled_worker_blocks_producer_without_error(harness):
     wal = harness.open(1, SyncMode.ASYNC, workers=1, ring_size=4096)
     worker = wal.stats()["worker_pids"][0]

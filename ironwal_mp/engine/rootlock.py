@@ -10,7 +10,7 @@ import fcntl
 import os
 from typing import Optional, Tuple
 
-from ..errors import WalLockedError
+from ..errors import WalLockedError, io_error
 
 LOCK_FILE = "LOCK"
 
@@ -42,8 +42,12 @@ class RootLock:
             raise WalLockedError(
                 f"{os.path.dirname(self.path)} is already open by {who} (it holds {self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
+        except OSError as exc:  # (a full disk: not held, and the flock goes with the descriptor)
+            os.close(fd)
+            raise io_error(exc, self.path, "writing the holder's pid to") from exc
         self._fd = fd
         return self
 

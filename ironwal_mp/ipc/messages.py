@@ -121,7 +121,12 @@ ERROR_ATTRS = ("errno", "path", "offset", "reason", "field", "name", "expected",
 
 
 def error_body(exc: BaseException) -> Dict[str, Any]:
-    """An ERROR message's body for ``exc``: its type name, message and simple attributes."""
+    """An ERROR message's body for ``exc``: its type name, message and simple attributes.
+
+    An OSError of the system's goes as WalIOError or DiskFullError (``errors.io_error``), with
+    its errno and file: the receiving side rebuilds ironwal_mp types only."""
+    if isinstance(exc, OSError) and not isinstance(exc, E.WalError):
+        exc = E.io_error(exc)
     attrs = {name: getattr(exc, name) for name in ERROR_ATTRS
              if isinstance(getattr(exc, name, None), (int, str)) and not isinstance(getattr(exc, name), bool)}
     return {"type": type(exc).__name__, "message": str(exc), "attrs": attrs}
@@ -143,6 +148,8 @@ def error_from_body(body: Dict[str, Any]) -> Exception:
         args = (code, message) if isinstance(code, int) else (message,)
         err = cls.__new__(cls, *args)
         OSError.__init__(err, *args)
+        if issubclass(cls, E.WalIOError):
+            err.path = None  # (as its constructor sets it, when no path came)
     else:
         err = cls.__new__(cls)
         Exception.__init__(err, message)
