@@ -117,10 +117,12 @@ class DiskFullError(WalIOError):
     was rolled back; after a failed sync or rotation the stream refuses writes until reopened."""
 
 
-def io_error(exc: OSError, path: str | None = None, action: str = "") -> WalIOError:
-    """The WalIOError (DiskFullError for ENOSPC/EDQUOT) for an OSError the system raised, with
-    its errno and the file (``path``, else the error's own file name): what callers, and a
-    client across the coordinator's queue, get instead of a bare OSError."""
+def io_error(exc: OSError, path: str | None = None, action: str = "",
+             full: str = "the disk is full") -> WalIOError:
+    """The WalIOError (DiskFullError for ENOSPC/EDQUOT, its message ending in ``full``) for an
+    OSError the system raised, with its errno and the file (``path``, else the error's own file
+    name): what callers, and a client across the coordinator's queue, get instead of a bare
+    OSError."""
     if isinstance(exc, WalIOError):
         return exc
     if path is None and isinstance(exc.filename, str):
@@ -128,7 +130,7 @@ def io_error(exc: OSError, path: str | None = None, action: str = "") -> WalIOEr
     reason = exc.strerror or str(exc)
     message = f"{action} {path} failed: {reason}" if action and path else f"{path}: {reason}" if path else reason
     if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", _errno.ENOSPC)):
-        return DiskFullError(f"{message} (the disk is full)", exc.errno, path)
+        return DiskFullError(f"{message} ({full})", exc.errno, path)
     return WalIOError(message, exc.errno, path)
 
 

@@ -42,10 +42,10 @@ from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
-    DiskFullError,
     InvalidCheckpointIdError,
     NoCheckpointsError,
     WalIOError,
+    io_error,
 )
 from ..options import GroupSync
 from . import layout
@@ -704,12 +704,7 @@ def _remove_quietly(path: str) -> None:
 
 
 def _io_error(exc: OSError, path: str, action: str) -> WalIOError:
-    message = f"{action} {path} failed: {exc.strerror or exc}"
-    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return DiskFullError(
-            f"{message} (the disk is full; nothing of this call was kept)", exc.errno, path
-        )
-    return WalIOError(message, exc.errno, path)
+    return io_error(exc, path, action, "the disk is full; nothing of this call was kept")
 
 
 __all__ = [
