@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import time
 import sys
+import time
 from typing import Any, Dict, List
 
 from .. import Wal, WalOptions
@@ -110,7 +110,8 @@ def _dir_state(stream_dir: str) -> set:
     """(name, size, mtime) of each file: what a writer's append, rotation or truncation moves."""
     try:
         with os.scandir(stream_dir) as entries:
-            return {(e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries}
+            stats = [(e.name, e.stat()) for e in entries]
+        return {(name, st.st_size, st.st_mtime_ns) for name, st in stats}
     except OSError:
         return set()
 
