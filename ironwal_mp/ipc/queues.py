@@ -55,7 +55,7 @@ class Queue:
 
     def receive(self, timeout: Optional[float]) -> Optional[Message]:
         """The next whole message, or None if none arrives within ``timeout`` (0: don't wait)."""
-        if timeout == 0:
+        if timeout == 0 and self._poller() is not None:
             return self._poll_once()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -70,10 +70,19 @@ class Queue:
             if msg is not None:
                 return msg
 
-    def _poll_once(self) -> Optional[Message]:
+    def _poller(self) -> Optional[posix_ipc.MessageQueue]:
+        """The non-blocking handle, opened by name at the first poll; None once the name is gone
+        (removed by a clean-up: the queue and its messages live on while ``_q`` is open, so
+        polls then take the timed path)."""
         if self._poll is None:
-            self._poll = posix_ipc.MessageQueue(self.name)
+            try:
+                self._poll = posix_ipc.MessageQueue(self.name)
+            except posix_ipc.ExistentialError:
+                return None
             self._poll.block = False
+        return self._poll
+
+    def _poll_once(self) -> Optional[Message]:
         while True:
             try:
                 raw, _prio = self._poll.receive()

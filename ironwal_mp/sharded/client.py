@@ -309,10 +309,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     msg = M.Message(M.READY, 0, 0, {})
                     break
             if proc.poll() is not None:
-                try:  # its ERROR may have come in since the wait above
-                    msg = notify.receive(0)
-                except posix_ipc.ExistentialError:  # (the queue's name was swept away, see above:
-                    msg = None  # a poll opens it by name)
+                msg = notify.receive(0)  # its ERROR may have come in since the wait above
                 if msg is not None:
                     break
                 owner = lock_owner(root)

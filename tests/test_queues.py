@@ -1,0 +1,44 @@
+"""Control-message queues (ipc/queues.py) against real POSIX queues."""
+
+from __future__ import annotations
+
+import os
+
+from ironwal_mp.ipc import messages as M
+from ironwal_mp.ipc.queues import Queue
+
+
+def _name(tag: str) -> str:
+    return f"/iwmp-test-{os.getpid()}-{tag}"
+
+
+def test_a_poll_still_reads_a_queue_whose_name_was_removed():
+    """A clean-up may unlink a queue's name while a process holds it open (a client waiting for
+    its coordinator's start-up answer): the queue and its messages live on, so a poll must
+    still deliver them rather than fail to open the name."""
+    q = Queue(_name("swept"), create=True)
+    try:
+        q.send(M.Message(M.ERROR, 0, 7, {"type": "ConfigError", "message": "x" * 5000}))
+        Queue.unlink_name(q.name)
+        msg = q.receive(0)
+        assert msg is not None and msg.kind == M.ERROR and msg.req_id == 7
+        assert msg.body["message"] == "x" * 5000  # (several parts, all read)
+        assert q.receive(0) is None
+    finally:
+        q.unlink()
+        q.close()
+
+
+def test_polls_and_timed_receives_share_one_reassembly():
+    q = Queue(_name("mixed"), create=True)
+    try:
+        assert q.receive(0) is None
+        q.send(M.Message(M.OK, 1, 2, {"a": b"y" * 3000}))
+        q.send(M.Message(M.OK, 1, 3, {}))
+        first = q.receive(0)
+        second = q.receive(0.5)
+        assert (first.req_id, second.req_id) == (2, 3) and first.body["a"] == b"y" * 3000
+        assert q.receive(0.01) is None
+    finally:
+        q.unlink()
+        q.close()
