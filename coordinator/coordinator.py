@@ -556,6 +556,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.workers <= C.MAX_WORKERS:  # (the control block's worker table)
         parser.error(f"--workers must be in 1..{C.MAX_WORKERS} (0: one per CPU), got {args.workers}")
+    try:  # (before anything is written: a bad size would fail only once MANIFEST and LOCK exist)
+        L.check_capacity(args.ring_size)
+    except ValueError as exc:
+        parser.error(f"--ring-size: {exc}")
     logging.basicConfig(level=os.environ.get("IRONWAL_MP_LOG", "WARNING"),
                         format="coordinator [%(process)d] %(levelname)s %(message)s")
     root = os.path.abspath(args.root)

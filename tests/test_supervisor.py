@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator import supervisor as S
 
 
@@ -39,7 +41,13 @@ def test_a_worker_that_ran_a_while_is_restarted_at_once_and_forgiven(monkeypatch
     assert sup.due(0) and sup.quick_failures[0] == 0 and not sup.gave_up(0)
 
 
-def test_the_coordinator_refuses_more_workers_than_its_table_holds(tmp_path):
+@pytest.mark.parametrize("args, says", [
+    (["--shards", "300", "--ring-size", "65536", "--workers", "257"], b"--workers must be in 1..256"),
+    (["--shards", "2", "--ring-size", "65537"], b"--ring-size: ring capacity must be a power of two"),
+    (["--shards", "2", "--ring-size", str(1 << 32)], b"--ring-size: ring capacity must be a power of two"),
+])
+def test_the_coordinator_run_by_hand_refuses_bad_options_before_writing(tmp_path, args, says):
+    """(A ring size past 2**31 once failed only after MANIFEST and LOCK were written.)"""
     import os
     import subprocess
     import sys
@@ -48,8 +56,7 @@ def test_the_coordinator_refuses_more_workers_than_its_table_holds(tmp_path):
 
     root = str(tmp_path / "wal")
     here = os.path.dirname(os.path.dirname(os.path.abspath(S.__file__)))
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "--root", root, "--shards", "300",
-                           "--ring-size", "65536", "--workers", "257"], cwd=here, capture_output=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": here})
-    assert proc.returncode == 2 and b"--workers must be in 1..256" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "--root", root, *args], cwd=here,
+                          capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": here})
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert not os.path.exists(root) and Names(root).leftovers() == []
