@@ -26,7 +26,7 @@ from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring, pid_alive
 from ironwal_mp.ipc.shm_room import check_room
 from ironwal_mp.options import options_from_dict
-from ironwal_mp.sharded.manifest import open_manifest
+from ironwal_mp.sharded.manifest import discard_unused_manifest, open_manifest
 
 from .barrier import Barrier
 from .supervisor import MAX_BACKOFF_S, Supervisor, assign_shards
@@ -81,6 +81,7 @@ class Coordinator:
         self.clients: Dict[int, int] = {}  # queue token -> pid
         self._reply_queues: Dict[int, Queue] = {}  # token -> open reply queue (while registered)
         self.stopping = False
+        self._new_manifest = False  # this start wrote MANIFEST and is not ready yet
         self._req = 0
         self._last_check = 0.0
 
@@ -91,7 +92,7 @@ class Coordinator:
             ensure_descriptors(self.shard_count)  # (before MANIFEST: a refusal writes nothing)
             os.makedirs(self.root, exist_ok=True)
             self.lock.acquire()
-            open_manifest(self.root, self.shard_count)
+            _, self._new_manifest = open_manifest(self.root, self.shard_count)
             self.ckpt_log = CheckpointLog(self.root, group_sync=self.opts.group_sync)
         except (E.WalError, OSError, ValueError, TypeError) as exc:
             raise StartupError(exc) from exc
@@ -111,6 +112,7 @@ class Coordinator:
         self._publish_workers()  # at once: a successor must find them even if we die starting
         self._wait_workers_open()
         self.ctl.f[C.STATE] = C.ST_READY
+        self._new_manifest = False  # (the WAL's now, whatever follows)
 
     def _clear_leftovers(self) -> None:
         """Wait out workers a crashed coordinator left draining, then drop its IPC objects.
@@ -480,6 +482,7 @@ class Coordinator:
             # there is an earlier run's, maybe rings of acknowledged records; the next start sorts it
             for ring in self.kept.values():
                 ring.close()
+            self._forget_new_manifest()
             self.lock.release()
             return
         if self.ctl is not None:
@@ -516,7 +519,19 @@ class Coordinator:
         if self.ctl is not None:
             self.ctl.f[C.STATE] = C.ST_CLOSED
         self._remove_ipc()
+        self._forget_new_manifest()
         self.lock.release()
+
+    def _forget_new_manifest(self) -> None:
+        """After a failed start, take back the MANIFEST it wrote if nothing else was made: a
+        retry (perhaps with another shard count) then finds a directory with no sharded WAL."""
+        if not self._new_manifest:
+            return
+        self._new_manifest = False
+        try:
+            discard_unused_manifest(self.root)
+        except OSError as exc:
+            log.warning("could not remove the MANIFEST a failed start wrote in %s: %s", self.root, exc)
 
     def _remove_ipc(self) -> None:
         for ring in self.rings:

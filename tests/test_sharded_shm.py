@@ -6,6 +6,7 @@ import pytest
 
 from ironwal_mp import SharedMemoryError, ShardedWal, SyncMode, WalOptions
 from ironwal_mp.ipc.names import SHM_DIR, Names
+from ironwal_mp.sharded.manifest import open_manifest, recorded_shard_count
 
 
 def test_default_layout_fits_a_64_mib_dev_shm(wal_root):
@@ -30,6 +31,10 @@ def test_running_out_of_shared_memory_is_a_clear_error(wal_root):
     assert "ring_size" in message and "/dev/shm" in message
     # nothing was written and nothing is left over (the wal_root fixture checks IPC objects)
     assert not any(name.startswith("shard_") for name in os.listdir(wal_root))
+    assert "MANIFEST" not in os.listdir(wal_root)
+    # so the retry the message suggests may also take another shard count
+    with ShardedWal(WalOptions(root_path=wal_root), 2, workers=1) as wal:
+        assert wal.shard_count == 2
 
 
 def test_every_shared_memory_page_is_allocated_up_front(wal_root):
@@ -92,3 +97,35 @@ def test_a_start_refuses_rings_the_machine_cannot_hold_before_creating_any(wal_r
     assert "ring_size 65536" in str(err) and str(figures.shm_free or figures.mem_available) in str(err)
     assert Names(wal_root).leftovers() == [], "nothing was created"
     assert not any(name.startswith("shard_") for name in os.listdir(wal_root))
+    # the MANIFEST it wrote is taken back: a retry may choose another shard count
+    assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))
+    assert recorded_shard_count(wal_root) is None
+
+
+def test_a_failed_start_keeps_a_manifest_it_did_not_write(wal_root, monkeypatch):
+    import json
+
+    from coordinator.coordinator import Coordinator, StartupError
+    from ironwal_mp.ipc import shm_room as R
+
+    open_manifest(wal_root, 2)
+    monkeypatch.setattr(R, "read_room", lambda: R.Room(1, None))
+    coord = Coordinator(wal_root, 2, 1, 1 << 16, json.dumps({"root_path": wal_root}))
+    try:
+        with pytest.raises(StartupError):
+            coord.start()
+    finally:
+        coord.shutdown()
+    assert recorded_shard_count(wal_root) == 2
+
+
+def test_serve_checks_the_shard_count_without_writing_a_manifest(wal_root):
+    """`serve` checks the count before starting; the coordinator alone writes MANIFEST (so a
+    start that fails can take it back)."""
+    from ironwal_mp.errors import ShardCountMismatchError
+
+    assert open_manifest(wal_root, 3, create=False)[1] is False
+    assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))
+    open_manifest(wal_root, 3)
+    with pytest.raises(ShardCountMismatchError):
+        open_manifest(wal_root, 4, create=False)

@@ -28,7 +28,7 @@ def run(args) -> int:
         except ConfigError as exc:
             raise UsageError(f"--workers: {exc}") from None
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
-    open_manifest(root, args.shards)  # a shard-count mismatch is a usage error, said before starting
+    open_manifest(root, args.shards, create=False)  # a shard-count mismatch is a usage error, said first
     os.environ["IRONWAL_MP_OPTIONS"] = json.dumps(options_to_dict(opts))
     from coordinator.coordinator import main as coordinator_main
 

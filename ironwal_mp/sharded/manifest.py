@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
-from ..engine.layout import write_file_atomic
+from ..engine.checkpoint_log import CHECKPOINTS_LOG, HEAD
+from ..engine.layout import fsync_dir, write_file_atomic
 from ..engine.rootkind import MANIFEST, MANIFEST_FORMAT as FORMAT, SHARD_DIR_RE as _SHARD_DIR
 from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
@@ -91,8 +92,9 @@ def recorded_shard_count(root: str) -> Optional[int]:
     return max(shards) + 1 if shards else None
 
 
-def open_manifest(root: str, shard_count: int) -> Manifest:
-    """The directory's manifest, created (or adopted) if absent; checks the shard count."""
+def open_manifest(root: str, shard_count: int, *, create: bool = True) -> Tuple[Manifest, bool]:
+    """The directory's manifest, created (or adopted) if absent, and whether this call wrote it;
+    checks the shard count. With ``create=False`` nothing is written (a check before a start)."""
     check_shard_count(shard_count)
     manifest = read_manifest(root)
     if manifest is None:
@@ -104,8 +106,24 @@ def open_manifest(root: str, shard_count: int) -> Manifest:
             manifest = Manifest(shard_count, adopted=True)
         else:
             manifest = Manifest(shard_count)
-        os.makedirs(root, exist_ok=True)
-        write_file_atomic(os.path.join(root, MANIFEST), manifest.to_json())
+        if create:
+            os.makedirs(root, exist_ok=True)
+            write_file_atomic(os.path.join(root, MANIFEST), manifest.to_json())
+            return manifest, True
     elif manifest.shard_count != shard_count:
         raise ShardCountMismatchError(shard_count, manifest.shard_count)
-    return manifest
+    return manifest, False
+
+
+def discard_unused_manifest(root: str) -> bool:
+    """Remove the MANIFEST of a start that failed before any shard or checkpoint existed, so
+    that the directory holds no sharded WAL again (a retry may choose another shard count);
+    False, and nothing removed, once there is anything the MANIFEST describes."""
+    if existing_shard_dirs(root) or any(os.path.lexists(os.path.join(root, f)) for f in (CHECKPOINTS_LOG, HEAD)):
+        return False
+    try:
+        os.unlink(os.path.join(root, MANIFEST))
+    except FileNotFoundError:
+        return False
+    fsync_dir(root)
+    return True
