@@ -73,7 +73,93 @@ def test_the_room_a_start_needs_is_checked_against_dev_shm_and_memory():
     assert "ring_size" in message and str(4 << 30) in message and str(R.start_needs(2, 1 << 31)) in message
 
 
-@pytest.mark.parametrize("room", ["dev_shm", "memory"])
+def test_the_room_a_memory_cgroup_allows_is_checked_like_the_memory_available():
+    """Pure arithmetic: a container's limit refuses what the machine's free memory would allow."""
+    from ironwal_mp.ipc import shm_room as R
+
+    big = 1 << 40
+    room = 1 << 30
+    usable = room - room // 8
+    assert R.refusal(usable, R.Room(big, big, room)) is None
+    why = R.refusal(usable + 1, R.Room(big, big, room))
+    assert why is not None and "cgroup" in why and str(room) in why
+    assert R.refusal(1, R.Room(big, big, 64 << 20)) is not None, "at least 64 MiB are left alone"
+    # the inactive file cache (reclaimed before the OOM killer runs) is not counted as used
+    assert R.cgroup_headroom(1000, 900, 300) == 400
+    assert R.cgroup_headroom(1000, 1200, 0) == 0, "usage past the limit leaves no room"
+
+
+def _fake_cgroups(root, self_cgroup: str, files: dict):
+    """A fake /proc (self/cgroup, no meminfo) and /sys/fs/cgroup under ``root``: ``files`` maps
+    a cgroup directory (relative to the cgroup root) to {file name: content}."""
+    proc, cgroup = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text(self_cgroup)
+    for directory, contents in files.items():
+        (cgroup / directory).mkdir(parents=True, exist_ok=True)
+        for name, text in contents.items():
+            (cgroup / directory / name).write_text(text)
+    return str(proc), str(cgroup)
+
+
+def _v2(limit: str, current: int, inactive: int = 0) -> dict:
+    return {"memory.max": f"{limit}\n", "memory.current": f"{current}\n",
+            "memory.stat": f"anon {current}\nfile 0\ninactive_file {inactive}\nshmem 0\n"}
+
+
+@pytest.mark.parametrize("case", ["v2", "v2_max", "v2_parent", "v2_both", "v1", "v1_unlimited", "v1_container"])
+def test_the_memory_cgroup_room_is_read_from_proc_and_sys_fs_cgroup(tmp_path, case):
+    from ironwal_mp.ipc import shm_room as R
+
+    gib = 1 << 30
+    self_v2 = "0::/box/app\n"
+    self_v1 = "9:name=systemd:/\n4:cpu,memory:/box/app\n1:cpuset:/\n0::/\n"
+    v1_unlimited = {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "5000\n"}
+    layouts = {
+        # (its /proc/self/cgroup, its cgroup files, the room expected)
+        "v2": (self_v2, {"box/app": _v2(str(gib), gib // 4, gib // 8)}, gib - gib // 8),
+        "v2_max": (self_v2, {"": _v2("max", 5000), "box": _v2("max", 5000), "box/app": _v2("max", 5000)}, None),
+        "v2_parent": (self_v2, {"box": _v2(str(gib), gib // 2), "box/app": _v2("max", gib // 4)}, gib // 2),
+        "v2_both": (self_v2, {"box": _v2(str(gib), gib // 2), "box/app": _v2(str(2 * gib), gib // 4)}, gib // 2),
+        "v1": (self_v1, {"memory": v1_unlimited, "memory/box/app": {
+            "memory.limit_in_bytes": f"{gib}\n", "memory.usage_in_bytes": f"{gib // 2}\n",
+            "memory.stat": f"inactive_file 1\ntotal_inactive_file {gib // 4}\n"}}, gib - gib // 4),
+        "v1_unlimited": (self_v1, {"memory": v1_unlimited, "memory/box/app": v1_unlimited}, None),
+        # a container sees its own cgroup at the root while /proc names the host's path
+        "v1_container": (self_v1, {"memory": {"memory.limit_in_bytes": f"{gib}\n",
+                                              "memory.usage_in_bytes": f"{gib // 2}\n"}}, gib // 2),
+    }
+    self_cgroup, files, expected = layouts[case]
+    proc, cgroup = _fake_cgroups(tmp_path, self_cgroup, files)
+    room = R.read_room(proc, cgroup)
+    assert room.cgroup_room == expected
+    assert room.mem_available is None, "no meminfo in the fake /proc"
+
+
+def test_a_memory_cgroup_that_cannot_be_read_refuses_nothing(tmp_path):
+    from ironwal_mp.ipc import shm_room as R
+
+    assert R.read_room(str(tmp_path / "no_proc"), str(tmp_path / "no_cgroup")).cgroup_room is None
+    gib = 1 << 30
+    # a limit whose usage is missing or garbled, or a usage without a limit: that level is skipped
+    proc, cgroup = _fake_cgroups(tmp_path / "a", "0::/box/app\n", {
+        "box": {"memory.max": f"{gib}\n"},
+        "box/app": {"memory.max": f"{gib}\n", "memory.current": "lots\n"},
+        "": {"memory.current": "5000\n"},
+    })
+    assert R.read_room(proc, cgroup).cgroup_room is None
+    # no memory controller and no v2 line, or a path outside the namespace
+    for self_cgroup in ("4:cpu:/box\n", "0::/../../box\n"):
+        proc, cgroup = _fake_cgroups(tmp_path / str(len(self_cgroup)), self_cgroup, {"": _v2(str(gib), 0)})
+        assert R.read_room(proc, cgroup).cgroup_room is None, self_cgroup
+    # an unreadable memory.stat counts the whole usage
+    proc, cgroup = _fake_cgroups(tmp_path / "b", "0::/\n", {"": {"memory.max": "1000", "memory.current": "400"}})
+    assert R.read_room(proc, cgroup).cgroup_room == 600
+    big = 1 << 40
+    assert R.refusal(1 << 20, R.Room(big, big, None)) is None
+
+
+@pytest.mark.parametrize("room", ["dev_shm", "memory", "cgroup"])
 def test_a_start_refuses_rings_the_machine_cannot_hold_before_creating_any(wal_root, monkeypatch, room):
     """Rings bigger than free memory but within /dev/shm's size were allocated page by page until
     the OOM killer killed the coordinator: the start-up now checks both figures before it
@@ -84,7 +170,11 @@ def test_a_start_refuses_rings_the_machine_cannot_hold_before_creating_any(wal_r
     from ironwal_mp.ipc import shm_room as R
 
     small = R.start_needs(2, 1 << 16) - 1  # one byte short of two 64 KiB rings and the control block
-    figures = R.Room(small, None) if room == "dev_shm" else R.Room(None, small + R.RESERVE_MIN)
+    figures = {
+        "dev_shm": R.Room(small, None),
+        "memory": R.Room(None, small + R.RESERVE_MIN),
+        "cgroup": R.Room(None, None, small + R.RESERVE_MIN),
+    }[room]
     monkeypatch.setattr(R, "read_room", lambda: figures)
     coord = Coordinator(wal_root, 2, 1, 1 << 16, json.dumps({"root_path": wal_root}))
     try:
@@ -94,7 +184,7 @@ def test_a_start_refuses_rings_the_machine_cannot_hold_before_creating_any(wal_r
         coord.shutdown()
     err = info.value.error
     assert isinstance(err, SharedMemoryError) and isinstance(err, OSError)
-    assert "ring_size 65536" in str(err) and str(figures.shm_free or figures.mem_available) in str(err)
+    assert "ring_size 65536" in str(err) and str(small + (room != "dev_shm") * R.RESERVE_MIN) in str(err)
     assert Names(wal_root).leftovers() == [], "nothing was created"
     assert not any(name.startswith("shard_") for name in os.listdir(wal_root))
     # the MANIFEST it wrote is taken back: a retry may choose another shard count
