@@ -118,17 +118,20 @@ class DiskFullError(WalIOError):
 
 
 def io_error(exc: OSError, path: str | None = None, action: str = "",
-             full: str = "the disk is full") -> WalIOError:
+             full: str = "the disk is full", note: str = "") -> WalIOError:
     """The WalIOError (DiskFullError for ENOSPC/EDQUOT, its message ending in ``full``) for an
     OSError the system raised, with its errno and the file (``path``, else the error's own file
     name): what callers, and a client across the coordinator's queue, get instead of a bare
-    OSError."""
+    OSError. ``note``, after the reason, says what the failure leaves (entries in doubt, a
+    stream that refuses writes)."""
     if isinstance(exc, WalIOError):
         return exc
     if path is None and isinstance(exc.filename, str):
         path = exc.filename
     reason = exc.strerror or str(exc)
     message = f"{action} {path} failed: {reason}" if action and path else f"{path}: {reason}" if path else reason
+    if note:
+        message += f"; {note}"
     if exc.errno in (_errno.ENOSPC, getattr(_errno, "EDQUOT", _errno.ENOSPC)):
         return DiskFullError(f"{message} ({full})", exc.errno, path)
     return WalIOError(message, exc.errno, path)

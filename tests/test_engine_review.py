@@ -564,3 +564,46 @@ def test_a_rotation_that_fails_says_the_stream_now_refuses_writes(tmp_path, monk
             wal.append("s", b"z")
     with Wal(_opts(tmp_path)) as wal:
         assert wal.append("s", b"z") == 1
+
+
+def test_a_streams_disk_errors_read_like_every_other_disk_error(tmp_path, monkeypatch):
+    """stream.py had its own converter beside errors.io_error, worded its own way ("rotate failed
+    on <file>"): one converter now, so every disk error reads "<action> <file> failed: <reason>",
+    then what the failure leaves, then the disk-full note."""
+    from ironwal_mp import DiskFullError
+    from ironwal_mp.engine import stream as stream_mod
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Wal(_opts(tmp_path / "a", max_segment_size=64)) as wal:
+        wal.append("s", b"x" * 40)
+        monkeypatch.setattr(layout, "append_segments_idx", full)
+        with pytest.raises(DiskFullError) as info:
+            wal.append("s", b"y" * 40)
+        err = info.value
+        assert err.path.endswith(layout.segment_name(1)) and err.errno == errno.ENOSPC
+        assert str(err) == (f"rotating to {err.path} failed: No space left on device; the stream refuses "
+                            "writes until it is reopened (the disk is full; nothing of this call was kept)")
+        monkeypatch.undo()
+    with Wal(_opts(tmp_path / "b", max_entries_per_segment=2)) as wal:
+        for i in range(6):
+            wal.append("s", b"e%d" % i)
+        monkeypatch.setattr(layout, "write_file_atomic", full)  # the segments.idx rewrite
+        with pytest.raises(DiskFullError) as info:
+            wal.truncate("s", 4)
+        err = info.value
+        assert str(err) == (f"recording the deletions in {err.path} failed: No space left on device; "
+                            "the truncation stopped after deleting 2 of 2 segments (the disk is full)")
+        monkeypatch.undo()
+
+        def eio(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(stream_mod, "_fdatasync", eio)
+        with pytest.raises(WalIOError) as info:
+            wal.append("s", b"e6")  # (STRICT, the default: the append fsyncs)
+        err = info.value
+        assert str(err).startswith(f"fsyncing {err.path} failed: Input/output error; entries written "
+                                   "before it were not acknowledged as durable and may or may not be there")
+        monkeypatch.undo()

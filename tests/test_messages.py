@@ -137,3 +137,6 @@ def test_an_os_error_crosses_as_wal_io_error_or_disk_full_with_its_errno_and_fil
     assert E.io_error(already) is already
     named = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/r/LOCK", "writing")
     assert isinstance(named, E.DiskFullError) and named.path == "/r/LOCK" and "writing /r/LOCK failed" in str(named)
+    # what the failure leaves goes after the reason, the disk-full note last
+    noted = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/s/0.wal", "fsyncing", "full", "in doubt")
+    assert str(noted) == "fsyncing /s/0.wal failed: No space left on device; in doubt (full)"

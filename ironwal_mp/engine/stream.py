@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Optional
 
-from ..errors import DiskFullError, ReadOnlyError, RecordTooLargeError, StreamFailedError, WalClosedError, WalIOError
+from ..errors import ReadOnlyError, RecordTooLargeError, StreamFailedError, WalClosedError, WalIOError, io_error
 from ..options import CompressionType, WalOptions
 from . import layout
 from .frame import HEADER, LENGTH_SIZE, MAGIC, MAX_PAYLOAD, MAX_U32, FrameError, choose_payload, entry_bounds, frame_crc
@@ -189,7 +189,7 @@ class Stream:
         try:
             entry = cache.acquire(self._active_path, True)
         except OSError as exc:  # (EMFILE, EACCES...: nothing written, the stream goes on)
-            raise _io_error(exc, self._active_path, "open for append") from exc
+            raise _io_error(exc, self._active_path, "opening to append to") from exc
         try:
             layout.write_all(entry.fd, frame)
         except OSError as exc:
@@ -198,7 +198,7 @@ class Stream:
                 os.ftruncate(entry.fd, size)
             except OSError as exc2:
                 self._failed = exc2
-            raise _io_error(exc, self._active_path, "append", failed=self._failed is not None) from exc
+            raise _io_error(exc, self._active_path, "appending to", failed=self._failed is not None) from exc
         finally:
             cache.release(entry)
 
@@ -210,7 +210,7 @@ class Stream:
             layout.write_segments_idx(self.dir, [start])  # also fsyncs the directory
             layout.fsync_dir(os.path.dirname(self.dir))
         except OSError as exc:
-            raise _io_error(exc, self.dir, "create stream") from exc
+            raise _io_error(exc, self.dir, "creating the stream") from exc
         self._segments = [start]
         self._active_path = self._path(start)
         self._index = SparseIndex()
@@ -221,13 +221,13 @@ class Stream:
         try:
             entry = cache.acquire(self._active_path, True)
         except OSError as exc:  # (nothing changed yet: the stream goes on)
-            raise _io_error(exc, self._active_path, "open for rotation") from exc
+            raise _io_error(exc, self._active_path, "opening to seal") from exc
         try:
             _fdatasync(entry.fd)
             self.fsyncs += 1
         except OSError as exc:
             self._failed = exc
-            raise _io_error(exc, self._active_path, "fsync", written=True) from exc
+            raise _io_error(exc, self._active_path, "fsyncing", written=True) from exc
         finally:
             cache.release(entry)
         path = self._path(start)
@@ -240,7 +240,7 @@ class Stream:
         except OSError as exc:
             # the new (empty) segment may exist; recovery treats it as the active one
             self._failed = exc
-            raise _io_error(exc, path, "rotate", failed=True) from exc
+            raise _io_error(exc, path, "rotating to", failed=True) from exc
         if self._synced_id < start:
             self._synced_id = start  # everything in the sealed segment is now durable
         self._segments.append(start)
@@ -264,14 +264,14 @@ class Stream:
             except FileNotFoundError as exc:
                 if self._synced_id >= target:
                     return  # sealed (and so synced) by a rotation, then truncated away meanwhile
-                raise _io_error(exc, path, "open for fsync") from exc
+                raise _io_error(exc, path, "opening to fsync") from exc
             except OSError as exc:  # (EMFILE...: nothing is durable yet, a later sync may be)
-                raise _io_error(exc, path, "open for fsync") from exc
+                raise _io_error(exc, path, "opening to fsync") from exc
             try:
                 _fdatasync(entry.fd)
             except OSError as exc:
                 self._failed = exc
-                raise _io_error(exc, path, "fsync", written=True) from exc
+                raise _io_error(exc, path, "fsyncing", written=True) from exc
             finally:
                 cache.release(entry)
             self.mark_durable(target)
@@ -308,10 +308,9 @@ class Stream:
             if not doomed:
                 return 0
             gone = 0
-            path = self.dir
             try:
                 for start in doomed:  # oldest first: a crash leaves a contiguous suffix
-                    path = self._path(start)
+                    path, step = self._path(start), "deleting"
                     self.reader.forget(path)
                     try:
                         os.unlink(path)
@@ -319,13 +318,13 @@ class Stream:
                         pass
                     self._segments = self._segments[1:]  # as each goes: memory follows the disk
                     gone += 1
-                path = self.dir
+                path, step = self.dir, "recording the deletions in"
                 layout.fsync_dir(self.dir)
                 layout.write_segments_idx(self.dir, self._segments)
             except OSError as exc:
                 # (the files are the truth: a stale segments.idx is rebuilt at the next open)
-                raise _io_error(exc, path, f"truncate (after deleting {gone} of {len(doomed)} segments)",
-                                partial=gone > 0) from None
+                raise _io_error(exc, path, step, partial=gone > 0,
+                                note=f"the truncation stopped after deleting {gone} of {len(doomed)} segments") from None
             return len(doomed)
 
     def forget_files(self) -> None:
@@ -334,17 +333,16 @@ class Stream:
 
 
 def _io_error(exc: OSError, path: str, action: str, written: bool = False, partial: bool = False,
-              failed: bool = False) -> WalIOError:
-    """``written``: a sync failed, so what was written before it may or may not survive;
-    ``partial``: the call had done part of its work (the action says what); ``failed``: the
-    stream now refuses writes (freeing space does not change that; a reopen does)."""
-    message = f"{action} failed on {path}: {exc.strerror or exc}"
+              failed: bool = False, note: str = "") -> WalIOError:
+    """``errors.io_error`` saying what a failed stream call leaves. ``written``: a sync failed, so
+    what was written before it may or may not survive; ``partial``: the call had done part of
+    its work (``note`` says what); ``failed``: the stream now refuses writes (freeing space does
+    not change that; a reopen does)."""
+    leaves = [note] if note else []
     if written:
-        message += ("; entries written before it were not acknowledged as durable and may or may "
-                    "not be there after a reopen (the stream refuses writes until then)")
+        leaves.append("entries written before it were not acknowledged as durable and may or may not be "
+                      "there after a reopen (the stream refuses writes until then)")
     elif failed:
-        message += "; the stream refuses writes until it is reopened"
-    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        detail = "the disk is full" if written or partial else "the disk is full; nothing of this call was kept"
-        return DiskFullError(f"{message} ({detail})", exc.errno, path)
-    return WalIOError(message, exc.errno, path)
+        leaves.append("the stream refuses writes until it is reopened")
+    full = "the disk is full" if written or partial else "the disk is full; nothing of this call was kept"
+    return io_error(exc, path, action, full, "; ".join(leaves))
