@@ -607,3 +607,86 @@ def test_a_streams_disk_errors_read_like_every_other_disk_error(tmp_path, monkey
         assert str(err).startswith(f"fsyncing {err.path} failed: Input/output error; entries written "
                                    "before it were not acknowledged as durable and may or may not be there")
         monkeypatch.undo()
+# an empty segment file placed past (or inside) the end of a stream -----------------------------
+
+
+def _stream_with_stray(tmp_path, stray, hints, **kw):
+    """Ids 0..39 in one segment, then an empty file named like a segment starting at ``stray``;
+    ``hints``: whether segments.idx and head.state name it too (a restore copying them along)."""
+    opts = _opts(tmp_path, **kw)
+    with Wal(_opts(tmp_path)) as wal:
+        for i in range(40):
+            wal.append("s", b"original-%03d" % i)
+    stream_dir = str(tmp_path / "s")
+    open(os.path.join(stream_dir, layout.segment_name(stray)), "wb").close()
+    if hints:
+        layout.write_segments_idx(stream_dir, [0, stray])
+        layout.write_head_state(stream_dir, stray)
+    return opts, stream_dir
+
+
+@pytest.mark.parametrize("hints", [False, True], ids=["hints-without-it", "hints-naming-it"])
+@pytest.mark.parametrize("stray", [1036, 20], ids=["past-the-end", "inside"])
+def test_a_stray_empty_segment_is_set_aside_and_ids_go_on(tmp_path, stray, hints):
+    """Recovery took the stray file for the active segment: past the end, the next append got
+    1036 and reading across 40..1035 raised CorruptionError; inside, the next append got 20 and
+    acknowledged ids 20..39 were shadowed by new entries."""
+    from ironwal_mp.engine.audit import audit_stream
+
+    opts, stream_dir = _stream_with_stray(tmp_path, stray, hints)
+    stray_path = os.path.join(stream_dir, layout.segment_name(stray))
+    assert any("stray segment" in p.reason and p.path == stray_path for p in audit_stream(stream_dir).problems)
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == 40
+        assert list(wal.iter("s", 0)) == [b"original-%03d" % i for i in range(40)] + [b"NEW"]
+        actions = [a for r in wal.recovery_reports for a in r.actions]
+        assert any(a.startswith("set aside stray segment " + layout.segment_name(stray)) for a in actions), actions
+        assert [p for r in wal.recovery_reports for p in r.set_aside] == [stray_path + layout.BROKEN_SUFFIX]
+    assert not os.path.exists(stray_path) and os.path.exists(stray_path + layout.BROKEN_SUFFIX)
+    assert layout.read_segments_idx(stream_dir) == [0]
+    assert audit_stream(stream_dir).problems == []
+    with Wal(opts) as wal:
+        assert wal.recover_all() == [] and wal.get("s", 40) == b"NEW"
+
+
+@pytest.mark.parametrize("hints", [False, True], ids=["hints-without-it", "hints-naming-it"])
+def test_a_stray_empty_segment_is_refused_under_error_policy(tmp_path, hints):
+    from ironwal_mp import CorruptionError, CorruptionPolicy
+
+    opts, stream_dir = _stream_with_stray(tmp_path, 1036, hints, on_corruption=CorruptionPolicy.ERROR)
+    before = {n: open(os.path.join(stream_dir, n), "rb").read() for n in os.listdir(stream_dir)}
+    with Wal(opts) as wal:
+        with pytest.raises(CorruptionError) as info:
+            wal.append("s", b"NEW")
+    assert info.value.path == os.path.join(stream_dir, layout.segment_name(1036))
+    assert "ends at id 40" in info.value.reason and "CorruptionPolicy.TRUNCATE" in info.value.reason
+    after = {n: open(os.path.join(stream_dir, n), "rb").read() for n in os.listdir(stream_dir)}
+    assert after == before  # nothing written
+
+
+def test_a_read_only_open_ends_the_view_before_a_stray_segment(tmp_path):
+    opts, stream_dir = _stream_with_stray(tmp_path, 1036, False)
+    listing = sorted(os.listdir(stream_dir))
+    with Wal(opts, read_only=True) as wal:
+        assert wal.next_id("s") == 40 and len(list(wal.iter("s", 0))) == 40
+    assert sorted(os.listdir(stream_dir)) == listing
+
+
+@pytest.mark.parametrize("stage", ["file only", "file and segments.idx", "file and both hints"])
+def test_the_empty_segment_a_rotation_leaves_is_no_stray(tmp_path, stage):
+    """A crash right after a rotation leaves an empty newest segment named one past the last id:
+    no problem, even under CorruptionPolicy.ERROR, and no audit finding about it."""
+    from ironwal_mp import CorruptionPolicy
+    from ironwal_mp.engine.audit import audit_stream
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path, on_corruption=CorruptionPolicy.ERROR)
+    open(os.path.join(stream_dir, layout.segment_name(40)), "wb").close()
+    if stage != "file only":
+        layout.append_segments_idx(stream_dir, 40)
+    if stage == "file and both hints":
+        layout.write_head_state(stream_dir, 40)
+    assert not any("stray" in p.reason for p in audit_stream(stream_dir).problems)
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == 40 and wal.current_segment_start_id("s") == 40
+        assert not any("stray" in a for r in wal.recovery_reports for a in r.actions)
+    assert layout.list_segments(stream_dir) == segs + [40]

@@ -72,3 +72,26 @@ def test_side_file_path_numbers(tmp_path):
     assert first == base + ".broken"
     open(first, "wb").close()
     assert layout.side_file_path(base) == base + ".broken.1"
+
+
+def test_stray_segments_rule():
+    """An empty newest segment must start where the one before it ends; only then is it what a
+    rotation made. Ends are asked for only when the newest segment is empty."""
+    ends = {0: 40, 40: 40, 1036: 1036}
+    asked = []
+
+    def end_of(start):
+        asked.append(start)
+        return ends.get(start)
+
+    def strays(starts, nonempty=()):
+        return layout.stray_segments(starts, lambda s: s in nonempty, end_of)
+
+    assert strays([0, 1036], nonempty={1036}) == [] and asked == []  # holds frames: not checked
+    assert strays([0]) == [] and asked == []  # nothing before it
+    assert strays([0, 40]) == []  # a rotation's empty new segment
+    assert strays([0, 1036]) == [1036]  # past the end
+    assert strays([0, 20]) == [20]  # inside the previous segment's ids
+    assert strays([0, 40, 1036, 2000]) == [2000, 1036]  # newest first, down to the one that fits
+    ends[0] = None  # the previous segment does not scan cleanly to its end: not judged here
+    assert strays([0, 1036]) == []

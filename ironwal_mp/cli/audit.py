@@ -189,8 +189,8 @@ def verify(args) -> int:
         for p in problems:
             where = p["path"] + (f" at offset {p['offset']}" if p["offset"] is not None else "")
             print(f"PROBLEM {where}: {p['reason']}")
-        for path in kept_aside:  # (recovery's copies of what it cut: not damage, but worth a look)
-            print(f"NOTE {path}: bytes a recovery cut, kept aside")
+        for path in kept_aside:  # (what recovery cut or set aside: not damage, but worth a look)
+            print(f"NOTE {path}: kept aside by a recovery (bytes it cut, or a stray segment)")
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {os.path.abspath(args.path)}: {len(audits)} streams, {frames:,} frames, "
               f"{entries:,} entries, every CRC checked: {verdict}")

@@ -106,7 +106,7 @@ def audit_stream(
                                       rebuildable=head not in lost))
     elif len(starts) > 1 and head is None:
         audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
-    for i, start in enumerate(starts):
+    for start in starts:
         path = os.path.join(stream_dir, layout.segment_name(start))
         try:
             fh = open(path, "rb")
@@ -136,8 +136,18 @@ def audit_stream(
                     progress(size - seg.valid_bytes)
             except OSError as exc:  # (EIO reading it)
                 audit.problems.append(Problem(path, seg.valid_bytes, f"unreadable: {exc.strerror or exc}"))
-        if i + 1 < len(starts) and seg.end_id != starts[i + 1] and seg.valid_bytes == size:
-            audit.problems.append(
-                Problem(path, size, f"ends at id {seg.end_id} but the next segment starts at {starts[i + 1]}")
-            )
+    read = {seg.start_id: seg for seg in audit.segments}  # (the files that could be opened)
+
+    def clean_end(start: int) -> Optional[int]:
+        seg = read.get(start)
+        return seg.end_id if seg is not None and seg.valid_bytes == seg.size else None
+
+    strays = set(layout.stray_segments(starts, lambda s: s not in read or read[s].frames > 0, clean_end))
+    for start, following in zip(starts, starts[1:]):
+        end = clean_end(start)
+        if following in strays:  # what recovery refuses (ERROR) or sets aside (TRUNCATE)
+            audit.problems.append(Problem(read[following].path, 0, f"stray segment: {layout.stray_reason(end)}"))
+        elif end is not None and end != following:
+            audit.problems.append(Problem(read[start].path, read[start].size,
+                                          f"ends at id {end} but the next segment starts at {following}"))
     return audit

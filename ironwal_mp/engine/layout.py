@@ -12,7 +12,7 @@ import os
 import re
 import struct
 from array import array
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from ..errors import InvalidIdError, InvalidStreamNameError
 
@@ -207,6 +207,33 @@ def lost_segments(starts: Sequence[int], idx: Optional[Sequence[int]], head: Opt
     named = set(idx or ()) | ({head} if head is not None else set())
     present = set(starts)
     return sorted(s for s in named if s not in present and (not starts or s > starts[0]))
+
+
+def stray_segments(
+    starts: Sequence[int], holds_frames: Callable[[int], bool], end_of: Callable[[int], Optional[int]]
+) -> List[int]:
+    """The newest segments (newest first) that hold no frame and do not start at the id where
+    the segment before them ends: a rotation names the new file exactly one past the previous
+    segment's last id, so such a file was placed from outside (a bad copy, a restore mixing two
+    backups), and taking it for the active one would make ids jump or repeat. ``end_of(start)``
+    is the id after a segment's last frame, or None when its frames do not run cleanly to the
+    end of its file (damage in a sealed segment is not judged here). Only an empty newest
+    segment is checked, so a caller reads the one before it only in that rare case."""
+    strays: List[int] = []
+    for i in range(len(starts) - 1, 0, -1):
+        if holds_frames(starts[i]):
+            break
+        end = end_of(starts[i - 1])
+        if end is None or end == starts[i]:
+            break
+        strays.append(starts[i])
+    return strays
+
+
+def stray_reason(end: int) -> str:
+    """Why a segment that :func:`stray_segments` found is refused or set aside."""
+    return (f"no frame in it, and the segment before it ends at id {end}, where a rotation would have "
+            "started the next one; placed from outside (a bad copy, a restore mixing two backups)")
 
 
 def list_segments(stream_dir: str) -> List[int]:

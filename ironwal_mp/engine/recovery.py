@@ -4,16 +4,19 @@ The segment files are the truth. ``segments.idx`` and ``head.state`` are rebuilt
 they are missing, unreadable or disagree; when they name a segment that is gone and was not
 truncated away, its ids were lost, which is refused under ``CorruptionPolicy.ERROR`` and
 reported otherwise. Only the active (last) segment is scanned: sealed
-segments were fsynced before the stream rotated past them. A torn or corrupt tail of the
-active segment is cut at the last valid frame; the cut bytes are first copied to a
-``<segment>.wal.broken`` side file and fsynced, so nothing is silently deleted.
+segments were fsynced before the stream rotated past them. When the active segment holds no
+frame, the one before it is scanned too, to prove that the empty file starts where it ends; an
+empty file that does not was placed from outside (``layout.stray_segments``): it is refused
+under ``CorruptionPolicy.ERROR`` and set aside as ``<segment>.wal.broken`` otherwise. A torn or
+corrupt tail of the active segment is cut at the last valid frame; the cut bytes are first
+copied to a ``<segment>.wal.broken`` side file and fsynced, so nothing is silently deleted.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import CorruptionError
 from ..options import CorruptionPolicy
@@ -33,6 +36,8 @@ class RecoveryReport:
     cut_bytes: int = 0
     cut_reason: Optional[str] = None
     side_file: Optional[str] = None
+    #: where stray empty segments were moved (see ``layout.stray_segments``)
+    set_aside: List[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -63,7 +68,8 @@ def recover_stream(
     """Work out where ``stream_dir`` ends, repairing it unless ``repair`` is False.
 
     With ``repair=False`` nothing is written; the report says what repair would do. With
-    ``CorruptionPolicy.ERROR`` a bad tail raises :class:`CorruptionError` instead.
+    ``CorruptionPolicy.ERROR`` a bad tail, a lost segment or a stray one raises
+    :class:`CorruptionError` instead.
     """
     report = RecoveryReport(stream_dir)
     segments = layout.list_segments(stream_dir)
@@ -81,46 +87,90 @@ def recover_stream(
     if not segments:
         return StreamTail([], 0, 0, SparseIndex()), report
 
+    scans: Dict[int, Tuple[ActiveScan, SparseIndex, int]] = {}  # each segment scanned at most once
+
+    def scanned(start: int) -> ActiveScan:
+        if start not in scans:
+            scans[start] = _scan_segment(stream_dir, start, chunk)
+        return scans[start][0]
+
+    def clean_end(start: int) -> Optional[int]:
+        scan = scanned(start)
+        return scan.next_id if scan.problem is None else None
+
+    strays = layout.stray_segments(segments, lambda s: scanned(s).frames > 0, clean_end)
+    aside: List[Tuple[str, str]] = []  # (stray segment, where it is kept)
+    if strays:
+        segments = segments[: -len(strays)]
+        end = scanned(segments[-1]).next_id
+        names = ", ".join(layout.segment_name(s) for s in reversed(strays))
+        what = f"stray segment{'s' if len(strays) > 1 else ''} {names}: {layout.stray_reason(end)}"
+        if policy is CorruptionPolicy.ERROR:
+            raise CorruptionError(os.path.join(stream_dir, layout.segment_name(strays[-1])), 0,
+                                  f"{what}; remove it, or open with CorruptionPolicy.TRUNCATE to set it aside "
+                                  f"(ids then go on from {end})")
+        for start in reversed(strays):
+            path = os.path.join(stream_dir, layout.segment_name(start))
+            aside.append((path, layout.side_file_path(path)))
+        kept = ", ".join(os.path.basename(side) for _, side in aside)
+        report.actions.append(f"set aside {what}; kept as {kept}; ids go on from {end}")
+        report.set_aside = [side for _, side in aside]
+
     active = segments[-1]
+    scanned(active)  # (stray_segments may have scanned it already)
+    scan, index, size = scans[active]
+    problem, valid_end, next_id, frames = scan.problem, scan.valid_end, scan.next_id, scan.frames
+    path = os.path.join(stream_dir, layout.segment_name(active))
+    if problem is not None and policy is CorruptionPolicy.ERROR:
+        # refuse before touching anything
+        raise CorruptionError(path, problem.offset, problem.error.reason)
     rebuild_idx = listed != segments
     head_present = os.path.exists(os.path.join(stream_dir, layout.HEAD_STATE))
     # absent is fine before the first rotation (the crate writes it on rotation); unreadable is not
     rebuild_head = head != active and (head_present or len(segments) > 1)
-
-    path = os.path.join(stream_dir, layout.segment_name(active))
-    index = SparseIndex()
-    fd = os.open(path, os.O_RDWR if repair else os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        scan = scan_active(lambda off, n: os.pread(fd, n, off), 0, active, size, index, chunk)
-        problem, valid_end, next_id, frames = scan.problem, scan.valid_end, scan.next_id, scan.frames
-        if problem is not None and policy is CorruptionPolicy.ERROR:
-            # refuse before touching anything
-            raise CorruptionError(path, problem.offset, problem.error.reason)
-        if rebuild_idx:
-            report.actions.append("rebuilt segments.idx from the segment files")
-            if repair:
+    if rebuild_idx:
+        report.actions.append("rebuilt segments.idx from the segment files")
+    if rebuild_head:
+        report.actions.append("rebuilt head.state from the segment files")
+    if problem is not None:
+        report.cut_offset = problem.offset
+        report.cut_bytes = size - problem.offset
+        report.cut_reason = problem.error.reason
+        report.actions.append(
+            f"cut {size - problem.offset} bytes from {layout.segment_name(active)} at offset "
+            f"{problem.offset} ({problem.error.reason})"
+        )
+    if repair:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            # hints first: a crash before the strays are set aside leaves hints that do not name
+            # them (found again on the next open), never hints naming files that are gone
+            if rebuild_idx:
                 layout.write_segments_idx(stream_dir, segments)
-        if rebuild_head:
-            report.actions.append("rebuilt head.state from the segment files")
-            if repair:
+            if rebuild_head:
                 layout.write_head_state(stream_dir, active)
-        if problem is not None:
-            report.cut_offset = problem.offset
-            report.cut_bytes = size - problem.offset
-            report.cut_reason = problem.error.reason
-            report.actions.append(
-                f"cut {size - problem.offset} bytes from {layout.segment_name(active)} at offset "
-                f"{problem.offset} ({problem.error.reason})"
-            )
-            if repair:
+            if aside:
+                for stray, side in aside:
+                    os.rename(stray, side)
+                layout.fsync_dir(stream_dir)
+            if problem is not None:
                 report.side_file = _keep_aside(fd, path, problem.offset, size)
                 os.ftruncate(fd, problem.offset)
-        if repair:
             os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
+        finally:
+            os.close(fd)
+    return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report
+
+
+def _scan_segment(stream_dir: str, start: int, chunk: int) -> Tuple[ActiveScan, SparseIndex, int]:
+    """(scan, sparse index, file size) of one segment, scanned as an active segment is."""
+    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        index = SparseIndex()
+        return scan_active(lambda off, n: os.pread(fd, n, off), 0, start, size, index, chunk), index, size
     finally:
         os.close(fd)
-    return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report
 
 
 @dataclass
