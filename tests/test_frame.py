@@ -145,3 +145,41 @@ def test_round_trip(start, entries, compress, threshold):
     assert decoded == entries
     assert header.start_id == start and header.count == len(entries)
     assert header.frame_size == len(data)
+
+
+def _reader(buf: bytes):
+    return lambda off, n: buf[off : off + n]
+
+
+def test_tail_frame_finds_the_frame_that_ends_the_file():
+    from ironwal_mp.engine.scanner import tail_frame
+
+    frames = [fr.encode_frame(10 + i, 1, fr.encode_entries([b"e%d" % i])) for i in range(50)]
+    buf = b"".join(frames)
+    header = tail_frame(_reader(buf), len(buf))
+    assert (header.start_id, header.count) == (59, 1)
+    # a torn last frame, garbage after the last one, or an empty file: no answer
+    assert tail_frame(_reader(buf[:-1]), len(buf) - 1) is None
+    assert tail_frame(_reader(buf + b"\0" * 7), len(buf) + 7) is None
+    assert tail_frame(_reader(b""), 0) is None
+    # a compressed frame is proven to decode
+    big = fr.encode_frame(60, 2, fr.encode_entries([b"a" * 5000, b"b" * 5000]), compress=True)
+    assert big[20] == fr.TYPE_LZ4 and tail_frame(_reader(buf + big), len(buf) + len(big)).start_id == 60
+
+
+def test_tail_frame_looks_past_its_first_window_for_a_large_last_frame():
+    from ironwal_mp.engine.scanner import tail_frame
+
+    last = fr.encode_frame(7, 1, fr.encode_entries([bytes(range(256)) * 1024]))  # 256 KiB
+    buf = fr.encode_frame(6, 1, fr.encode_entries([b"x"])) + last
+    assert tail_frame(_reader(buf), len(buf), windows=(4096, 1 << 20)).start_id == 7
+    assert tail_frame(_reader(buf), len(buf), windows=(4096, 65536)) is None, "beyond every window"
+
+
+def test_tail_frame_finds_the_innermost_frame_an_entry_holds():
+    """Documented limit: callers only use the answer to confirm what they expect."""
+    from ironwal_mp.engine.scanner import tail_frame
+
+    inner = fr.encode_frame(900, 3, fr.encode_entries([b"p", b"q", b"r"]))
+    buf = fr.encode_frame(5, 1, fr.encode_entries([inner]))
+    assert tail_frame(_reader(buf), len(buf)).start_id == 900

@@ -5,7 +5,8 @@ they are missing, unreadable or disagree; when they name a segment that is gone 
 truncated away, its ids were lost, which is refused under ``CorruptionPolicy.ERROR`` and
 reported otherwise. Only the active (last) segment is scanned: sealed
 segments were fsynced before the stream rotated past them. When the active segment holds no
-frame, the one before it is scanned too, to prove that the empty file starts where it ends; an
+frame, the one before it is read too, to prove that the empty file starts where it ends (its
+last frame, found from the end, usually proves it; else it is scanned); an
 empty file that does not was placed from outside (``layout.stray_segments``): it is refused
 under ``CorruptionPolicy.ERROR`` and set aside as ``<segment>.wal.broken`` otherwise. A torn or
 corrupt tail of the active segment is cut at the last valid frame; the cut bytes are first
@@ -22,7 +23,7 @@ from ..errors import CorruptionError
 from ..options import CorruptionPolicy
 from . import layout
 from .frame import FrameHeader
-from .scanner import ReadFn, ScanError, scan_frames
+from .scanner import ReadFn, ScanError, scan_frames, tail_frame
 from .sparse_index import SparseIndex
 
 
@@ -94,7 +95,13 @@ def recover_stream(
             scans[start] = _scan_segment(stream_dir, start, chunk)
         return scans[start][0]
 
+    following = dict(zip(segments, segments[1:]))
+
     def clean_end(start: int) -> Optional[int]:
+        # a rotation's own empty segment is confirmed by the last frame before it, found from
+        # the file's end; the whole segment is walked only when that does not confirm it
+        if start not in scans and _last_frame_ends_at(stream_dir, start, following.get(start)):
+            return following[start]
         scan = scanned(start)
         return scan.next_id if scan.problem is None else None
 
@@ -160,6 +167,19 @@ def recover_stream(
         finally:
             os.close(fd)
     return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report
+
+
+def _last_frame_ends_at(stream_dir: str, start: int, end: Optional[int]) -> bool:
+    """Whether the segment starting at ``start`` ends with a valid frame whose last id is just
+    below ``end`` (a guess that may miss, never a proof against: see ``tail_frame``)."""
+    if end is None:
+        return False
+    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY)
+    try:
+        header = tail_frame(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return header is not None and header.start_id + header.count == end
 
 
 def _scan_segment(stream_dir: str, start: int, chunk: int) -> Tuple[ActiveScan, SparseIndex, int]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Tuple
 
-from .frame import HEADER_SIZE, TYPE_LZ4, FrameError, FrameHeader, check_payload, parse_header, raw_payload
+from .frame import (HEADER, HEADER_SIZE, MAGIC, TYPE_LZ4, FrameError, FrameHeader, check_payload, parse_header,
+                    raw_payload)
 
 #: read(offset, size) -> up to ``size`` bytes at ``offset`` (fewer at end of file)
 ReadFn = Callable[[int, int], bytes]
@@ -90,3 +91,48 @@ def scan_frames(
         yield pos, header, stored
         pos += size
         expected = header.start_id + header.count
+
+
+#: how far back from a file's end :func:`tail_frame` looks (a sharded worker's frames, one per
+#: run of ring records, can be as large as a 1 MiB default ring)
+TAIL_WINDOWS = (64 * 1024, 4 * 1024 * 1024)
+_MAGIC_BYTES = HEADER.pack(MAGIC, 0, 0, 0, 0, 0, 0)[:4]
+
+
+def tail_frame(read: ReadFn, size: int, windows: Tuple[int, ...] = TAIL_WINDOWS) -> Optional[FrameHeader]:
+    """A valid frame ending exactly at ``size``, found by searching back from the end for its
+    header rather than walking every frame before it; None if none starts in the last
+    ``windows[-1]`` bytes.
+
+    Not proof of where a segment's last frame is: an entry may itself hold a frame's bytes, and
+    then the innermost one is found. A caller uses the answer only to confirm the end it expects
+    and walks the file (:func:`scan_frames`) whenever it does not.
+    """
+    searched = 0
+    for window in windows:
+        lo = max(0, size - window)
+        buf = read(lo, size - lo)
+        if len(buf) != size - lo:
+            return None  # (the file changed under us)
+        # candidates start below ``limit`` (those in the part a smaller window searched were
+        # tried already); the search may overlap the last one tried ("LAWLAWL")
+        limit = len(buf) - searched
+        while True:
+            pos = buf.rfind(_MAGIC_BYTES, 0, limit + len(_MAGIC_BYTES) - 1)
+            if pos < 0:
+                break
+            limit = pos
+            try:
+                header = parse_header(buf, pos)
+                if lo + pos + HEADER_SIZE + header.disk_size == size:
+                    stored = buf[pos + HEADER_SIZE :]
+                    check_payload(header, stored)
+                    if header.type == TYPE_LZ4:
+                        raw_payload(header, stored)
+                    return header
+            except FrameError:
+                pass
+        if lo == 0:
+            return None
+        searched = size - lo
+    return None
