@@ -498,6 +498,26 @@ def test_a_lost_newest_segment_is_reported_under_truncate_policy(tmp_path):
     assert any(f"ids from {segs[-1]} on were lost" in a for a in actions), actions
 
 
+def test_a_stream_that_lost_every_segment_reports_it_once_then_opens_clean(tmp_path):
+    """With no segment file left, recovery kept the hints: the loss was reported again after new
+    entries were written, and an ERROR open refused the healthy stream for a file long gone."""
+    from ironwal_mp import CorruptionPolicy
+    from ironwal_mp.engine.audit import audit_stream
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path)
+    for start in segs:
+        os.unlink(os.path.join(stream_dir, layout.segment_name(start)))
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == 0  # accepted: the ids are given out again
+        actions = [a for r in wal.recovery_reports for a in r.actions]
+    assert any("were lost" in a for a in actions) and any(a.startswith("removed segments.idx and head.state")
+                                                           for a in actions), actions
+    assert layout.read_segments_idx(stream_dir) == [0] and layout.read_head_state(stream_dir) is None
+    assert audit_stream(stream_dir).problems == []
+    with Wal(opts.replace(on_corruption=CorruptionPolicy.ERROR)) as wal:
+        assert wal.recover_all() == [] and list(wal.iter("s", 0)) == [b"NEW"]
+
+
 def test_hints_behind_the_files_are_still_rebuilt_silently(tmp_path):
     """A crash mid-rotation (new file made, hints not yet written) or mid-truncation (oldest
     files deleted, segments.idx not yet rewritten) is no loss, even under ERROR."""

@@ -86,6 +86,15 @@ def recover_stream(
                                   "the loss (those ids are then given out again)")
         report.actions.append(f"{what}; those ids are given out again")
     if not segments:
+        # hints naming files that are all gone would report (or, under ERROR, refuse) the same
+        # loss again at every open, after new entries were written
+        stale = [n for n in (layout.SEGMENTS_IDX, layout.HEAD_STATE) if os.path.lexists(os.path.join(stream_dir, n))]
+        if stale:
+            report.actions.append(f"removed {' and '.join(stale)}: no segment file is left for them to name")
+            if repair:
+                for name in stale:
+                    os.unlink(os.path.join(stream_dir, name))
+                layout.fsync_dir(stream_dir)
         return StreamTail([], 0, 0, SparseIndex()), report
 
     scans: Dict[int, Tuple[ActiveScan, SparseIndex, int]] = {}  # each segment scanned at most once
