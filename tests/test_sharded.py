@@ -486,6 +486,27 @@ def test_connect_without_coordinator(wal_root):
         ShardedWal(WalOptions(root_path=wal_root), None, _start=False)
 
 
+@pytest.mark.parametrize("started", [SyncMode.ASYNC, SyncMode.BATCH_ONLY])
+def test_connect_appends_in_the_mode_the_wal_was_started_with(wal_root, started):
+    """`serve --sync async` then connect() gave STRICT appends: the mode the coordinator was
+    started with was recorded and never read. A handle may still choose its own."""
+    import pickle
+
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=started), 2, workers=1):
+        with connect(wal_root) as job:
+            assert job.options.sync_mode is started
+            again = pickle.loads(pickle.dumps(job))
+            assert again.options.sync_mode is started
+            again.close()
+        with connect(wal_root, sync_mode=SyncMode.STRICT) as job:
+            assert job.options.sync_mode is SyncMode.STRICT
+            shard, seq = job.append(b"k", b"v")
+            assert job.stats()["shards"][shard]["durable_id"] >= seq + 1
+            assert job.stats()["sync_mode"] == "strict"
+        with connect(wal_root) as job:
+            assert job.stats()["sync_mode"] == started.value
+
+
 def test_reopen_with_another_shard_count(wal_root):
     with open_wal(wal_root, 4) as wal:
         wal.append(b"k", b"v")

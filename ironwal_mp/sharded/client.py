@@ -77,6 +77,8 @@ class _Attachment:
         self.coordinator_pid = self.ctl.coordinator_pid
         self.epoch = self.ctl.epoch  # (this coordinator run's identity: a pid may be reused)
         self.shard_count = self.ctl.f[C.SHARD_COUNT]
+        #: the mode the WAL was started with: what connect() appends in unless told otherwise
+        self.sync_mode = SyncMode(C.SYNC_NAMES.get(self.ctl.f[C.SYNC_MODE], SyncMode.STRICT.value))
         try:
             ensure_descriptors(self.shard_count)
         except BaseException:
@@ -467,6 +469,7 @@ class ShardedWal:
         idle_flush: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
         _start: bool = True,
+        _coordinators_sync: bool = False,
     ) -> None:
         if not isinstance(opts, WalOptions):
             raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
@@ -490,6 +493,8 @@ class ShardedWal:
         count = shard_count if shard_count is not None or not _start else recorded_shard_count(self.root)
         service = service_args(count, workers, ring_size, flush_interval, idle_flush) if count else []
         self._att = _open(opts, shard_count, service, timeout, _start)
+        if _coordinators_sync:
+            self.options = opts = opts.replace(sync_mode=self._att.sync_mode)
         self._closed = False
         try:
             self._bind()
@@ -747,6 +752,7 @@ class ShardedWal:
             "worker_pids": att.ctl.worker_pids(),
             "flush_interval": (att.ctl.f[C.FLUSH_US] or C.DEFAULT_FLUSH_US) / 1e6,
             "idle_flush": not att.ctl.f[C.IDLE_FLUSH_OFF],
+            "sync_mode": self.options.sync_mode.value,  # (this handle's)
             "state": {C.ST_STARTING: "starting", C.ST_READY: "ready", C.ST_CLOSING: "closing",
                       C.ST_CLOSED: "closed"}.get(att.ctl.state, "unknown"),
             "shards": shards,
@@ -869,11 +875,16 @@ def _reconnect(opts_dict: dict, timeout: float) -> ShardedWal:
     return ShardedWal(options_from_dict(opts_dict), None, timeout=timeout, _start=False)  # type: ignore[arg-type]
 
 
-def connect(root_path: "str | os.PathLike[str]", *, sync_mode: SyncMode = SyncMode.STRICT,
+def connect(root_path: "str | os.PathLike[str]", *, sync_mode: Optional[SyncMode] = None,
             timeout: float = DEFAULT_TIMEOUT) -> ShardedWal:
-    """Attach to the WAL a running coordinator serves at ``root_path`` (WalClosedError if none)."""
-    return ShardedWal(WalOptions(root_path=root_path, sync_mode=sync_mode), None,  # type: ignore[arg-type]
-                      timeout=timeout, _start=False)
+    """Attach to the WAL a running coordinator serves at ``root_path`` (WalClosedError if none).
+
+    ``sync_mode=None`` appends in the mode the WAL was started with (its starter's, or
+    ``serve --sync``), so jobs attached to one service agree on durability by default.
+    """
+    opts = WalOptions(root_path=root_path, sync_mode=sync_mode or SyncMode.STRICT)
+    return ShardedWal(opts, None, timeout=timeout, _start=False,  # type: ignore[arg-type]
+                      _coordinators_sync=sync_mode is None)
 
 
 def _as_bytes(value: object, what: str) -> bytes:
