@@ -52,7 +52,8 @@ class RecordTooLargeError(WalError, ValueError):
 
 
 class WalClosedError(WalError):
-    """The handle was closed (or its coordinator is gone) and cannot be used."""
+    """The handle was closed, its coordinator stopped or was replaced, or (a ``Wal``) it was
+    inherited by a forked child: it cannot be used."""
 
 
 class WalLockedError(WalError):
@@ -71,9 +72,10 @@ class TransactionClosedError(WalError):
 
 
 class CorruptionError(WalError):
-    """A log file holds bytes that are not a valid frame or record.
+    """A log file holds bytes that are not a valid frame or record, a segment file is missing
+    while the hints name it, or a stray empty segment was placed from outside (FORMAT.md §7).
 
-    ``path`` and ``offset`` locate the first bad byte.
+    ``path`` and ``offset`` locate the first bad byte (offset 0 for a whole file).
     """
 
     def __init__(self, path: str, offset: int, reason: str) -> None:
@@ -145,10 +147,12 @@ class ConcurrentTruncationError(WalError):
 
 
 class StreamFailedError(WalError):
-    """A stream (or shard) hit an fsync error and refuses further writes.
+    """A stream refuses further writes: an fsync failed, or a rotation, a write it could not
+    roll back, or an interrupt left the files in a state only recovery may settle.
 
     After a failed fsync the kernel may have dropped dirty pages, so retrying cannot prove the
-    data durable. Reopen the WAL to recover from what is on disk.
+    data durable. Reopen the WAL to recover from what is on disk. (A shard's clients see
+    ``WorkerFailedError`` instead: its worker reopens.)
     """
 
 
@@ -169,7 +173,8 @@ class ShardCountMismatchError(WalError, ValueError):
 
 
 class ManifestError(WalError):
-    """MANIFEST is unreadable or of an unknown format version or router."""
+    """MANIFEST is unreadable, of an unknown format version or router, or records fewer shards
+    than the directory holds."""
 
 
 class InvalidCheckpointIdError(WalError, ValueError):
@@ -207,7 +212,9 @@ class WorkerFailedError(WalError):
 
 
 class SharedMemoryError(WalError, OSError):
-    """Shared memory or a POSIX IPC object could not be created (often /dev/shm is full)."""
+    """Shared memory or a POSIX IPC object could not be created (often /dev/shm is full), or
+    the rings would not fit /dev/shm, the memory available or the process's memory cgroup
+    (checked before any is created); the message names the option to lower."""
 
 
 __all__ = [name for name, obj in dict(globals()).items() if isinstance(obj, type) and issubclass(obj, Exception)]

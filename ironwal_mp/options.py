@@ -47,7 +47,8 @@ class GroupSync(enum.Enum):
 
     #: one syncfs(2) per filesystem: one journal commit instead of one per file, but it also
     #: writes back other programs' dirty data on that filesystem (falls back to FDATASYNC
-    #: where the platform has no syncfs)
+    #: where syncfs cannot report write-back errors: no syncfs, a kernel before 5.8, or a
+    #: filesystem other than ext4, ext3, xfs or btrfs; see engine/group_sync.py)
     SYNCFS = "syncfs"
     FDATASYNC = "fdatasync"  #: an fdatasync per file (in parallel threads in a shard worker)
 

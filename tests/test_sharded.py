@@ -277,6 +277,9 @@ def test_bad_constructor_arguments(wal_root):
         with pytest.raises(ConfigError, match="ring_size") as info:
             ShardedWal(opts, 2, ring_size=bad)
         assert info.value.field == "ring_size"
+    for bad in (4096.0, True, "65536", None):  # (a float leaked "unsupported operand type(s) for &")
+        with pytest.raises(ConfigError, match="'ring_size': ring capacity must be an int"):
+            ShardedWal(opts, 2, ring_size=bad)
     for bad in (0, -1, 0.00001, 3601, True, "0.1", None, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="flush_interval"):
             ShardedWal(opts, 2, flush_interval=bad)

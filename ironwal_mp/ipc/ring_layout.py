@@ -82,6 +82,8 @@ MIN_CAPACITY, MAX_CAPACITY = 4096, 1 << 31
 def check_capacity(capacity: int) -> None:
     """ValueError unless ``capacity`` is a power of two in MIN_CAPACITY..MAX_CAPACITY (the one
     check of ``ring_size``: the client, the CLI and ring creation all call it)."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise ValueError(f"ring capacity must be an int, not {type(capacity).__name__}")
     if not MIN_CAPACITY <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
         raise ValueError(f"ring capacity must be a power of two from {MIN_CAPACITY} to 2**31 "
                          f"({MAX_CAPACITY}), got {capacity}")

@@ -55,12 +55,17 @@ START_WAIT_S = 60.0
 
 @dataclass(frozen=True)
 class PruneStats:
+    """What ``prune_before_checkpoint`` removed: shards that lost a segment, and segments in all."""
+
     shards_pruned: int
     segments_deleted: int
 
 
 @dataclass(frozen=True)
 class CompactionStats:
+    """What ``compact_checkpoints`` did to ``checkpoints.log``: records before and after, and
+    the bytes the rewrite saved."""
+
     checkpoints_before: int
     checkpoints_after: int
     bytes_reclaimed: int
@@ -685,20 +690,24 @@ class ShardedWal:
         return CheckpointLog(self.root, repair=False)
 
     def load_latest_checkpoint(self) -> Tuple[bytes, CheckpointData]:
+        """``(id, data)`` of the newest checkpoint (the one ``HEAD`` names); NoCheckpointsError."""
         self._check()
         data = self._log().latest()
         return data.user_id, data
 
     def load_checkpoint(self, checkpoint_id: bytes) -> CheckpointData:
+        """The checkpoint with this id: offsets per shard, timestamp, shard count."""
         self._check()
         return self._log().get(check_checkpoint_id(checkpoint_id))
 
     def list_checkpoints(self) -> List[Tuple[bytes, int]]:
+        """``[(id, timestamp)]`` of every checkpoint the log holds, oldest first."""
         self._check()
         return self._log().list()
 
     @property
     def checkpoint_count(self) -> int:
+        """How many checkpoints the log holds."""
         self._check()
         return len(self._log())
 

@@ -18,7 +18,7 @@ from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
 
 FORMAT_VERSION = 1
-MAX_SHARDS = 1000  # shard directories are shard_%02d; names stay sortable up to 999
+MAX_SHARDS = 1000  # shard directories are the crate's shard_%02d: shard_00 .. shard_999 (2 or 3 digits)
 
 
 def shard_stream(shard: int) -> str:
