@@ -1009,9 +1009,39 @@ def test_compact_failure_leaves_log_intact(tmp_path, monkeypatch):
         _write(path + ".tmp", data[:3])
         raise OSError(errno.ENOSPC, "No space left")
 
-    monkeypatch.setattr(layout, "write_file_atomic", broken)
+    monkeypatch.setattr(layout, "prepare_atomic", broken)
     with pytest.raises(DiskFullError):
         log.compact(1)
     monkeypatch.undo()
     assert _read(str(tmp_path / "checkpoints.log")) == before and len(log) == 4
     assert sorted(os.listdir(tmp_path)) == ["HEAD", "checkpoints.log"]
+
+
+def test_a_compaction_whose_rename_is_not_made_durable_refuses_appends_and_loses_nothing(tmp_path, monkeypatch):
+    """The directory fsync after the rename failed: memory kept the old records and length, so
+    the next checkpoint was acknowledged, written past a hole of zeros in the shorter file, read
+    back as corrupt and cut at the next open (found by a kill/failure review)."""
+    from ironwal_mp.errors import WalIOError
+
+    log = CheckpointLog(str(tmp_path))
+    for i in range(4):
+        log.append(_data(i))
+
+    def eio(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(layout, "fsync_dir", eio)
+    with pytest.raises(WalIOError) as info:
+        log.compact(1)
+    monkeypatch.undo()
+    assert "new ones are refused until the WAL is reopened" in str(info.value)
+    on_disk = _read(str(tmp_path / "checkpoints.log"))
+    assert len(log) == 1 and len(on_disk) == log._size  # memory follows the file in place
+    with pytest.raises(WalIOError, match="refuses writes"):
+        log.append(_data(9))
+    assert log.latest().user_id == _data(3).user_id
+    reopened = CheckpointLog(str(tmp_path))
+    assert [r.user_id for r in reopened.records()] == [_data(3).user_id]
+    reopened.append(_data(9))
+    assert reopened.latest().user_id == _data(9).user_id
+    assert [r.user_id for r in CheckpointLog(str(tmp_path)).records()] == [_data(3).user_id, _data(9).user_id]

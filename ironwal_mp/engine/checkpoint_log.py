@@ -652,13 +652,24 @@ class CheckpointLog:
                 kept.insert(0, head_rec)
             data = b"".join(encode_record(r) for r in kept)
             try:
-                layout.write_file_atomic(self.log_path, data)
-            except OSError as exc:
+                os.replace(layout.prepare_atomic(self.log_path, data), self.log_path)
+            except OSError as exc:  # (the old log is untouched)
                 _remove_quietly(self.log_path + ".tmp")
                 raise _io_error(exc, self.log_path, "compacting") from exc
+            # the compacted file is in place: memory follows it, or the next record would be
+            # written at the old length, past a hole of zeros, and cut at the next open
             reclaimed = self._size - len(data)
             self._size = len(data)
             self._set_records(kept)
+            try:
+                layout.fsync_dir(self.root)
+            except OSError as exc:
+                # a power loss may bring the old file back, and with it lose any record appended
+                # to the new one: no more appends until a reopen reads what the disk kept
+                self._failed = f"compacting replaced {CHECKPOINTS_LOG}, but the rename was not made durable: {exc}"
+                raise io_error(exc, self.root, "making the compacted log durable in",
+                               note="every checkpoint is still there; new ones are refused until the WAL is "
+                                    "reopened") from exc
             return before, len(kept), reclaimed
 
 
