@@ -224,6 +224,36 @@ def test_a_prune_that_fails_part_way_still_tells_readers_segments_are_gone(wal_r
         assert _deleted_files_open(os.path.realpath(wal_root)) == []
 
 
+def test_a_worker_killed_inside_a_prune_does_not_leave_readers_serving_deleted_files(wal_root):
+    """SIGKILL between a prune's unlinks and its PRUNES bump (the bump is in a finally, which a
+    kill skips): a handle that had read the shard served every pruned entry from descriptors of
+    deleted files, and kept them allocated, until something else made it list the files again.
+    (The worker's unlinks are made here from outside, then it is killed: the same state.)"""
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, max_segment_size=512,
+                      max_open_segments=1000)
+    with ShardedWal(opts, 1, workers=1) as wal:
+        for i in range(200):
+            wal.append(b"k", b"entry-%03d" % i)
+        assert [wal.get(0, i) for i in range(200)] == [b"entry-%03d" % i for i in range(200)]
+        shard_dir = os.path.join(wal_root, "shard_00")
+        doomed = layout.list_segments(shard_dir)[:-2]
+        for start in doomed:
+            os.unlink(os.path.join(shard_dir, layout.segment_name(start)))
+        first = layout.list_segments(shard_dir)[0]
+        old = wal.stats()["shards"][0]
+        os.kill(old["worker_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # the coordinator restarts it
+            now = wal.stats()["shards"][0]
+            if now["worker_pid"] != old["worker_pid"] and now["state"] == "open":
+                break
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.05)
+        assert wal.get(0, 3) is None and wal.get(0, first - 1) is None, "a deleted entry is still served"
+        assert wal.get(0, first) == b"entry-%03d" % first
+        assert _deleted_files_open(os.path.realpath(wal_root)) == []
+
+
 def test_pruning_by_a_record_of_another_shard_count_is_refused_and_the_wal_goes_on(wal_root):
     """A checkpoints.log written elsewhere may hold a record for more shards than this WAL has:
     prune must refuse it clearly (it used to raise IndexError inside the coordinator, which then

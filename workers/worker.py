@@ -105,6 +105,10 @@ class Worker:
         """Line each ring up with what the disk holds, then open it for producers."""
         for st in self.shards.values():
             h, ring, on_disk = st.h, st.ring, st.stream.next_id
+            # a worker killed inside a prune deleted files without telling readers (the bump in
+            # the TRUNCATE handler's finally never ran): they would go on serving pruned entries
+            # from descriptors of deleted files; one bump per start makes them list the files again
+            h[L.PRUNES] += 1
             if on_disk > L.SEQ_LIMIT:  # (crafted files only: ids start at 0)
                 log.warning("shard %d: its files reach id %d, the last u64 id, which a ring cannot "
                             "show: it is not readable through the sharded layer, and appends are refused",
