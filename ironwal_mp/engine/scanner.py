@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Tuple
 
-from .frame import (HEADER, HEADER_SIZE, MAGIC, TYPE_LZ4, FrameError, FrameHeader, check_payload, parse_header,
-                    raw_payload)
+from .frame import HEADER_SIZE, MAGIC, TYPE_LZ4, FrameError, FrameHeader, check_payload, parse_header, raw_payload
 
 #: read(offset, size) -> up to ``size`` bytes at ``offset`` (fewer at end of file)
 ReadFn = Callable[[int, int], bytes]
@@ -96,7 +95,7 @@ def scan_frames(
 #: how far back from a file's end :func:`tail_frame` looks (a sharded worker's frames, one per
 #: run of ring records, can be as large as a 1 MiB default ring)
 TAIL_WINDOWS = (64 * 1024, 4 * 1024 * 1024)
-_MAGIC_BYTES = HEADER.pack(MAGIC, 0, 0, 0, 0, 0, 0)[:4]
+_MAGIC_BYTES = MAGIC.to_bytes(4, "little")
 
 
 def tail_frame(read: ReadFn, size: int, windows: Tuple[int, ...] = TAIL_WINDOWS) -> Optional[FrameHeader]:
