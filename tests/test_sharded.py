@@ -508,6 +508,9 @@ def test_connect_appends_in_the_mode_the_wal_was_started_with(wal_root, started)
             assert job.stats()["sync_mode"] == "strict"
         with connect(wal_root) as job:
             assert job.stats()["sync_mode"] == started.value
+        for bad in ("", 0, False):  # (not taken for "no choice")
+            with pytest.raises(ConfigError, match="sync_mode"):
+                connect(wal_root, sync_mode=bad)
 
 
 def test_reopen_with_another_shard_count(wal_root):

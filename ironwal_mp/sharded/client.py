@@ -891,7 +891,7 @@ def connect(root_path: "str | os.PathLike[str]", *, sync_mode: Optional[SyncMode
     ``sync_mode=None`` appends in the mode the WAL was started with (its starter's, or
     ``serve --sync``), so jobs attached to one service agree on durability by default.
     """
-    opts = WalOptions(root_path=root_path, sync_mode=sync_mode or SyncMode.STRICT)
+    opts = WalOptions(root_path=root_path, sync_mode=SyncMode.STRICT if sync_mode is None else sync_mode)
     return ShardedWal(opts, None, timeout=timeout, _start=False,  # type: ignore[arg-type]
                       _coordinators_sync=sync_mode is None)
 
