@@ -465,3 +465,48 @@ def test_a_finished_transaction_raises_transaction_closed_error(tmp_path):
         with pytest.raises(TransactionClosedError):
             txn2.commit()
         assert list(w.iter("s")) == [b"a"]
+
+
+# --- segments placed from outside ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stray", [1036, 20], ids=["past-the-end", "inside"])
+def test_a_follower_does_not_adopt_a_stray_empty_segment(tmp_path, stray):
+    """An empty file named like a segment, placed after the reader opened (a bad copy, a restore
+    mixing two backups) while the writer goes on: a refresh took it for the active segment, so
+    the view's ids jumped to its name (past the end) or shadowed acknowledged ones (inside),
+    and hid what the writer added after. A writer's recovery sets such a file aside."""
+    with Wal(_opts(tmp_path)) as w, Wal(_opts(tmp_path), read_only=True) as r:
+        written = [_entry(i) for i in range(40)]
+        w.append_batch("s", written)
+        assert r.next_id("s") == 40
+        stream_dir = os.path.join(str(tmp_path), "s")
+        open(os.path.join(stream_dir, layout.segment_name(stray)), "wb").close()
+        r.refresh("s")
+        assert r.next_id("s") == 40 and r.current_segment_start_id("s") == 0
+        for i in range(40, 50):
+            written.append(_entry(i))
+            w.append("s", written[-1])
+        r.refresh("s")
+        assert r.next_id("s") == 50
+        _check_prefix(r, "s", written)
+        assert r.get("s", 20) == written[20] and r.get("s", 49) == written[49]
+
+
+def test_a_follower_adopts_the_empty_segment_a_rotation_leaves(tmp_path):
+    """The check above must not hold back a real rotation: its new file, still empty (as a
+    rotation or a crash right after one leaves it), starts one past the last id of the segment
+    before, which that segment's last frame shows."""
+    with Wal(_opts(tmp_path)) as w:
+        w.append_batch("s", [_entry(i) for i in range(39)])
+        w.append("s", _entry(39))
+    stream_dir = os.path.join(str(tmp_path), "s")
+    with Wal(_opts(tmp_path), read_only=True) as r:
+        assert r.next_id("s") == 40
+        open(os.path.join(stream_dir, layout.segment_name(40)), "wb").close()
+        r.refresh("s")
+        assert r.current_segment_start_id("s") == 40 and r.next_id("s") == 40
+        with Wal(_opts(tmp_path)) as w:  # (its recovery takes the file as the active segment)
+            assert w.append("s", b"after") == 40
+        r.refresh("s")
+        assert r.get("s", 40) == b"after" and r.get("s", 39) == _entry(39)

@@ -15,6 +15,12 @@ offset, the last frame the view took from it (its header, CRC included, is read 
 shorter if it is still the newest, and no segment has appeared below it. Otherwise (the stream
 was deleted and written again, or its active segment cut short) the view is rebuilt from a full
 scan of the newest segment, and the caller must drop everything it cached of the old files.
+
+A new segment that holds no valid frame yet is taken in only once the segment before it is
+seen to end, by its last frame, right below its name, as a rotation leaves it. Any other such
+file was placed from outside (``layout.stray_segments``; a writer's recovery sets it aside),
+and taking it for the active one would make the view's ids jump. Leaving out an empty file
+hides no entry, so a doubtful one simply waits for a later look.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import List
 
 from . import layout
 from .frame import HEADER_SIZE, FrameError, parse_header
-from .recovery import StreamTail, scan_active
+from .recovery import StreamTail, last_frame_ends_at, scan_active
+from .scanner import ScanError, scan_frames
 from .sparse_index import SparseIndex
 
 
@@ -47,6 +54,7 @@ def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
         segments = layout.list_segments(stream_dir)
     except FileNotFoundError:  # the stream's directory was removed
         segments = []
+    segments = _without_unproven(stream_dir, segments, old[-1] if old else -1, chunk)
     if not segments:
         return Followed(StreamTail([], 0, 0, SparseIndex()), list(old), not old)
     active = segments[-1]
@@ -67,6 +75,35 @@ def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
     forget = [s for s in old if s < segments[0]] if continued else list(old)  # (truncated: oldest first)
     new = StreamTail(segments, scan.valid_end, scan.next_id, index, last_frame=scan.last or last)
     return Followed(new, forget, continued)
+
+
+def _without_unproven(stream_dir: str, segments: List[int], viewed: int, chunk: int) -> List[int]:
+    """``segments`` less the newest ones above ``viewed`` (the view's active segment) that hold
+    no valid frame and that the segment before does not end right below (see the module's
+    docstring)."""
+    while len(segments) > 1 and segments[-1] > viewed:
+        newest, before = segments[-1], segments[-2]
+        try:
+            if _holds_a_frame(stream_dir, newest, chunk) or last_frame_ends_at(stream_dir, before, newest):
+                break
+        except FileNotFoundError:  # removed since the listing (a truncation): look again later
+            pass
+        segments = segments[:-1]
+    return segments
+
+
+def _holds_a_frame(stream_dir: str, start: int, chunk: int) -> bool:
+    """Whether the segment file starting at ``start`` begins with a valid frame of that id."""
+    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        for _ in scan_frames(lambda off, n: os.pread(fd, n, off), 0, start, end=size, chunk=chunk):
+            return True
+        return False
+    except ScanError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _continues(stream_dir: str, segments: List[int], tail: StreamTail, newest_fd: int, newest_size: int) -> bool:

@@ -109,7 +109,7 @@ def recover_stream(
     def clean_end(start: int) -> Optional[int]:
         # a rotation's own empty segment is confirmed by the last frame before it, found from
         # the file's end; the whole segment is walked only when that does not confirm it
-        if start not in scans and _last_frame_ends_at(stream_dir, start, following.get(start)):
+        if start not in scans and last_frame_ends_at(stream_dir, start, following.get(start)):
             return following[start]
         scan = scanned(start)
         return scan.next_id if scan.problem is None else None
@@ -178,12 +178,12 @@ def recover_stream(
     return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report
 
 
-def _last_frame_ends_at(stream_dir: str, start: int, end: Optional[int]) -> bool:
+def last_frame_ends_at(stream_dir: str, start: int, end: Optional[int]) -> bool:
     """Whether the segment starting at ``start`` ends with a valid frame whose last id is just
     below ``end`` (a guess that may miss, never a proof against: see ``tail_frame``)."""
     if end is None:
         return False
-    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY)
+    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         header = tail_frame(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size)
     finally:
