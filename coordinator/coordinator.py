@@ -26,7 +26,7 @@ from ironwal_mp.ipc.queues import Queue
 from ironwal_mp.ipc.ring import Ring, pid_alive
 from ironwal_mp.ipc.shm_room import check_room
 from ironwal_mp.options import options_from_dict
-from ironwal_mp.sharded.manifest import discard_unused_manifest, open_manifest
+from ironwal_mp.sharded.manifest import confirm_manifest, discard_unused_manifest, open_manifest
 
 from .barrier import Barrier
 from .supervisor import MAX_BACKOFF_S, Supervisor, assign_shards
@@ -111,8 +111,12 @@ class Coordinator:
             raise StartupError(E.WorkerFailedError(f"cannot start the worker processes: {exc}")) from exc
         self._publish_workers()  # at once: a successor must find them even if we die starting
         self._wait_workers_open()
-        self.ctl.f[C.STATE] = C.ST_READY
+        try:  # (before READY: once anyone may write, the shard count binds every later start)
+            confirm_manifest(self.root)
+        except (E.WalError, OSError) as exc:
+            raise StartupError(exc) from exc
         self._new_manifest = False  # (the WAL's now, whatever follows)
+        self.ctl.f[C.STATE] = C.ST_READY
 
     def _clear_leftovers(self) -> None:
         """Wait out workers a crashed coordinator left draining, then drop its IPC objects.

@@ -217,5 +217,71 @@ def test_serve_checks_the_shard_count_without_writing_a_manifest(wal_root):
     assert open_manifest(wal_root, 3, create=False)[1] is False
     assert not os.path.exists(os.path.join(wal_root, "MANIFEST"))
     open_manifest(wal_root, 3)
+    os.mkdir(os.path.join(wal_root, "shard_00"))  # (a MANIFEST that describes nothing is no obstacle)
     with pytest.raises(ShardCountMismatchError):
         open_manifest(wal_root, 4, create=False)
+
+
+@pytest.mark.parametrize("used_by", [None, "ready", "shard_01", "checkpoints.log", "HEAD"])
+def test_a_manifest_left_by_a_dead_start_yields_to_another_shard_count(wal_root, used_by):
+    """A coordinator SIGKILLed while starting, after it wrote MANIFEST and before any shard or
+    checkpoint existed, left a directory that refused every other shard count, and nothing in
+    it told a retry why. Once a start was ready, or anything the MANIFEST describes exists, its
+    count binds (an empty WAL reopened with another count is refused, as any other)."""
+    import json
+
+    from ironwal_mp.errors import ShardCountMismatchError
+    from ironwal_mp.sharded.manifest import confirm_manifest, read_manifest
+
+    assert open_manifest(wal_root, 2)[0].starting and read_manifest(wal_root).starting
+    if used_by == "ready":
+        confirm_manifest(wal_root)
+        assert not read_manifest(wal_root).starting and read_manifest(wal_root).shard_count == 2
+    elif used_by is not None and used_by.startswith("shard_"):
+        os.mkdir(os.path.join(wal_root, used_by))
+    elif used_by is not None:
+        open(os.path.join(wal_root, used_by), "wb").close()
+    if used_by is not None:
+        for create in (False, True):
+            with pytest.raises(ShardCountMismatchError):
+                open_manifest(wal_root, 3, create=create)
+        assert recorded_shard_count(wal_root) == 2
+        return
+    assert open_manifest(wal_root, 3, create=False)[1] is False
+    assert recorded_shard_count(wal_root) == 2  # (a check writes nothing)
+    manifest, written = open_manifest(wal_root, 3)
+    assert written and manifest.shard_count == 3 and recorded_shard_count(wal_root) == 3
+    with open(os.path.join(wal_root, "MANIFEST"), "rb") as fh:
+        assert json.loads(fh.read())["shard_count"] == 3
+
+
+def test_a_start_killed_after_writing_its_manifest_does_not_fix_the_shard_count(wal_root):
+    """SIGKILL a coordinator right after it took LOCK and wrote MANIFEST (as its next step, the
+    clean-up of leftovers, begins): a start with another shard count then works."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from ironwal_mp.errors import ShardCountMismatchError
+
+    script = textwrap.dedent(f"""
+        import json, os, signal
+        from coordinator import coordinator as C
+        C.Coordinator._clear_leftovers = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+        C.Coordinator({wal_root!r}, 2, 1, 1 << 16, json.dumps({{"root_path": {wal_root!r}}})).start()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert recorded_shard_count(wal_root) == 2
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT)
+    with ShardedWal(opts, 3) as wal:
+        assert wal.shard_count == 3
+    assert Names(wal_root).leftovers() == []
+    # that start was ready: its count binds now, though nothing was written
+    with pytest.raises(ShardCountMismatchError):
+        ShardedWal(opts, 2)
+    with ShardedWal(opts, 3) as wal:
+        shard, seq = wal.append(b"k", b"v")
+        assert wal.get(shard, seq) == b"v"
+    assert Names(wal_root).leftovers() == []

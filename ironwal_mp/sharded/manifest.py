@@ -2,13 +2,16 @@
 
 A small JSON document, replaced atomically. A directory written by the Rust crate has no
 MANIFEST; it is adopted (shard count taken from its ``shard_NN`` directories) and given one.
+A MANIFEST is written marked ``starting`` and the mark is dropped once the coordinator that
+wrote it is ready: a marked one that describes nothing (no shard directory, no checkpoint) was
+left by a start that died, and does not bind a retry to its shard count.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from ..engine.checkpoint_log import CHECKPOINTS_LOG, HEAD
@@ -31,11 +34,15 @@ class Manifest:
     router: str = DEFAULT_ROUTER
     version: int = FORMAT_VERSION
     adopted: bool = False
+    #: written by a start that has not (yet) become ready
+    starting: bool = False
 
     def to_json(self) -> bytes:
         doc = {"format": FORMAT, "version": self.version, "shard_count": self.shard_count, "router": self.router}
         if self.adopted:
             doc["adopted_from"] = "ironwal 0.6 (no MANIFEST; routing of earlier keys was the crate's)"
+        if self.starting:
+            doc["starting"] = True
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -61,7 +68,8 @@ def read_manifest(root: str) -> Optional[Manifest]:
         if doc.get("version") != FORMAT_VERSION:
             raise ManifestError(f"{path}: format version {doc.get('version')} is not supported")
         get_router(doc["router"])
-        manifest = Manifest(check_shard_count(doc["shard_count"]), doc["router"], doc["version"], "adopted_from" in doc)
+        manifest = Manifest(check_shard_count(doc["shard_count"]), doc["router"], doc["version"], "adopted_from" in doc,
+                            doc.get("starting") is True)
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, ManifestError):
             raise
@@ -94,32 +102,48 @@ def recorded_shard_count(root: str) -> Optional[int]:
 
 def open_manifest(root: str, shard_count: int, *, create: bool = True) -> Tuple[Manifest, bool]:
     """The directory's manifest, created (or adopted) if absent, and whether this call wrote it;
-    checks the shard count. With ``create=False`` nothing is written (a check before a start)."""
+    checks the shard count. A manifest this call writes is marked ``starting`` (see
+    :func:`confirm_manifest`). With ``create=False`` nothing is written (a check before a start)."""
     check_shard_count(shard_count)
     manifest = read_manifest(root)
+    if manifest is not None and manifest.shard_count != shard_count:
+        if not manifest.starting or describes_anything(root):
+            raise ShardCountMismatchError(shard_count, manifest.shard_count)
+        manifest = None  # left by a start that died before it made anything: it binds no one
     if manifest is None:
         shards = existing_shard_dirs(root)
         if shards:
             found = max(shards) + 1
             if found != shard_count:
                 raise ShardCountMismatchError(shard_count, found)
-            manifest = Manifest(shard_count, adopted=True)
+            manifest = Manifest(shard_count, adopted=True, starting=True)
         else:
-            manifest = Manifest(shard_count)
+            manifest = Manifest(shard_count, starting=True)
         if create:
             os.makedirs(root, exist_ok=True)
             write_file_atomic(os.path.join(root, MANIFEST), manifest.to_json())
             return manifest, True
-    elif manifest.shard_count != shard_count:
-        raise ShardCountMismatchError(shard_count, manifest.shard_count)
     return manifest, False
+
+
+def confirm_manifest(root: str) -> None:
+    """Drop the ``starting`` mark once a coordinator is ready: from then on the shard count is
+    the WAL's, even while no shard has been written."""
+    manifest = read_manifest(root)
+    if manifest is not None and manifest.starting:
+        write_file_atomic(os.path.join(root, MANIFEST), replace(manifest, starting=False).to_json())
+
+
+def describes_anything(root: str) -> bool:
+    """Whether ``root`` holds anything its MANIFEST describes: a shard directory or a checkpoint."""
+    return bool(existing_shard_dirs(root)) or any(os.path.lexists(os.path.join(root, f)) for f in (CHECKPOINTS_LOG, HEAD))
 
 
 def discard_unused_manifest(root: str) -> bool:
     """Remove the MANIFEST of a start that failed before any shard or checkpoint existed, so
     that the directory holds no sharded WAL again (a retry may choose another shard count);
     False, and nothing removed, once there is anything the MANIFEST describes."""
-    if existing_shard_dirs(root) or any(os.path.lexists(os.path.join(root, f)) for f in (CHECKPOINTS_LOG, HEAD)):
+    if describes_anything(root):
         return False
     try:
         os.unlink(os.path.join(root, MANIFEST))
