@@ -49,6 +49,7 @@ def _env() -> Dict[str, str]:
     env = dict(os.environ)
     env.pop("IRONWAL_MP_LOG", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # (a process that hangs is sent SIGABRT and shows where it was)
     return env
 
 
@@ -193,9 +194,26 @@ class Background:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+            where = _kernel_wait(self.proc.pid)
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            raise AssertionError(f"ironwal-mp {' '.join(self.args)} did not stop within {timeout} s of signal "
+                                 f"{sig} ({where})\n--- stdout (end)\n{self.stdout[-2000:]}\n--- stderr\n{self.stderr}")
+
+
+def _kernel_wait(pid: int) -> str:
+    """Where the kernel has a process waiting (its state and wait channel), for a hang's report."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/wchan") as fh:
+            return f"state {state}, wchan {fh.read() or '-'}"
+    except OSError as exc:
+        return f"no /proc entry: {exc}"
 
 
 def start_serve(tmp_path, root: str, shards: int = 4, *extra: str) -> Background:
