@@ -680,7 +680,10 @@ class ShardedWal:
     # --- checkpoints ------------------------------------------------------------------------
 
     def create_checkpoint(self, checkpoint_id: bytes) -> CheckpointData:
-        """A consistent cut across all shards, durable when this returns, under ``checkpoint_id``."""
+        """A consistent cut across all shards, durable when this returns, under ``checkpoint_id``.
+
+        A call that raised WalClosedError or WorkerFailedError because the coordinator died or
+        did not answer may still have taken effect: ``load_checkpoint(checkpoint_id)`` tells."""
         self._check()
         user_id = check_checkpoint_id(checkpoint_id)
         body = self._att.request(M.CHECKPOINT, {"id": user_id})
