@@ -111,6 +111,7 @@ class Coordinator:
             raise StartupError(E.WorkerFailedError(f"cannot start the worker processes: {exc}")) from exc
         self._publish_workers()  # at once: a successor must find them even if we die starting
         self._wait_workers_open()
+        self._wait_kept_durable()
         try:  # (before READY: once anyone may write, the shard count binds every later start)
             confirm_manifest(self.root)
         except (E.WalError, OSError) as exc:
@@ -147,6 +148,8 @@ class Coordinator:
                 ring = Ring(self.names, shard, capacity=self.ring_size, worker=self.worker_of[shard], create=True)
             else:
                 ring.header[L.WORKER_IDX] = self.worker_of[shard]
+                if ring.data_ready is None:  # (opened without it as a leftover: _wait_kept_durable wakes)
+                    ring.data_ready = posix_ipc.Semaphore(self.names.worker_wake(self.worker_of[shard]))
             self.rings.append(ring)
         self.requests = Queue(self.names.coordinator_queue, create=True)
         self.worker_replies = Queue(self.names.worker_replies, create=True)
@@ -165,6 +168,32 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise StartupError(E.WorkerFailedError("workers did not start in time"))
             time.sleep(0.005)
+
+    def _wait_kept_durable(self) -> None:
+        """Wait until the records of kept rings are durable: they were acknowledged by an earlier
+        run, and reads stop at the durable id, so an open that returned sooner would not yet
+        show them (a failed shard is skipped: the others serve)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+
+        def workers_alive() -> None:
+            dead = self.supervisor.dead()
+            if dead:
+                raise StartupError(E.WorkerFailedError(
+                    f"worker {dead[0]} exited with status {self.supervisor.procs[dead[0]].returncode} "
+                    "while writing the records kept from an earlier run"))
+
+        for ring in self.kept.values():
+            if ring.header[L.STATE] == L.ST_FAILED:
+                continue
+            ring.liveness = workers_alive
+            try:
+                ring.wait_durable(ring.next_seq(), max(0.0, deadline - time.monotonic()), registered=False)
+            except E.WorkerFailedError as exc:
+                if ring.header[L.STATE] != L.ST_FAILED:
+                    raise StartupError(exc) from exc
+                log.error("shard %d failed while writing the records kept from an earlier run: %s", ring.shard, exc)
+            finally:
+                ring.liveness = None
 
     def _publish_workers(self) -> None:
         for w, pid in enumerate(self.supervisor.pids()):
