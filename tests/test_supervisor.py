@@ -60,3 +60,71 @@ def test_the_coordinator_run_by_hand_refuses_bad_options_before_writing(tmp_path
                           capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": here})
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert not os.path.exists(root) and Names(root).leftovers() == []
+
+
+class _KeptRing:
+    """A kept ring whose durability wait ends as told (no shared memory)."""
+
+    def __init__(self, shard, state, outcome):
+        from ironwal_mp.ipc import ring_layout as L
+
+        self.shard, self.header, self.outcome, self.liveness = shard, {L.STATE: state}, outcome, None
+        self.waited = False
+
+    def next_seq(self, timeout=30.0):
+        return 7
+
+    def wait_durable(self, upto, timeout, registered=True):
+        self.waited = True
+        assert upto == 7 and not registered and self.liveness is not None
+        if self.outcome is not None:
+            raise self.outcome
+
+
+@pytest.mark.parametrize("case", ["durable", "timed-out", "shard-failed", "worker-died", "failed-before"])
+def test_waiting_for_kept_records_before_ready(case, caplog):
+    """Start-up waits for kept rings' records to be durable; a shard failing or a wait past
+    KEPT_WAIT_S does not fail the start (the others serve; records come as synced); a worker
+    that dies does."""
+    from coordinator.coordinator import Coordinator, StartupError
+    from ironwal_mp.errors import WorkerFailedError
+    from ironwal_mp.ipc import ring_layout as L
+
+    coord = Coordinator.__new__(Coordinator)
+    dead = []
+
+    class Sup:
+        procs = {0: type("P", (), {"returncode": -9})()}
+
+        def dead(self):
+            return dead
+
+    coord.supervisor = Sup()
+    state = L.ST_FAILED if case == "failed-before" else L.ST_OPEN
+    ring = _KeptRing(0, state, {"timed-out": WorkerFailedError("no durability before the timeout"),
+                                "shard-failed": WorkerFailedError("shard 0 failed")}.get(case))
+    if case == "shard-failed":  # (the worker fails the shard during the wait)
+        real = ring.wait_durable
+
+        def wait(upto, timeout, registered=True):
+            ring.header[L.STATE] = L.ST_FAILED
+            real(upto, timeout, registered)
+
+        ring.wait_durable = wait
+    if case == "worker-died":
+        dead.append(0)
+
+        def wait(upto, timeout, registered=True):
+            ring.liveness()
+
+        ring.wait_durable = wait
+    coord.kept = {0: ring}
+    if case == "worker-died":
+        with pytest.raises(StartupError, match="exited with status -9 while writing the records kept"):
+            coord._wait_kept_durable()
+    else:
+        coord._wait_kept_durable()
+    assert ring.liveness is None
+    assert ring.waited == (case in ("durable", "timed-out", "shard-failed"))
+    if case == "timed-out":
+        assert "serving anyway" in caplog.text
