@@ -429,6 +429,9 @@ def test_prune_before_checkpoint(wal_root, mode):
             assert after[s] == [x for x in before[s] if x >= first]
             assert list(wal.iter_shard(s, 0)) == expected[s][first:]
             assert list(wal.iter_shard(s, off)) == expected[s][off:]
+            # with ids, a consumer knows where an iteration that asked for pruned ids began
+            assert list(wal.iter_shard(s, 0, with_ids=True)) == list(enumerate(expected[s]))[first:]
+            assert list(wal.iter_shard(s, off + 1, with_ids=True))[:1] == [(off + 1, expected[s][off + 1])]
             if first:
                 assert wal.get(s, first - 1) is None
                 assert wal.get(s, 0) is None

@@ -596,3 +596,24 @@ def test_mmap_reads_of_a_file_cut_short_underneath_report_corruption(tmp_path):
         with pytest.raises(CorruptionError):
             wal.get("s", 9)
         assert wal.get("s", 0) == b"entry-0"
+
+
+def test_iter_with_ids_gives_each_entry_its_id_also_after_a_truncation(tmp_path):
+    """A consumer that counted ids from where it asked to start was wrong once the iteration
+    started later (truncated below it); with_ids says each entry's id."""
+    from ironwal_mp import Wal, WalOptions
+
+    with Wal(WalOptions(root_path=str(tmp_path), max_entries_per_segment=10)) as wal:
+        for i in range(35):
+            wal.append("s", b"%d" % i)
+        assert list(wal.iter("s", 7, with_ids=True))[:2] == [(7, b"7"), (8, b"8")]
+        assert wal.truncate("s", 20) > 0
+        got = list(wal.iter("s", 3, with_ids=True))
+        assert got[0][0] == wal.first_id("s") == 20
+        assert all(value == b"%d" % i for i, value in got) and [i for i, _ in got] == list(range(20, 35))
+        assert list(wal.iter("s", 3)) == [v for _, v in got]
+        ids = wal.append_batch("s", [b"b%d" % k for k in range(5)])  # (one frame: ids inside it)
+        assert list(wal.iter("s", ids.start + 2, with_ids=True)) == [(ids.start + k, b"b%d" % k) for k in range(2, 5)]
+        for bad in (1, None, "yes"):
+            with pytest.raises(TypeError, match="with_ids"):
+                wal.iter("s", 0, with_ids=bad)

@@ -33,6 +33,12 @@ def check_id(value: object, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not 0 <= value < ID_LIMIT:
         raise InvalidIdError(f"{name} must be in 0..2**64-1 (ids are u64), got {value}")
+
+
+def check_flag(value: object, name: str) -> None:
+    """TypeError unless ``value`` is True or False (a truthy object may be a misplaced argument)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
 _STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 MAX_STREAM_NAME = 200
 #: files of a WAL root or stream directory that a stream may not be named after

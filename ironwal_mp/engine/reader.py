@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..errors import ConcurrentTruncationError, CorruptionError, CrcMismatchError, WalIOError
 from ..options import ReadStrategy, WalOptions
@@ -230,8 +230,10 @@ class SegmentReader:
                 return None  # truncated away meanwhile
         return None
 
-    def iter(self, view: StreamView, stream_dir: str, start_id: int) -> Iterator[bytes]:
-        """Entries from ``start_id`` (or the view's first id, if that is later) to the view's end.
+    def iter(self, view: StreamView, stream_dir: str, start_id: int,
+             with_ids: bool = False) -> Iterator[Union[bytes, Tuple[int, bytes]]]:
+        """Entries from ``start_id`` (or the view's first id, if that is later) to the view's end;
+        ``(id, entry)`` pairs if ``with_ids`` (where it started is then never a guess).
 
         ConcurrentTruncationError if ids the caller asked for, at or after the view's first id,
         are truncated away before they are read: an iteration never skips ids silently.
@@ -251,8 +253,13 @@ class SegmentReader:
                 for _, header, entries in self._frames(view, stream_dir, p, next_id):
                     first = next_id - header.start_id if header.start_id < next_id else 0
                     stop = min(header.count, end_id - header.start_id)
-                    for k in range(first, stop):
-                        yield entries[k]
+                    if with_ids:
+                        base = header.start_id
+                        for k in range(first, stop):
+                            yield base + k, entries[k]
+                    else:
+                        for k in range(first, stop):
+                            yield entries[k]
                     next_id = header.start_id + stop
                     if next_id >= end_id:
                         return

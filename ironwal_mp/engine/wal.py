@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Dict, Iterable, Iterator, List, NoReturn, Optional
+from typing import Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union
 
 import errno
 
@@ -346,11 +346,14 @@ class Wal:
         view, stream_dir = self._view(stream)
         return self._reader.get(view, stream_dir, seq_id)
 
-    def iter(self, stream: str, start_id: int = 0) -> Iterator[bytes]:
-        """Entries in id order from ``start_id`` (or the first kept one) to the current end."""
+    def iter(self, stream: str, start_id: int = 0, *,
+             with_ids: bool = False) -> Iterator[Union[bytes, Tuple[int, bytes]]]:
+        """Entries in id order from ``start_id`` (or the first kept one) to the current end;
+        ``(id, entry)`` pairs if ``with_ids``."""
         layout.check_id(start_id, "start_id")
+        layout.check_flag(with_ids, "with_ids")
         view, stream_dir = self._view(stream)
-        return self._reader.iter(view, stream_dir, start_id)
+        return self._reader.iter(view, stream_dir, start_id, with_ids)
 
     def next_id(self, stream: str) -> int:
         """The id the next append to ``stream`` will get (0 for a stream never written)."""

@@ -16,13 +16,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from zlib import crc32
 
 from .. import errors as E
 from ..engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id, check_keep_latest_n
 from ..engine.frame import encode_entries
-from ..engine.layout import check_id
+from ..engine.layout import check_flag, check_id
 from ..engine.rootkind import check_sharded_root
 from ..engine.rootlock import RootLock, lock_owner
 from ..ipc import control as C
@@ -663,12 +663,15 @@ class ShardedWal:
         check_id(seq_id, "seq_id")
         return self._att.reader.get(shard_id, seq_id)
 
-    def iter_shard(self, shard_id: int, start_id: int = 0) -> Iterator[bytes]:
-        """A shard's durable entries from ``start_id`` (or the first kept one) on."""
+    def iter_shard(self, shard_id: int, start_id: int = 0, *,
+                   with_ids: bool = False) -> Iterator[Union[bytes, Tuple[int, bytes]]]:
+        """A shard's durable entries from ``start_id`` (or the first kept one) on; ``(seq_id,
+        entry)`` pairs if ``with_ids`` (a prune may move the first kept id between calls)."""
         self._check()
         self._check_shard(shard_id)
         check_id(start_id, "start_id")
-        return self._att.reader.iter(shard_id, start_id)
+        check_flag(with_ids, "with_ids")
+        return self._att.reader.iter(shard_id, start_id, with_ids)
 
     def first_id(self, shard_id: int) -> Optional[int]:
         """The shard's first durable id still kept (pruning moves it up), or None if it has

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from ..engine import layout
 from ..engine.fdcache import FdCache
@@ -100,9 +100,9 @@ class ShardReader:
         view, stream_dir = self.view(shard)
         return self.reader.get(view, stream_dir, seq_id)
 
-    def iter(self, shard: int, start_id: int) -> Iterator[bytes]:
+    def iter(self, shard: int, start_id: int, with_ids: bool = False) -> Iterator[Union[bytes, Tuple[int, bytes]]]:
         view, stream_dir = self.view(shard, refresh=True)
-        return self.reader.iter(view, stream_dir, start_id)
+        return self.reader.iter(view, stream_dir, start_id, with_ids)
 
     def close(self) -> None:
         self.fdcache.close_all()
