@@ -291,16 +291,13 @@ def test_the_readme_consumer_loop_reads_each_kept_id_once_across_truncations(tmp
         pos = 0
         for rnd in range(6):
             reader.refresh("orders")
-            first = reader.first_id("orders")
-            if first is not None and pos < first:
-                pos = first
             if rnd == 4:  # truncate between the refresh and the iteration's start
                 w.truncate("orders", w.current_segment_start_id("orders"))
             try:
-                for data in reader.iter("orders", pos):
-                    assert pos not in handled
-                    handled[pos] = data
-                    pos += 1
+                for seq, data in reader.iter("orders", pos, with_ids=True):
+                    assert seq not in handled and seq >= pos
+                    handled[seq] = data
+                    pos = seq + 1
                     if rnd == 3 and pos % 10 == 5:  # truncate under the iteration
                         w.truncate("orders", w.current_segment_start_id("orders"))
             except ConcurrentTruncationError:
@@ -310,9 +307,9 @@ def test_the_readme_consumer_loop_reads_each_kept_id_once_across_truncations(tmp
             if rnd in (0, 2):
                 w.truncate("orders", w.next_id("orders") - 12)
         reader.refresh("orders")
-        for data in reader.iter("orders", max(pos, reader.first_id("orders"))):
-            handled[pos] = data
-            pos += 1
+        for seq, data in reader.iter("orders", pos, with_ids=True):
+            handled[seq] = data
+            pos = seq + 1
         assert pos == w.next_id("orders")
     assert all(data == b"e%d" % i for i, data in handled.items())
     missed = sorted(set(range(pos)) - set(handled))
