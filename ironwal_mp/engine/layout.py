@@ -39,6 +39,8 @@ def check_flag(value: object, name: str) -> None:
     """TypeError unless ``value`` is True or False (a truthy object may be a misplaced argument)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+
+
 _STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 MAX_STREAM_NAME = 200
 #: files of a WAL root or stream directory that a stream may not be named after
