@@ -175,7 +175,9 @@ class Coordinator:
         run, and reads stop at the durable id, so an open that returned sooner would not yet
         show them (a failed shard is skipped: the others serve). Past KEPT_WAIT_S the start
         goes on: a backlog of huge rings on a slow disk must not fail the open (its client
-        gives up at START_WAIT_S), and those records become readable as they are synced."""
+        gives up at START_WAIT_S), and those records become readable as they are synced.
+        A ring kept beyond this run's shard count (``clear_leftovers`` never drops records) is
+        no worker's: it stays as it is, closed, for an open with the count it was written with."""
         deadline = time.monotonic() + KEPT_WAIT_S
 
         def workers_alive() -> None:
@@ -185,8 +187,8 @@ class Coordinator:
                     f"worker {dead[0]} exited with status {self.supervisor.procs[dead[0]].returncode} "
                     "while writing the records kept from an earlier run"))
 
-        for ring in self.kept.values():
-            if ring.header[L.STATE] == L.ST_FAILED:
+        for shard, ring in self.kept.items():
+            if shard >= self.shard_count or ring.header[L.STATE] == L.ST_FAILED:
                 continue
             ring.liveness = workers_alive
             try:

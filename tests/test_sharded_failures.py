@@ -557,6 +557,38 @@ def test_records_of_kept_rings_are_readable_when_the_open_returns(harness, wal_r
         assert list(wal2.iter_shard(shard)) == [v for (s, _), v in acks if s == shard]
 
 
+def test_an_open_with_fewer_shards_leaves_rings_kept_beyond_its_count_alone(harness, wal_root):
+    """Rings kept past the new shard count (the directory wiped after a crash, then opened with
+    fewer shards) belong to no worker of the new run. The start waited on them too: it woke
+    their worker through a semaphore they were never given (AttributeError) or found them
+    closed (WalClosedError), and the coordinator died instead of serving. They stay kept, and
+    an open with their own count writes them."""
+    import shutil
+
+    wal = harness.open(4, SyncMode.ASYNC, workers=1, ring_size=1 << 16)
+    st = wal.stats()
+    coordinator, (worker,) = st["coordinator_pid"], st["worker_pids"]
+    harness.stop(worker, wal)
+    acks = [(wal.append(b"key-%d" % i, b"value-%d" % i), b"value-%d" % i) for i in range(100)]
+    assert {s for (s, _), _ in acks} == {0, 1, 2, 3}
+    os.kill(coordinator, signal.SIGSTOP)
+    harness.stopped.append(coordinator)
+    kill(worker)
+    kill(coordinator)
+    wait_for(lambda: not any(pid_alive(p) for p in (worker, coordinator)), "the killed processes to die")
+    wal.close()
+    shutil.rmtree(wal_root)  # (the rings, in /dev/shm, remain)
+
+    wal2 = harness.open(2, SyncMode.ASYNC, workers=1, ring_size=1 << 16)
+    for shard in range(2):
+        assert list(wal2.iter_shard(shard)) == [v for (s, _), v in acks if s == shard]
+    wal2.close()
+    shutil.rmtree(wal_root)
+    wal3 = harness.open(4, SyncMode.ASYNC, workers=1, ring_size=1 << 16)
+    for shard in (2, 3):
+        assert list(wal3.iter_shard(shard)) == [v for (s, _), v in acks if s == shard]
+
+
 def test_a_handle_of_a_killed_coordinator_cannot_publish_into_kept_rings(harness, wal_root):
     """Handles still attached to a coordinator that was killed see the same shared memory once
     the next run keeps a ring for its records. They must not publish there: their control

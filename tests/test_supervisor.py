@@ -91,6 +91,7 @@ def test_waiting_for_kept_records_before_ready(case, caplog):
     from ironwal_mp.ipc import ring_layout as L
 
     coord = Coordinator.__new__(Coordinator)
+    coord.shard_count = 1
     dead = []
 
     class Sup:
