@@ -490,6 +490,29 @@ def test_a_follower_does_not_adopt_a_stray_empty_segment(tmp_path, stray):
         assert r.get("s", 20) == written[20] and r.get("s", 49) == written[49]
 
 
+def test_a_stray_empty_segment_stays_out_once_the_writer_rotates_past_it(tmp_path):
+    """The stray above, inside the ids of the active segment, left out while it is the newest:
+    once the writer rotates, it is no longer the newest file, and a refresh took it in as a
+    sealed segment, where it shadowed the ids below the rotation (CorruptionError for them)."""
+    opts = _opts(tmp_path, max_segment_size=4096)
+    with Wal(opts) as w, Wal(opts, read_only=True) as r:
+        written = [_entry(i) for i in range(40)]
+        w.append_batch("s", written)
+        assert r.next_id("s") == 40
+        stream_dir = os.path.join(str(tmp_path), "s")
+        open(os.path.join(stream_dir, layout.segment_name(20)), "wb").close()
+        r.refresh("s")
+        while w.current_segment_start_id("s") == 0:
+            written.append(_entry(len(written)))
+            w.append("s", written[-1])
+        for _ in range(2):  # (the next look too, when the view already continues past it)
+            r.refresh("s")
+            assert r.next_id("s") == len(written)
+            _check_prefix(r, "s", written)
+            assert r.get("s", 20) == written[20] and r.get("s", 39) == written[39]
+        assert layout.list_segments(stream_dir) == [0, 20, w.current_segment_start_id("s")]
+
+
 def test_a_follower_adopts_the_empty_segment_a_rotation_leaves(tmp_path):
     """The check above must not hold back a real rotation: its new file, still empty (as a
     rotation or a crash right after one leaves it), starts one past the last id of the segment

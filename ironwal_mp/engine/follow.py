@@ -19,8 +19,9 @@ scan of the newest segment, and the caller must drop everything it cached of the
 A new segment that holds no valid frame yet is taken in only once the segment before it is
 seen to end, by its last frame, right below its name, as a rotation leaves it. Any other such
 file was placed from outside (``layout.stray_segments``; a writer's recovery sets it aside),
-and taking it for the active one would make the view's ids jump. Leaving out an empty file
-hides no entry, so a doubtful one simply waits for a later look.
+and taking it for the active one would make the view's ids jump; once the writer has rotated
+past it, taking it for a sealed one would shadow ids of the segment below. Leaving out an
+empty file hides no entry, so a doubtful one simply waits for a later look.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
         segments = layout.list_segments(stream_dir)
     except FileNotFoundError:  # the stream's directory was removed
         segments = []
-    segments = _without_unproven(stream_dir, segments, old[-1] if old else -1, chunk)
+    segments = _without_unproven(stream_dir, segments, old)
     if not segments:
         return Followed(StreamTail([], 0, 0, SparseIndex()), list(old), not old)
     active = segments[-1]
@@ -77,27 +78,32 @@ def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
     return Followed(new, forget, continued)
 
 
-def _without_unproven(stream_dir: str, segments: List[int], viewed: int, chunk: int) -> List[int]:
-    """``segments`` less the newest ones above ``viewed`` (the view's active segment) that hold
-    no valid frame and that the segment before does not end right below (see the module's
-    docstring)."""
-    while len(segments) > 1 and segments[-1] > viewed:
-        newest, before = segments[-1], segments[-2]
-        try:
-            if _holds_a_frame(stream_dir, newest, chunk) or last_frame_ends_at(stream_dir, before, newest):
-                break
-        except FileNotFoundError:  # removed since the listing (a truncation): look again later
-            pass
-        segments = segments[:-1]
-    return segments
+def _without_unproven(stream_dir: str, segments: List[int], viewed: List[int]) -> List[int]:
+    """``segments`` less those new since the view (not in ``viewed``) that hold no valid frame
+    and that the segment kept before them does not end right below (see the module's
+    docstring). Every new one is looked at, not only the newest: a stray left out while it was
+    the newest is in the middle once the writer rotates past it, and taken in there it would
+    shadow the ids of the segment below it."""
+    seen = set(viewed)
+    kept = segments[:1]
+    for start in segments[1:]:
+        if start not in seen:
+            try:
+                if not (_holds_a_frame(stream_dir, start) or last_frame_ends_at(stream_dir, kept[-1], start)):
+                    continue
+            except FileNotFoundError:  # removed since the listing (a truncation): look again later
+                continue
+        kept.append(start)
+    return kept
 
 
-def _holds_a_frame(stream_dir: str, start: int, chunk: int) -> bool:
-    """Whether the segment file starting at ``start`` begins with a valid frame of that id."""
+def _holds_a_frame(stream_dir: str, start: int) -> bool:
+    """Whether the segment file starting at ``start`` begins with a valid frame of that id
+    (read a header at a time: every new segment is looked at)."""
     fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        for _ in scan_frames(lambda off, n: os.pread(fd, n, off), 0, start, end=size, chunk=chunk):
+        for _ in scan_frames(lambda off, n: os.pread(fd, n, off), 0, start, end=size, chunk=HEADER_SIZE):
             return True
         return False
     except ScanError:
