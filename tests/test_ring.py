@@ -728,6 +728,39 @@ def test_wait_durable_raises_when_the_worker_fails(make_ring):
     assert h[L.HOLDER] == 0
 
 
+def test_a_waiter_whose_time_is_spent_still_takes_itself_out_of_the_count(make_ring, monkeypatch):
+    """wait_durable(..., timeout=0, registered=False) (the coordinator's kept-ring wait once its
+    budget is spent) registers, times out, and must still deregister: the lock is busy for a
+    moment then (another appender), and taking it with the caller's spent timeout gave up and
+    left DUR_WAITERS one too high, so the worker synced every pass until the stale clear."""
+    ring = make_ring(4096, first_seq=1)
+    h = ring.header
+    ring.publish(encode([b"a"]), 1)  # (not durable: the wait must register)
+    real_wait = ring._wait
+    held = threading.Event()
+
+    def holder():  # (another appender inside the lock for a moment)
+        ring.acquire(HANG)
+        held.set()
+        time.sleep(0.2)
+        ring.release()
+
+    t = threading.Thread(target=holder)
+
+    def busy_then_time_out(sem, deadline, what):
+        t.start()
+        held.wait(HANG)
+        real_wait(sem, deadline, what)
+
+    monkeypatch.setattr(ring, "_wait", busy_then_time_out)
+    try:
+        with pytest.raises(WorkerFailedError):
+            ring.wait_durable(2, timeout=0.0, registered=False)
+    finally:
+        t.join(HANG)
+    assert h[L.DUR_WAITERS] == 0 and h[L.HOLDER] == 0
+
+
 def test_live_holder_with_odd_process_name_is_not_taken_for_dead(make_ring):
     """BUG (minor): pid_alive() finds the state letter of /proc/PID/stat by splitting at the
     FIRST ") ", but the process name in parentheses may itself contain ") " (any process can set

@@ -46,6 +46,10 @@ STUCK_S = 1.0
 STALE_S = 1.0
 #: how long close() waits for this process's other threads to leave the ring's semaphores
 CLOSE_WAIT_S = 2.0
+#: the least time a waiter waits for the lock to take itself back out of a count: its own
+#: timeout may be spent (or zero), and a count left one too high makes the worker sync on
+#: every pass until the stale-count clear
+UNCOUNT_MIN_S = 2 * STUCK_S
 
 
 #: where Linux keeps POSIX shared memory (a ring's name starts with "/")
@@ -665,7 +669,7 @@ class Ring:
     def _uncount(self, field: int, timeout: float) -> None:
         """Take this caller back out of a waiter count (also while close() is under way)."""
         h = self._h
-        self.acquire(timeout, cleanup=True)
+        self.acquire(max(timeout, UNCOUNT_MIN_S), cleanup=True)
         try:
             if h[field]:  # (a worker may have reset a stale count)
                 h[field] -= 1
