@@ -118,6 +118,17 @@ def test_two_spellings_of_one_root_share_one_attachment(wal_root, tmp_path):
         b.close()
 
 
+def test_a_root_whose_name_is_not_utf8_is_served(wal_root):
+    # a Linux path is bytes: one that is not UTF-8 (os.fsdecode gives it surrogates) names
+    # its IPC objects as any other root does, and a reopen finds them by the same name
+    root = os.path.join(wal_root, os.fsdecode(b"not-utf8-\xff"))
+    with ShardedWal(WalOptions(root_path=root, sync_mode=SyncMode.STRICT), 2) as wal:
+        shard, seq = wal.append(b"k", b"v")
+    with ShardedWal(WalOptions(root_path=root), 2) as wal:
+        assert wal.get(shard, seq) == b"v"
+    _nothing_left(root)
+
+
 def test_a_forked_child_reads_though_a_parent_thread_held_the_reader_locks(wal_root):
     with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
         shard, seq = wal.append(b"k", b"before the fork")

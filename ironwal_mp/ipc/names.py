@@ -35,7 +35,9 @@ MQUEUE_DIR = _mqueue_dir()
 
 
 def prefix_for(root: str) -> str:
-    digest = hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:12]
+    """The name prefix of ``root``'s objects: a hash of its real path's bytes (a path that is not
+    UTF-8 is as good a root as any)."""
+    digest = hashlib.sha1(os.fsencode(os.path.realpath(root))).hexdigest()[:12]
     return f"/ironwal_{digest}"
 
 
