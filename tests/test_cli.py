@@ -1606,3 +1606,14 @@ def test_repair_keeps_a_ring_holding_records_the_files_lack_and_says_so(wal_root
     assert all("kept for the next start" in n for n in notes)
     got = {(e["shard"], e["id"]): e["data"] for e in replay_json(wal_root)}
     assert got == {a: "v%d" % i for i, a in enumerate(acked)}
+
+
+@pytest.mark.parametrize("command", [["replay"], ["checkpoint", "list"], ["ingest", "--records", "10"]])
+def test_a_closed_standard_output_is_refused_before_anything_is_done(tmp_path, command):
+    # `ironwal-mp ... >&-`: Python gives such a process no sys.stdout at all
+    root = os.path.join(str(tmp_path), "wal")
+    proc = subprocess.run(CMD + command + ["--root", root], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: os.close(1), timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 2
+    assert "standard output is closed" in one_line(proc.stderr.decode())
+    assert not os.path.exists(root)

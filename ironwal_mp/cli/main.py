@@ -105,6 +105,9 @@ def _check_numbers(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with descriptor 1 closed (`>&-`): refused before anything is done
+        print(f"ironwal-mp {args.command}: error: standard output is closed", file=sys.stderr)
+        return EXIT_USAGE
     try:
         _check_numbers(args)
         if args.command in ("ingest", "serve"):
