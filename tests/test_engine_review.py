@@ -9,7 +9,7 @@ import pytest
 from ironwal_mp import Wal, WalOptions
 from ironwal_mp.engine import layout
 from ironwal_mp.engine.fdcache import FdCache
-from ironwal_mp.errors import ConcurrentTruncationError, RecordTooLargeError, StreamFailedError, WalError, WalIOError
+from ironwal_mp.errors import ConcurrentTruncationError, DiskFullError, RecordTooLargeError, StreamFailedError, WalError, WalIOError
 
 
 def _opts(path, **kw):
@@ -134,6 +134,26 @@ def test_os_errors_of_open_and_recovery_are_wal_io_errors(tmp_path):
     with Wal(_opts(os.path.join(str(tmp_path), "w"))) as wal:
         with pytest.raises(WalIOError, match="recovering stream 's'"):
             wal.get("s", 0)
+
+
+def test_a_recovery_that_finds_the_disk_full_is_a_disk_full_error(tmp_path, monkeypatch):
+    """Recovery rewrites a missing hint file: on a full disk that is a DiskFullError, as every
+    other write's ENOSPC is (it was a plain WalIOError), and freeing space loses nothing."""
+    root = os.path.join(str(tmp_path), "w")
+    with Wal(_opts(root)) as wal:
+        wal.append("s", b"a")
+    os.unlink(os.path.join(root, "s", layout.SEGMENTS_IDX))
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with Wal(_opts(root)) as wal:
+        with monkeypatch.context() as patch:
+            patch.setattr(layout, "write_segments_idx", full)
+            with pytest.raises(DiskFullError, match="recovering stream 's'") as info:
+                wal.get("s", 0)
+        assert info.value.errno == errno.ENOSPC
+        assert wal.get("s", 0) == b"a"  # (space freed: the next use recovers it)
 
 
 # 4. an ASYNC append racing close() was acknowledged and never synced -------------------------

@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple, Un
 import errno
 
 from ..errors import (ReadOnlyError, RecordTooLargeError, StreamFailedError, TransactionClosedError, WalClosedError,
-                      WalError, WalIOError)
+                      WalError, WalIOError, io_error)
 from ..options import SyncMode, WalOptions
 from . import layout
 from .fdcache import FdCache
@@ -48,11 +48,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _raise_as_wal_error(exc: OSError, message: str, path: str) -> NoReturn:
-    """Raise ``exc`` itself if the library raised it, else a WalIOError saying ``message``."""
+def _raise_as_wal_error(exc: OSError, action: str, path: str) -> NoReturn:
+    """Raise ``exc`` itself if the library raised it, else its WalIOError: ``action`` on the
+    error's file (else ``path``) failed; a DiskFullError on a full disk, as for any write."""
     if isinstance(exc, WalError):
         raise exc
-    raise WalIOError(message, exc.errno, getattr(exc, "filename", None) or path) from exc
+    raise io_error(exc, getattr(exc, "filename", None) or path, action) from exc
 
 
 def _check_data(data: object) -> bytes:
@@ -204,7 +205,7 @@ class Wal:
                         chunk=self.options.read_buffer_size,
                     )
                 except OSError as exc:
-                    _raise_as_wal_error(exc, f"recovering stream {name!r} failed: {exc}", stream_dir)
+                    _raise_as_wal_error(exc, f"recovering stream {name!r} at", stream_dir)
                 if report.changed:
                     self.recovery_reports.append(report)
             stream = Stream(name, stream_dir, self.options, self._reader, tail, read_only=self.read_only)
@@ -328,7 +329,7 @@ class Wal:
             try:
                 s.follow()
             except OSError as exc:
-                _raise_as_wal_error(exc, f"following stream {s.name!r} failed: {exc.strerror or exc}", s.dir)
+                _raise_as_wal_error(exc, f"following stream {s.name!r} at", s.dir)
 
     # --- reads ----------------------------------------------------------------------------
 
