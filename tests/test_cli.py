@@ -1617,3 +1617,12 @@ def test_a_closed_standard_output_is_refused_before_anything_is_done(tmp_path, c
     assert proc.returncode == 2
     assert "standard output is closed" in one_line(proc.stderr.decode())
     assert not os.path.exists(root)
+
+
+def test_a_stream_directory_given_as_root_is_named_as_one(tmp_path):
+    root = os.path.join(str(tmp_path), "engine")
+    write_engine_wal(root, count=2)
+    stream = os.path.join(root, "events")
+    for command in (["replay"], ["checkpoint", "list"], ["stats"]):
+        line = usage_error(*command, "--root", stream)
+        assert f"{stream} is one stream of the WAL at {root}" in line, line

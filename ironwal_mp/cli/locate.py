@@ -45,6 +45,8 @@ def locate(path: str, allow_other: bool = False) -> Target:
 def sharded_root(path: str) -> str:
     """The root of the sharded WAL at ``path``; UsageError if it holds none."""
     target = locate(path, allow_other=True)
+    if target.kind == "stream":  # (naming its parent alone read as if the parent were no WAL)
+        raise UsageError(f"{os.path.abspath(path)} is one stream of the WAL at {target.root}, not a WAL's root")
     if target.kind != "sharded":
         raise UsageError(f"{target.root} is not a sharded WAL")
     return target.root
