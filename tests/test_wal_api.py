@@ -140,6 +140,14 @@ def test_bytes_like_accepted_other_types_refused(tmp_path):
             wal.get("s", -1)
 
 
+@pytest.mark.parametrize("flag", [1, 0, "no", None])
+def test_read_only_takes_only_a_bool(tmp_path, flag):
+    # a truthy non-bool ("no", 1) opened the WAL read-only, and the first write said so only then
+    with pytest.raises(TypeError, match="read_only"):
+        Wal(opts(tmp_path), read_only=flag)
+    assert os.listdir(tmp_path) == []  # (refused before the root was made or locked)
+
+
 @pytest.mark.parametrize("name", ["", "..", "a/b", ".x", "x" * 201, "a b", "ledger\n", "LOCK\n",
                                   "00000000000000000000.wal", "18446744073709551615.wal"])
 def test_unsafe_stream_names_refused_everywhere(tmp_path, name):

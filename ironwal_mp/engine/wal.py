@@ -87,6 +87,8 @@ class Wal:
     def __init__(self, opts: WalOptions, *, lock: bool = True, read_only: bool = False) -> None:
         if not isinstance(opts, WalOptions):
             raise TypeError(f"expected WalOptions, not {type(opts).__name__}")
+        layout.check_flag(read_only, "read_only")  # ("no", 1: a truthy object would open read-only)
+        layout.check_flag(lock, "lock")
         self.options = opts
         self.root = os.path.abspath(os.fspath(opts.root_path))
         self.read_only = read_only
