@@ -75,6 +75,7 @@ class Coordinator:
         self.ctl: Optional[C.ControlBlock] = None
         self.requests: Optional[Queue] = None
         self.worker_replies: Optional[Queue] = None
+        self.start_errors: Dict[int, Exception] = {}  # worker -> why it last could not open its shards
         self.worker_queues: List[Queue] = []
         self.wakes: list = []
         self.supervisor: Optional[Supervisor] = None
@@ -164,7 +165,8 @@ class Coordinator:
                                                             r.header[L.OPEN_EPOCH] == epoch) for r in self.rings):
             dead = self.supervisor.dead()
             if dead:
-                raise StartupError(E.WorkerFailedError(
+                self._take_start_errors()
+                raise StartupError(self.start_errors.get(dead[0]) or E.WorkerFailedError(
                     f"worker {dead[0]} exited with status {self.supervisor.procs[dead[0]].returncode} while starting"))
             if time.monotonic() > deadline:
                 raise StartupError(E.WorkerFailedError("workers did not start in time"))
@@ -263,7 +265,10 @@ class Coordinator:
         deadline = time.monotonic() + wait_s
         while True:
             down = []
-            for w in self.supervisor.dead():
+            dead = self.supervisor.dead()
+            if dead:
+                self._take_start_errors()
+            for w in dead:
                 if self.stopping:
                     return self.supervisor.dead()
                 if not self.supervisor.due(w):
@@ -273,6 +278,7 @@ class Coordinator:
                     self._fail_worker(w)
                     continue
                 self._drain_commands(w)
+                self.start_errors.pop(w, None)  # (the new one tells its own, if it fails too)
                 self.supervisor.restart(w)
                 self._publish_workers()
             if not down or time.monotonic() >= deadline:
@@ -288,14 +294,31 @@ class Coordinator:
             except ValueError:
                 continue  # a fragment of a message the dead one had begun to read
 
+    def _take_start_errors(self) -> None:
+        """Read the errors of workers that could not open their shards (ERROR on the reply
+        queue, PROTOCOL §11). Called only with no request to the workers under way: any other
+        reply read here is a late one of a request already answered, and is dropped."""
+        while True:
+            try:
+                msg = self.worker_replies.receive(0)
+            except ValueError:
+                continue
+            if msg is None:
+                return
+            if msg.kind == M.ERROR and 0 <= msg.sender < len(self.supervisor.procs):
+                self.start_errors[msg.sender] = M.error_from_body(msg.body)
+
     def _fail_worker(self, w: int) -> None:
-        """A worker that cannot stay up: fail its shards so clients get an error, not a hang."""
+        """A worker that cannot stay up: fail its shards so clients get an error, not a hang
+        (saying why, when the worker said why: a full disk is told as such)."""
         proc = self.supervisor.procs[w]
-        log.error("worker %d keeps exiting at start (status %s); its shards %s are failed",
-                  w, proc.returncode if proc else "?", self.assignment[w])
+        why = self.start_errors.get(w)
+        log.error("worker %d keeps exiting at start (status %s%s); its shards %s are failed",
+                  w, proc.returncode if proc else "?", f": {why}" if why else "", self.assignment[w])
+        code = getattr(why, "errno", None)
         for shard in self.assignment[w]:
             ring = self.rings[shard]
-            ring.header[L.ERRNO] = L.ERR_GAVE_UP
+            ring.header[L.ERRNO] = code if isinstance(code, int) and code > 0 else L.ERR_GAVE_UP
             ring.set_state(L.ST_FAILED)
             ring.wake_durable_waiters()
             for _ in range(8):

@@ -686,6 +686,72 @@ def test_a_full_disk_fails_the_shards_clearly_and_loses_nothing(small_disk):
     assert procs == [] and objects == []
 
 
+def test_a_worker_that_cannot_open_its_shard_fails_the_start_with_its_own_error(tmp_path, capfd):
+    """A worker whose recovery refuses (a torn shard under CorruptionPolicy.ERROR) printed a
+    traceback and exited, and the open said only "worker 0 exited with status 1 while
+    starting". The worker's error now reaches the caller, as its own type. (This one needs no
+    small disk, which the full-disk test below does.)"""
+    from _sharded_procs import cleanup_root
+    from ironwal_mp.engine import layout
+    from ironwal_mp.options import CorruptionPolicy
+
+    root = str(tmp_path / "wal")
+    opts = WalOptions(root_path=root, sync_mode=SyncMode.STRICT, on_corruption=CorruptionPolicy.ERROR)
+    try:
+        with ShardedWal(opts, 2, workers=1, timeout=30) as wal:
+            acked = [wal.append(b"k%d" % i, b"v%d" % i) for i in range(20)]
+        seg = os.path.join(root, "shard_01", layout.segment_name(0))
+        with open(seg, "ab") as fh:
+            fh.write(b"\0" * 100)  # a torn tail this policy refuses to cut
+        capfd.readouterr()
+        with pytest.raises(E.CorruptionError, match="shard_01"):
+            ShardedWal(opts, 2, workers=1, timeout=30)
+        assert "Traceback" not in capfd.readouterr().err
+        assert Names(root).leftovers() == []
+        with ShardedWal(WalOptions(root_path=root, sync_mode=SyncMode.STRICT), 2, workers=1) as wal:
+            assert [wal.get(s, q) for s, q in acked] == [b"v%d" % i for i in range(20)]
+    finally:
+        procs, objects = cleanup_root(root)
+    assert procs == [] and objects == []
+
+def test_a_start_whose_worker_finds_the_disk_full_is_a_disk_full_error(small_disk, capfd):
+    """The disk fills before a shard's first append: its worker fails it, and the reopen's
+    recovery must write (the segment list) on a disk still full. The open said "worker 0 exited
+    with status 1 while starting" after the worker's traceback; it is now the DiskFullError the
+    README promises for a start-up on a full disk, and the kept record is written once there is
+    room."""
+    from _sharded_procs import cleanup_root
+
+    root = os.path.join(small_disk, "wal")
+    opts = WalOptions(root_path=root, sync_mode=SyncMode.STRICT)
+    acked = {}
+    try:
+        with ShardedWal(opts, 2, workers=1, timeout=10) as wal:
+            fd = os.open(os.path.join(small_disk, "ballast"), os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(fd, bytes(4096))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            with pytest.raises(E.WorkerFailedError, match="the disk is full"):
+                for i in range(50):
+                    acked[wal.append(b"k%d" % i, b"v%d" % i)] = b"v%d" % i
+        capfd.readouterr()
+        with pytest.raises(E.DiskFullError, match="the disk is full") as info:
+            ShardedWal(opts, 2, workers=1, timeout=10)
+        assert info.value.path.startswith(root)
+        assert "Traceback" not in capfd.readouterr().err
+        os.remove(os.path.join(small_disk, "ballast"))
+        with ShardedWal(opts, 2, workers=1, timeout=10) as wal:
+            assert {k: wal.get(*k) for k in acked} == acked
+            assert sum(s["next_id"] for s in wal.stats()["shards"]) == len(acked) + 1  # (+ the one that failed: kept)
+    finally:
+        procs, objects = cleanup_root(root)
+    assert procs == [] and objects == []
+
+
 # --- 5. a stalled worker: backpressure, then a clear timeout --------------------------------
 
 

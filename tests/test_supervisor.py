@@ -129,3 +129,61 @@ def test_waiting_for_kept_records_before_ready(case, caplog):
     assert ring.waited == (case in ("durable", "timed-out", "shard-failed"))
     if case == "timed-out":
         assert "serving anyway" in caplog.text
+
+
+@pytest.mark.parametrize("said", ["disk-full", "nothing"])
+def test_a_worker_given_up_on_fails_its_shards_with_the_reason_it_gave(said):
+    """A worker that keeps exiting at start gets its shards failed. When it said why (an
+    ERROR on the reply queue: a full disk), the shards fail with that errno, so appends say "the
+    disk is full ... free space" instead of only "kept exiting right after it started"."""
+    import errno
+
+    from coordinator.coordinator import Coordinator
+    from ironwal_mp import errors as E
+    from ironwal_mp.ipc import messages as M
+    from ironwal_mp.ipc import ring_layout as L
+    from ironwal_mp.ipc.ring import _state_error
+
+    coord = Coordinator.__new__(Coordinator)
+    coord.assignment, coord.start_errors, coord.stopping = [[0, 1]], {}, False
+    replies = [M.Message(M.PREPARED, 0, 3, {"durable": {}}), None]  # (a late reply: dropped)
+    if said == "disk-full":
+        exc = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/w/shard_01", "recovering stream")
+        replies.insert(1, M.Message(M.ERROR, 0, 0, M.error_body(exc)))
+
+    class Replies:
+        def receive(self, timeout):
+            assert timeout == 0
+            return replies.pop(0)
+
+    class Sup:
+        def __init__(self):
+            self.procs = [type("P", (), {"returncode": 1})()]
+
+        def dead(self):
+            return [w for w, p in enumerate(self.procs) if p is not None]
+
+        def due(self, w):
+            return True
+
+        def gave_up(self, w):
+            return True
+
+    class FakeRing:
+        def __init__(self):
+            self.header, self.woken = {}, False
+            self.space_free = type("Sem", (), {"release": lambda self: None})()
+
+        def set_state(self, state):
+            self.header[L.STATE] = state
+
+        def wake_durable_waiters(self):
+            self.woken = True
+
+    coord.worker_replies, coord.supervisor, coord.rings = Replies(), Sup(), [FakeRing(), FakeRing()]
+    assert coord._restart_dead() == [] and coord.supervisor.procs[0] is None
+    for ring in coord.rings:
+        assert ring.header[L.STATE] == L.ST_FAILED and ring.woken
+        assert ring.header[L.ERRNO] == (errno.ENOSPC if said == "disk-full" else L.ERR_GAVE_UP)
+    text = str(_state_error(0, L.ST_FAILED, coord.rings[0].header[L.ERRNO]))
+    assert ("the disk is full" in text) == (said == "disk-full")

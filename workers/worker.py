@@ -415,6 +415,22 @@ def _coordinator_gone(root: str) -> bool:
         ctl.close()
 
 
+def _report_start_error(root: str, index: int, exc: WalError) -> None:
+    """Tell the coordinator why this worker could not open its shards (an ERROR on the reply
+    queue, PROTOCOL §11), so that a start fails with that error (a full disk: DiskFullError),
+    not only with this process's exit status. Best effort: the exit is what it waits on."""
+    try:
+        replies = Queue(Names(root).worker_replies)
+    except posix_ipc.Error:
+        return
+    try:
+        replies.send(M.Message(M.ERROR, index, 0, M.error_body(exc)), timeout=1.0)
+    except (WalError, posix_ipc.Error):
+        pass
+    finally:
+        replies.close()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description="ironwal_mp shard worker")
     parser.add_argument("--root", required=True)
@@ -433,10 +449,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         worker = Worker(root, [int(s) for s in args.shards.split(",")], args.index, opts)
     except Exception as exc:
-        if not _coordinator_gone(root):
-            raise
-        # (killed while starting: its objects may be gone too; the next start clears the rest)
-        log.warning("the coordinator of %s is gone while this worker started; exiting (%s)", root, exc)
+        if _coordinator_gone(root):
+            # (killed while starting: its objects may be gone too; the next start clears the rest)
+            log.warning("the coordinator of %s is gone while this worker started; exiting (%s)", root, exc)
+            return 1
+        if not isinstance(exc, WalError):
+            raise  # (a bug: its traceback is what helps)
+        log.error("cannot open shards %s: %s", args.shards, exc)
+        _report_start_error(root, args.index, exc)
         return 1
     try:
         worker.run()  # (it returns only through stop(): a STOP, or the coordinator gone)
