@@ -766,3 +766,23 @@ def test_a_frame_inside_the_last_entry_does_not_hide_a_stray(tmp_path):
     with Wal(opts) as wal:
         assert wal.append("s", b"NEW") == 40
         assert wal.get("s", 39) == inner
+
+
+def test_a_lost_middle_segment_is_reported_as_a_gap_not_as_ids_given_out_again(tmp_path):
+    """The report (and the ERROR policy's message) said a lost segment's ids are given out
+    again, but with later segment files left the writer resumes after them: the lost ids stay a
+    gap that reads refuse."""
+    from ironwal_mp import CorruptionError, CorruptionPolicy
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path)
+    os.unlink(os.path.join(stream_dir, layout.segment_name(segs[1])))
+    with Wal(opts.replace(on_corruption=CorruptionPolicy.ERROR)) as wal:
+        with pytest.raises(CorruptionError) as info:
+            wal.append("s", b"NEW")
+    assert "given out again" not in str(info.value)
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == 40  # the writer resumes after the newest file
+        with pytest.raises(CorruptionError):
+            wal.get("s", segs[1])
+        actions = [a for r in wal.recovery_reports for a in r.actions]
+    assert any(f"ids {segs[1]} to {segs[2] - 1} were lost" in a and "stay a gap" in a for a in actions), actions

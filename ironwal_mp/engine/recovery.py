@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import CorruptionError
 from ..options import CorruptionPolicy
@@ -59,6 +59,21 @@ class StreamTail:
     last_frame: Optional[Tuple[int, FrameHeader]] = None
 
 
+def _lost_ids(first: int, segments: Sequence[int]) -> Tuple[str, str]:
+    """What the loss of segment ``first`` (named by the hints, its file gone) costs, and what
+    becomes of its ids: a writer resumes after the newest file left, so ids past it are given
+    out again, while ids below a file still there stay a gap that reads refuse."""
+    name = layout.segment_name(first)
+    later = [s for s in segments if s > first]
+    if not later:
+        return (f"segment {name} is named by segments.idx or head.state but is gone: ids from "
+                f"{first} on were lost (removed outside ironwal_mp, or by the disk)",
+                "those ids are given out again")
+    return (f"segment {name} is named by segments.idx or head.state but is gone: ids {first} to "
+            f"{later[0] - 1} were lost (removed outside ironwal_mp, or by the disk)",
+            "those ids stay a gap: reading them raises CorruptionError")
+
+
 def recover_stream(
     stream_dir: str,
     policy: CorruptionPolicy = CorruptionPolicy.TRUNCATE,
@@ -78,13 +93,12 @@ def recover_stream(
     head = layout.read_head_state(stream_dir)
     lost = layout.lost_segments(segments, listed, head)
     if lost:
-        what = (f"segment {layout.segment_name(lost[0])} is named by segments.idx or head.state but is "
-                f"gone: ids from {lost[0]} on were lost (removed outside ironwal_mp, or by the disk)")
+        what, fate = _lost_ids(lost[0], segments)
         if policy is CorruptionPolicy.ERROR:
             raise CorruptionError(os.path.join(stream_dir, layout.segment_name(lost[0])), 0,
                                   f"{what}; restore it, or open with CorruptionPolicy.TRUNCATE to accept "
-                                  "the loss (those ids are then given out again)")
-        report.actions.append(f"{what}; those ids are given out again")
+                                  f"the loss ({fate})")
+        report.actions.append(f"{what}; {fate}")
     if not segments:
         # hints naming files that are all gone would report (or, under ERROR, refuse) the same
         # loss again at every open, after new entries were written
