@@ -386,6 +386,19 @@ def test_repair_false_reports_and_writes_nothing(crate_root):
 
 
 @needs_fixture
+def test_repair_false_reports_a_bad_tail_as_found_not_as_cut(crate_root):
+    """`verify` and `inspect` print a repair=False report: it said "cut 35 bytes from
+    checkpoints.log" of a log it left whole."""
+    path = os.path.join(crate_root, "checkpoints.log")
+    _write(path, _read(path)[:100])
+    action = CheckpointLog(crate_root, repair=False).report.actions[0]
+    assert not action.startswith("cut") and f"damaged at offset {RECORD_LEN}" in action
+    assert len(_read(path)) == 100
+    action = CheckpointLog(crate_root).report.actions[0]
+    assert action.startswith(f"cut 35 bytes from checkpoints.log at offset {RECORD_LEN}")
+
+
+@needs_fixture
 def test_repair_false_on_a_clean_log_can_append(crate_root):
     log = CheckpointLog(crate_root, repair=False)
     log.append(_data(1))

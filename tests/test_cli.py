@@ -1210,7 +1210,7 @@ def test_a_damaged_first_checkpoint_record_is_not_listed_as_no_checkpoints(wal_r
     assert "damaged at offset 0" in line and "2 intact record(s) past it are not listed" in line
     proc = cli("checkpoint", "list", "--root", wal_root, "--json", expect=1)
     assert json.loads(proc.stdout) == []
-    assert "PROBLEM checkpoints.log: cut" in cli("inspect", wal_root).stdout_text
+    assert "PROBLEM checkpoints.log: damaged at offset 0" in cli("inspect", wal_root).stdout_text
     rep = cli("repair", wal_root).stdout_text
     assert "checkpoints.log.broken; they hold 2 intact record(s)" in rep, rep
     assert cli_json("checkpoint", "list", "--root", wal_root) == []

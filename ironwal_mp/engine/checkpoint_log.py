@@ -330,13 +330,13 @@ class CheckpointLog:
             report.cut_reason = problem
             stranded = _stranded(buf, valid_end)
             report.stranded_records = len(stranded)
-            report.actions.append(
-                f"cut {cut} bytes from {CHECKPOINTS_LOG} at offset {valid_end} ({problem})"
-            )
             if self.repair:
+                report.actions.append(f"cut {cut} bytes from {CHECKPOINTS_LOG} at offset {valid_end} ({problem})")
                 report.side_file = self._cut_tail(buf, valid_end)
                 self._size = valid_end
-            else:
+            else:  # nothing is cut: verify and inspect print this as what they found
+                report.actions.append(f"damaged at offset {valid_end} ({problem}); "
+                                      f"a repair cuts the {cut} bytes from there")
                 self._bad_tail = (valid_end, problem)
                 self._stranded_ids = {r.user_id for r in stranded}
         self._set_records(records)
