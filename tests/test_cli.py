@@ -644,6 +644,20 @@ def test_ctrl_c_during_ingest_keeps_exactly_what_was_acknowledged(wal_root, tmp_
     assert len(replay_json(wal_root, "--from-checkpoint", latest["id"])) == n2
 
 
+
+def test_a_stop_ends_an_ingest_whose_batches_the_ring_size_cuts_into_parts(wal_root, tmp_path):
+    """A ring too small for a whole --batch per shard makes ingest append each batch in parts,
+    and every part's flush leaves the record that overflowed it in hand. The loop stopped only
+    with an empty batch in hand, so SIGTERM was acknowledged and the run went on to the end of
+    its input."""
+    code, out, err = interrupted_ingest(tmp_path, wal_root, "ingest1", "--json", "--ring-size", "16384",
+                                        sig=signal.SIGTERM)
+    assert code == 143, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    summary = json.loads(out)
+    assert summary["interrupted"] is True and 0 < summary["records"] < 3_000_000
+    latest = cli_json("checkpoint", "show", "latest", "--root", wal_root)
+    assert latest["id"].endswith("-interrupted") and latest["entries"] == summary["records"]
+
 def test_ingest_stopped_by_a_service_manager_still_checkpoints(wal_root, tmp_path):
     """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
     service at once: ingest, its coordinator and the workers. The commit sells SIGTERM as 'a

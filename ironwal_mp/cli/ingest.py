@@ -74,12 +74,13 @@ def run(args) -> int:
     opts = WalOptions(root_path=root, sync_mode=SyncMode[args.sync.upper()])
     # (--ring-size is checked by main._check_numbers)
     ring_size = DEFAULT_RING_SIZE if args.ring_size is None else args.ring_size
-    stop = {"requested": False, "signal": 0}
+    # "count": records appended when the stop came; once more are, the batch in hand is done
+    stop = {"requested": False, "signal": 0, "count": 0}
 
     def on_stop_signal(sig, _frame):
         if stop["requested"]:
             raise KeyboardInterrupt
-        stop["requested"], stop["signal"] = True, sig
+        stop["requested"], stop["signal"], stop["count"] = True, sig, count
         what = "interrupt" if sig == signal.SIGINT else signal.Signals(sig).name
         sys.stderr.write(f"\n{what}: finishing the current batch, then a checkpoint (a second Ctrl-C or SIGTERM aborts)\n")
 
@@ -155,9 +156,11 @@ def run(args) -> int:
                         add(record)
                     elif batch:
                         flush_and_checkpoint()
-                    # a file stops once the batch in hand is full and appended; a live input
-                    # at once (its batch may never fill), with what it has sent appended
-                    if stop["requested"] and (feed is not None or not batch):
+                    # a file stops once the batch in hand is appended (a batch cut into parts
+                    # by the ring size never empties: each flush leaves the record that
+                    # overflowed it); a live input at once (its batch may never fill), with what
+                    # it has sent appended
+                    if stop["requested"] and (feed is not None or not batch or count > stop["count"]):
                         break
             except BaseException:
                 if feed is not None:
