@@ -10,6 +10,8 @@ from .. import errors as E
 from .output import EXIT_FINDING, EXIT_USAGE, UsageError
 
 SYNC_CHOICES = ["strict", "batch_only", "async"]
+ROOT_HELP = "WAL directory (default ./wal_data)"
+JSON_HELP = "print the result as JSON"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     s = sub.add_parser("serve", help="run the coordinator in the foreground for connect()ing jobs")
-    s.add_argument("--root", required=True)
-    s.add_argument("--shards", type=int, required=True)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--sync", choices=SYNC_CHOICES, default="strict")
+    s.add_argument("--root", required=True, help="WAL directory")
+    s.add_argument("--shards", type=int, required=True, help="shard count (a WAL that exists must have this one)")
+    s.add_argument("--workers", type=int, help="worker processes (default min(shards, cpus))")
+    s.add_argument("--sync", choices=SYNC_CHOICES, default="strict",
+                   help="sync mode of jobs that connect() without choosing one (default strict)")
     s.add_argument("--ring-size", type=int, help="bytes of shared-memory ring per shard (a power of two, 4096 to 2**31)")
     s.add_argument("--flush-interval", type=float, metavar="SECONDS",
                    help="longest an ASYNC entry stays unsynced under continuous load (default 0.1)")
@@ -49,19 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("create", "create a checkpoint"), ("show", "show one checkpoint ('latest' for the newest)"),
                         ("prune", "delete segments below a checkpoint's offsets")):
         c = csub.add_parser(name, help=help_)
-        c.add_argument("id")
-        c.add_argument("--root", default="./wal_data")
-        c.add_argument("--json", action="store_true")
+        c.add_argument("id", help="checkpoint id (UTF-8 text)")
+        c.add_argument("--root", default="./wal_data", help=ROOT_HELP)
+        c.add_argument("--json", action="store_true", help=JSON_HELP)
     c = csub.add_parser("list", help="list checkpoints, oldest first")
-    c.add_argument("--root", default="./wal_data")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--root", default="./wal_data", help=ROOT_HELP)
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
     c = csub.add_parser("compact", help="keep only the newest checkpoints in checkpoints.log")
-    c.add_argument("--keep", type=int, default=10)
-    c.add_argument("--root", default="./wal_data")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--keep", type=int, default=10, help="checkpoints to keep, newest first (default 10)")
+    c.add_argument("--root", default="./wal_data", help=ROOT_HELP)
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
 
     s = sub.add_parser("replay", help="write entries to stdout")
-    s.add_argument("--root", default="./wal_data")
+    s.add_argument("--root", default="./wal_data", help=ROOT_HELP)
     s.add_argument("--from-checkpoint", metavar="ID", help="start after checkpoint ID ('latest' for the newest)")
     s.add_argument("--shard", type=int, help="only this shard")
     s.add_argument("--json", action="store_true", help="one JSON object per entry, with shard and id")
@@ -69,14 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("inspect", "describe what is on disk"), ("verify", "check every frame, CRC and index file"),
                         ("repair", "run recovery offline and report what changed")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("path", nargs="?", default="./wal_data")
-        s.add_argument("--json", action="store_true")
+        s.add_argument("path", nargs="?", default="./wal_data",
+                       help="a WAL directory (sharded or engine) or one stream's (default ./wal_data)")
+        s.add_argument("--json", action="store_true", help=JSON_HELP)
 
     s = sub.add_parser("stats", help="live per-shard statistics of a running WAL")
-    s.add_argument("--root", default="./wal_data")
+    s.add_argument("--root", default="./wal_data", help=ROOT_HELP)
     s.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     return p
 
 
