@@ -296,7 +296,7 @@ class Coordinator:
 
     def _take_start_errors(self) -> None:
         """Read the errors of workers that could not open their shards (ERROR on the reply
-        queue, PROTOCOL §11). Called only with no request to the workers under way: any other
+        queue, PROTOCOL §10). Called only with no request to the workers under way: any other
         reply read here is a late one of a request already answered, and is dropped."""
         while True:
             try:
@@ -305,8 +305,16 @@ class Coordinator:
                 continue
             if msg is None:
                 return
-            if msg.kind == M.ERROR and 0 <= msg.sender < len(self.supervisor.procs):
-                self.start_errors[msg.sender] = M.error_from_body(msg.body)
+            self._keep_start_error(msg)
+
+    def _keep_start_error(self, msg: M.Message) -> bool:
+        """Keep ``msg`` in ``start_errors`` if it is a worker's start-up ERROR (``req_id`` 0);
+        say whether it was one (it answers no request)."""
+        if msg.kind != M.ERROR or msg.req_id != 0:
+            return False
+        if 0 <= msg.sender < len(self.supervisor.procs):
+            self.start_errors[msg.sender] = M.error_from_body(msg.body)
+        return True
 
     def _fail_worker(self, w: int) -> None:
         """A worker that cannot stay up: fail its shards so clients get an error, not a hang
@@ -426,7 +434,10 @@ class Coordinator:
         while not done():
             reply = self.worker_replies.receive(min(TICK_S, max(0.0, deadline - time.monotonic())))
             if reply is not None:
-                on_reply(reply)
+                # (a worker restarted before this request may fail its start meanwhile: its
+                # reason is kept for _fail_worker, not lost to a request that ignores it)
+                if not self._keep_start_error(reply):
+                    on_reply(reply)
                 continue
             for w in self.supervisor.dead():
                 on_reply(M.Message(M.FAILED, w, -1, {"died": True}))

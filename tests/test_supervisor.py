@@ -131,6 +131,64 @@ def test_waiting_for_kept_records_before_ready(case, caplog):
         assert "serving anyway" in caplog.text
 
 
+class _Replies:
+    """P_wrep, polled: the messages given, then nothing."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def receive(self, timeout):
+        return self.messages.pop(0) if self.messages else None
+
+
+class _GivingUpSupervisor:
+    """One worker, dead, whose next restart is the one given up on."""
+
+    def __init__(self):
+        self.procs = [type("P", (), {"returncode": 1})()]
+
+    def dead(self):
+        return [w for w, p in enumerate(self.procs) if p is not None]
+
+    def due(self, w):
+        return True
+
+    def gave_up(self, w):
+        return True
+
+
+class _FakeRing:
+    def __init__(self):
+        self.header, self.woken = {}, False
+        self.space_free = type("Sem", (), {"release": lambda self: None})()
+
+    def set_state(self, state):
+        from ironwal_mp.ipc import ring_layout as L
+
+        self.header[L.STATE] = state
+
+    def wake_durable_waiters(self):
+        self.woken = True
+
+
+def _coordinator(replies):
+    """A Coordinator of worker 0 with shards 0 and 1, on fakes (no process, no IPC object)."""
+    from coordinator.coordinator import Coordinator
+
+    coord = Coordinator.__new__(Coordinator)
+    coord.assignment, coord.start_errors, coord.stopping = [[0, 1]], {}, False
+    coord.worker_replies, coord.supervisor, coord.rings = _Replies(replies), _GivingUpSupervisor(), [_FakeRing(), _FakeRing()]
+    return coord
+
+
+def _disk_full_error():
+    import errno
+
+    from ironwal_mp import errors as E
+
+    return E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/w/shard_01", "recovering stream")
+
+
 @pytest.mark.parametrize("said", ["disk-full", "nothing"])
 def test_a_worker_given_up_on_fails_its_shards_with_the_reason_it_gave(said):
     """A worker that keeps exiting at start gets its shards failed. When it said why (an
@@ -138,52 +196,35 @@ def test_a_worker_given_up_on_fails_its_shards_with_the_reason_it_gave(said):
     disk is full ... free space" instead of only "kept exiting right after it started"."""
     import errno
 
-    from coordinator.coordinator import Coordinator
-    from ironwal_mp import errors as E
     from ironwal_mp.ipc import messages as M
     from ironwal_mp.ipc import ring_layout as L
     from ironwal_mp.ipc.ring import _state_error
 
-    coord = Coordinator.__new__(Coordinator)
-    coord.assignment, coord.start_errors, coord.stopping = [[0, 1]], {}, False
-    replies = [M.Message(M.PREPARED, 0, 3, {"durable": {}}), None]  # (a late reply: dropped)
+    replies = [M.Message(M.PREPARED, 0, 3, {"durable": {}})]  # (a late reply: dropped)
     if said == "disk-full":
-        exc = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/w/shard_01", "recovering stream")
-        replies.insert(1, M.Message(M.ERROR, 0, 0, M.error_body(exc)))
-
-    class Replies:
-        def receive(self, timeout):
-            assert timeout == 0
-            return replies.pop(0)
-
-    class Sup:
-        def __init__(self):
-            self.procs = [type("P", (), {"returncode": 1})()]
-
-        def dead(self):
-            return [w for w, p in enumerate(self.procs) if p is not None]
-
-        def due(self, w):
-            return True
-
-        def gave_up(self, w):
-            return True
-
-    class FakeRing:
-        def __init__(self):
-            self.header, self.woken = {}, False
-            self.space_free = type("Sem", (), {"release": lambda self: None})()
-
-        def set_state(self, state):
-            self.header[L.STATE] = state
-
-        def wake_durable_waiters(self):
-            self.woken = True
-
-    coord.worker_replies, coord.supervisor, coord.rings = Replies(), Sup(), [FakeRing(), FakeRing()]
+        replies.append(M.Message(M.ERROR, 0, 0, M.error_body(_disk_full_error())))
+    coord = _coordinator(replies)
     assert coord._restart_dead() == [] and coord.supervisor.procs[0] is None
     for ring in coord.rings:
         assert ring.header[L.STATE] == L.ST_FAILED and ring.woken
         assert ring.header[L.ERRNO] == (errno.ENOSPC if said == "disk-full" else L.ERR_GAVE_UP)
     text = str(_state_error(0, L.ST_FAILED, coord.rings[0].header[L.ERRNO]))
     assert ("the disk is full" in text) == (said == "disk-full")
+
+
+def test_a_start_error_that_arrives_while_a_request_waits_is_kept():
+    """A worker restarted just before a checkpoint or prune may fail its start while the
+    coordinator waits for the answers: its ERROR (req_id 0) was read there, ignored as no
+    answer, and lost, so the shards given up on next said only "kept exiting" (not "the disk
+    is full")."""
+    import errno
+
+    from ironwal_mp.ipc import messages as M
+    from ironwal_mp.ipc import ring_layout as L
+
+    coord = _coordinator([M.Message(M.ERROR, 0, 0, M.error_body(_disk_full_error()))])
+    seen = []
+    coord._await(seen.append, lambda: bool(seen), timeout=5.0)  # (the dead worker is told as FAILED)
+    assert [(m.kind, m.body) for m in seen] == [(M.FAILED, {"died": True})]
+    coord._restart_dead()
+    assert [ring.header[L.ERRNO] for ring in coord.rings] == [errno.ENOSPC] * 2

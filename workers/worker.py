@@ -417,7 +417,7 @@ def _coordinator_gone(root: str) -> bool:
 
 def _report_start_error(root: str, index: int, exc: WalError) -> None:
     """Tell the coordinator why this worker could not open its shards (an ERROR on the reply
-    queue, PROTOCOL §11), so that a start fails with that error (a full disk: DiskFullError),
+    queue, PROTOCOL §10), so that a start fails with that error (a full disk: DiskFullError),
     not only with this process's exit status. Best effort: the exit is what it waits on."""
     try:
         replies = Queue(Names(root).worker_replies)
