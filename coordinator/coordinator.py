@@ -323,10 +323,10 @@ class Coordinator:
         why = self.start_errors.get(w)
         log.error("worker %d keeps exiting at start (status %s%s); its shards %s are failed",
                   w, proc.returncode if proc else "?", f": {why}" if why else "", self.assignment[w])
-        code = getattr(why, "errno", None)
+        code = L.error_errno(getattr(why, "errno", None)) or L.ERR_GAVE_UP
         for shard in self.assignment[w]:
             ring = self.rings[shard]
-            ring.header[L.ERRNO] = code if isinstance(code, int) and code > 0 else L.ERR_GAVE_UP
+            ring.header[L.ERRNO] = code
             ring.set_state(L.ST_FAILED)
             ring.wake_durable_waiters()
             for _ in range(8):

@@ -228,3 +228,23 @@ def test_a_start_error_that_arrives_while_a_request_waits_is_kept():
     assert [(m.kind, m.body) for m in seen] == [(M.FAILED, {"died": True})]
     coord._restart_dead()
     assert [ring.header[L.ERRNO] for ring in coord.rings] == [errno.ENOSPC] * 2
+
+
+@pytest.mark.parametrize("code", ["ENOTRECOVERABLE", "ESRCH"])
+def test_a_worker_error_whose_errno_is_a_special_ring_code_fails_the_shards_as_given_up(code):
+    """ERRNO borrows ENOTRECOVERABLE (ERR_CANNOT_RESUME: the ring is kept across opens and
+    clients are told its files lack ids) and ESRCH (ERR_GAVE_UP). A worker's start error with
+    one of those errnos was stored as is: ENOTRECOVERABLE made a given-up shard read as one that
+    cannot resume, and its ring was kept by every later open."""
+    import errno
+
+    from ironwal_mp import errors as E
+    from ironwal_mp.ipc import messages as M
+    from ironwal_mp.ipc import ring_layout as L
+
+    exc = E.io_error(OSError(getattr(errno, code), "odd"), "/w/shard_01", "recovering stream")
+    coord = _coordinator([M.Message(M.ERROR, 0, 0, M.error_body(exc))])
+    coord._restart_dead()
+    assert [ring.header[L.ERRNO] for ring in coord.rings] == [L.ERR_GAVE_UP] * 2
+    assert [L.error_errno(c) for c in (errno.ENOSPC, errno.ENOTRECOVERABLE, errno.ESRCH, 0, -5, None, True)] == [
+        errno.ENOSPC, 0, 0, 0, 0, 0, 0]

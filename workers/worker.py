@@ -243,7 +243,7 @@ class Worker:
 
     def _fail(self, st: ShardState, exc: BaseException, code: int = 0) -> None:
         log.error("shard %d failed: %s", st.shard, exc)
-        st.h[L.ERRNO] = code or getattr(exc, "errno", 0) or errno.EIO
+        st.h[L.ERRNO] = code or L.error_errno(getattr(exc, "errno", None)) or errno.EIO
         st.ring.set_state(L.ST_FAILED)
         st.ring.wake_durable_waiters()
         for _ in range(8):

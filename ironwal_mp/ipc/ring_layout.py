@@ -69,6 +69,15 @@ ERR_GAVE_UP = errno.ESRCH
 STATE_NAMES = {ST_NEW: "new", ST_OPEN: "open", ST_CLOSING: "closing", ST_CLOSED: "closed", ST_FAILED: "failed"}
 
 
+def error_errno(code: object) -> int:
+    """The ERRNO an error's errno gives a failed ring: 0 (the caller picks its own code) when it
+    is no positive int, or when it is ERR_CANNOT_RESUME or ERR_GAVE_UP, which mean more than the
+    errno they borrow (a ring failed at resume is kept across opens)."""
+    if isinstance(code, bool) or not isinstance(code, int) or code <= 0:
+        return 0
+    return 0 if code in (ERR_CANNOT_RESUME, ERR_GAVE_UP) else code
+
+
 def slot_base(gen: int) -> int:
     return SLOT1 if gen & 1 else SLOT0
 
