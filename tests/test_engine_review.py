@@ -786,3 +786,23 @@ def test_a_lost_middle_segment_is_reported_as_a_gap_not_as_ids_given_out_again(t
             wal.get("s", segs[1])
         actions = [a for r in wal.recovery_reports for a in r.actions]
     assert any(f"ids {segs[1]} to {segs[2] - 1} were lost" in a and "stay a gap" in a for a in actions), actions
+
+
+def test_a_lost_middle_and_newest_segment_say_which_ids_are_given_out_again(tmp_path):
+    """With a middle segment and the newest one both gone, the report and the ERROR message
+    spoke of the middle one alone, as a gap: the newest one's ids, past the last file left,
+    are given out again, and nothing said so."""
+    from ironwal_mp import CorruptionError, CorruptionPolicy
+
+    opts, stream_dir, segs = _rotated_stream(tmp_path)
+    for s in (segs[1], segs[-1]):
+        os.unlink(os.path.join(stream_dir, layout.segment_name(s)))
+    with Wal(opts.replace(on_corruption=CorruptionPolicy.ERROR)) as wal:
+        with pytest.raises(CorruptionError) as info:
+            wal.append("s", b"NEW")
+    assert f"ids from {segs[-1]} on are given out again" in str(info.value)
+    with Wal(opts) as wal:
+        assert wal.append("s", b"NEW") == segs[-1]  # reissued
+        actions = [a for r in wal.recovery_reports for a in r.actions]
+    assert any(f"ids {segs[1]} to {segs[2] - 1} were lost" in a and "stay a gap" in a
+               and f"ids from {segs[-1]} on are given out again" in a for a in actions), actions

@@ -59,19 +59,25 @@ class StreamTail:
     last_frame: Optional[Tuple[int, FrameHeader]] = None
 
 
-def _lost_ids(first: int, segments: Sequence[int]) -> Tuple[str, str]:
-    """What the loss of segment ``first`` (named by the hints, its file gone) costs, and what
-    becomes of its ids: a writer resumes after the newest file left, so ids past it are given
+def _lost_ids(lost: Sequence[int], segments: Sequence[int]) -> Tuple[str, str]:
+    """What the loss of segments ``lost`` (named by the hints, their files gone) costs, and what
+    becomes of their ids: a writer resumes after the newest file left, so ids past it are given
     out again, while ids below a file still there stay a gap that reads refuse."""
+    first = lost[0]
     name = layout.segment_name(first)
     later = [s for s in segments if s > first]
     if not later:
         return (f"segment {name} is named by segments.idx or head.state but is gone: ids from "
                 f"{first} on were lost (removed outside ironwal_mp, or by the disk)",
                 "those ids are given out again")
-    return (f"segment {name} is named by segments.idx or head.state but is gone: ids {first} to "
-            f"{later[0] - 1} were lost (removed outside ironwal_mp, or by the disk)",
-            "those ids stay a gap: reading them raises CorruptionError")
+    what = (f"segment {name} is named by segments.idx or head.state but is gone: ids {first} to "
+            f"{later[0] - 1} were lost (removed outside ironwal_mp, or by the disk)")
+    fate = "those ids stay a gap: reading them raises CorruptionError"
+    past = [s for s in lost if s > segments[-1]]
+    if past:  # (the newest file went too: what followed the last file left is reissued)
+        what += f", and segment {layout.segment_name(past[0])} is gone too: ids from {past[0]} on were lost"
+        fate += f"; ids from {past[0]} on are given out again"
+    return what, fate
 
 
 def recover_stream(
@@ -93,10 +99,10 @@ def recover_stream(
     head = layout.read_head_state(stream_dir)
     lost = layout.lost_segments(segments, listed, head)
     if lost:
-        what, fate = _lost_ids(lost[0], segments)
+        what, fate = _lost_ids(lost, segments)
         if policy is CorruptionPolicy.ERROR:
             raise CorruptionError(os.path.join(stream_dir, layout.segment_name(lost[0])), 0,
-                                  f"{what}; restore it, or open with CorruptionPolicy.TRUNCATE to accept "
+                                  f"{what}; restore {'them' if len(lost) > 1 else 'it'}, or open with CorruptionPolicy.TRUNCATE to accept "
                                   f"the loss ({fate})")
         report.actions.append(f"{what}; {fate}")
     if not segments:
