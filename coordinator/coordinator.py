@@ -166,7 +166,8 @@ class Coordinator:
             dead = self.supervisor.dead()
             if dead:
                 self._take_start_errors()
-                raise StartupError(self.start_errors.get(dead[0]) or E.WorkerFailedError(
+                said = [self.start_errors[w] for w in dead if w in self.start_errors]  # (a reason beats a status)
+                raise StartupError(said[0] if said else E.WorkerFailedError(
                     f"worker {dead[0]} exited with status {self.supervisor.procs[dead[0]].returncode} while starting"))
             if time.monotonic() > deadline:
                 raise StartupError(E.WorkerFailedError("workers did not start in time"))

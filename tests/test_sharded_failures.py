@@ -714,6 +714,7 @@ def test_a_worker_that_cannot_open_its_shard_fails_the_start_with_its_own_error(
         procs, objects = cleanup_root(root)
     assert procs == [] and objects == []
 
+
 def test_a_start_whose_worker_finds_the_disk_full_is_a_disk_full_error(small_disk, capfd):
     """The disk fills before a shard's first append: its worker fails it, and the reopen's
     recovery must write (the segment list) on a disk still full. The open said "worker 0 exited

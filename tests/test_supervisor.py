@@ -248,3 +248,20 @@ def test_a_worker_error_whose_errno_is_a_special_ring_code_fails_the_shards_as_g
     assert [ring.header[L.ERRNO] for ring in coord.rings] == [L.ERR_GAVE_UP] * 2
     assert [L.error_errno(c) for c in (errno.ENOSPC, errno.ENOTRECOVERABLE, errno.ESRCH, 0, -5, None, True)] == [
         errno.ENOSPC, 0, 0, 0, 0, 0, 0]
+
+
+def test_a_start_fails_with_the_reason_a_dead_worker_gave_not_only_the_first_ones_status():
+    """Two workers dead at start-up, only the second said why: the start raises its reason."""
+    from coordinator.coordinator import StartupError
+    from ironwal_mp import errors as E
+    from ironwal_mp.ipc import messages as M
+    from ironwal_mp.ipc import ring_layout as L
+
+    coord = _coordinator([M.Message(M.ERROR, 1, 0, M.error_body(_disk_full_error()))])
+    coord.supervisor.procs.append(type("P", (), {"returncode": 1})())
+    coord.ctl = type("Ctl", (), {"epoch": 1})()
+    for ring in coord.rings:
+        ring.set_state(L.ST_NEW)  # (not open yet: its worker died opening it)
+    with pytest.raises(StartupError) as info:
+        coord._wait_workers_open()
+    assert isinstance(info.value.error, E.DiskFullError)
