@@ -644,7 +644,6 @@ def test_ctrl_c_during_ingest_keeps_exactly_what_was_acknowledged(wal_root, tmp_
     assert len(replay_json(wal_root, "--from-checkpoint", latest["id"])) == n2
 
 
-
 def test_a_stop_ends_an_ingest_whose_batches_the_ring_size_cuts_into_parts(wal_root, tmp_path):
     """A ring too small for a whole --batch per shard makes ingest append each batch in parts,
     and every part's flush leaves the record that overflowed it in hand. The loop stopped only
@@ -657,6 +656,7 @@ def test_a_stop_ends_an_ingest_whose_batches_the_ring_size_cuts_into_parts(wal_r
     assert summary["interrupted"] is True and 0 < summary["records"] < 3_000_000
     latest = cli_json("checkpoint", "show", "latest", "--root", wal_root)
     assert latest["id"].endswith("-interrupted") and latest["entries"] == summary["records"]
+
 
 def test_ingest_stopped_by_a_service_manager_still_checkpoints(wal_root, tmp_path):
     """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
