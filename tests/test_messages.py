@@ -140,3 +140,28 @@ def test_an_os_error_crosses_as_wal_io_error_or_disk_full_with_its_errno_and_fil
     # what the failure leaves goes after the reason, the disk-full note last
     noted = E.io_error(OSError(errno.ENOSPC, "No space left on device"), "/s/0.wal", "fsyncing", "full", "in doubt")
     assert str(noted) == "fsyncing /s/0.wal failed: No space left on device; in doubt (full)"
+
+
+def test_an_error_naming_a_path_that_is_not_utf8_still_crosses():
+    """A root whose name is not UTF-8 put a lone surrogate in an error's message and path, and
+    msgpack refused it: the worker that should report its start-up error died with a
+    traceback instead, and the start said only "exited with status 1"."""
+    from ironwal_mp import errors as E
+
+    path = b"/data/w\xff/shard_01/0.wal".decode("utf-8", "surrogateescape")
+    exc = E.CorruptionError(path, 37, "bad magic")
+    got = M.error_from_body(msgpack.unpackb(msgpack.packb(M.error_body(exc)), raw=False))
+    assert type(got) is E.CorruptionError
+    assert got.path == "/data/w\\xff/shard_01/0.wal" and "/data/w\\xff/shard_01" in str(got)
+    assert M.error_body(E.WalError("lone \ud800 surrogate"))["message"] == "lone \\xed\\xa0\\x80 surrogate"
+
+
+def test_text_limit_cuts_each_string_and_says_how_much():
+    from ironwal_mp import errors as E
+
+    exc = E.WalIOError("m" * 5000, 5, "p" * 3000)
+    body = M.error_body(exc, text_limit=1024)
+    assert body["message"].startswith("m" * 900) and body["message"].endswith("... [4008 bytes cut]")
+    assert body["attrs"]["path"].endswith("... [2008 bytes cut]") and body["attrs"]["errno"] == 5
+    assert len(M.encode(M.Message(M.ERROR, 0, 0, body))) <= 3  # (of the queue's 10 parts)
+    assert M.error_body(E.WalError("short"), text_limit=1024)["message"] == "short"

@@ -42,3 +42,25 @@ def test_polls_and_timed_receives_share_one_reassembly():
     finally:
         q.unlink()
         q.close()
+
+
+def test_a_long_start_error_of_a_worker_fits_the_unread_reply_queue(tmp_path):
+    """Nobody reads P_wrep until the worker is seen dead, and the worker waits to send before
+    it exits: an error over the queue's ten parts (~9.6 KB, a long path or a corruption list)
+    timed out and was lost. Its strings are cut, and the start gets the error's type."""
+    from ironwal_mp.errors import CorruptionError
+    from ironwal_mp.ipc.names import Names
+    from workers.worker import _report_start_error
+
+    root = str(tmp_path / "wal")
+    replies = Queue(Names(root).worker_replies, create=True)
+    try:
+        _report_start_error(root, 3, CorruptionError("/r/" + "d" * 30000, 12, "bad magic"))
+        msg = replies.receive(0)
+        assert msg is not None and (msg.kind, msg.sender, msg.req_id) == (M.ERROR, 3, 0)
+        got = M.error_from_body(msg.body)
+        assert type(got) is CorruptionError and got.offset == 12 and "bytes cut]" in str(got)
+        assert replies.receive(0) is None
+    finally:
+        replies.unlink()
+        replies.close()

@@ -48,6 +48,9 @@ IDLE_FLUSH_S = 0.0002
 GATHER_S = 0.0005
 #: a prepare gives up if the records below its cut cannot be drained in this long
 PREPARE_DRAIN_S = 20.0
+#: bytes kept of each string of a start-up ERROR: the coordinator reads P_wrep only once it
+#: sees the worker dead, so the message must fit the queue's free parts (the log has it whole)
+START_ERROR_TEXT = 1024
 
 
 class ShardState:
@@ -424,7 +427,8 @@ def _report_start_error(root: str, index: int, exc: WalError) -> None:
     except posix_ipc.Error:
         return
     try:
-        replies.send(M.Message(M.ERROR, index, 0, M.error_body(exc)), timeout=1.0)
+        body = M.error_body(exc, text_limit=START_ERROR_TEXT)
+        replies.send(M.Message(M.ERROR, index, 0, body), timeout=1.0)
     except (WalError, posix_ipc.Error):
         pass
     finally:

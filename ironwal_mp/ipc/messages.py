@@ -120,16 +120,32 @@ def _body(blob: bytes) -> Dict[str, Any]:
 ERROR_ATTRS = ("errno", "path", "offset", "reason", "field", "name", "expected", "found", "actual", "size", "limit")
 
 
-def error_body(exc: BaseException) -> Dict[str, Any]:
+def error_body(exc: BaseException, text_limit: Optional[int] = None) -> Dict[str, Any]:
     """An ERROR message's body for ``exc``: its type name, message and simple attributes.
 
     An OSError of the system's goes as WalIOError or DiskFullError (``errors.io_error``), with
-    its errno and file: the receiving side rebuilds ironwal_mp types only."""
+    its errno and file: the receiving side rebuilds ironwal_mp types only. Strings go as valid
+    UTF-8 (a path's undecodable bytes as ``\\xNN``); ``text_limit`` cuts each to about that
+    many bytes, for a sender whose message must fit the queue while nobody reads it (a
+    worker's start-up ERROR, PROTOCOL §10)."""
     if isinstance(exc, OSError) and not isinstance(exc, E.WalError):
         exc = E.io_error(exc)
     attrs = {name: getattr(exc, name) for name in ERROR_ATTRS
              if isinstance(getattr(exc, name, None), (int, str)) and not isinstance(getattr(exc, name), bool)}
-    return {"type": type(exc).__name__, "message": str(exc), "attrs": attrs}
+    attrs = {k: _wire_text(v, text_limit) if isinstance(v, str) else v for k, v in attrs.items()}
+    return {"type": type(exc).__name__, "message": _wire_text(str(exc), text_limit), "attrs": attrs}
+
+
+def _wire_text(text: str, limit: Optional[int]) -> str:
+    """``text`` as msgpack can carry it (no lone surrogates), cut to about ``limit`` bytes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    if limit is None or len(raw) <= limit:
+        return raw.decode("utf-8", "backslashreplace")
+    keep = raw[: max(limit - 32, 0)]
+    return f"{keep.decode('utf-8', 'backslashreplace')}... [{len(raw) - len(keep)} bytes cut]"
 
 
 def error_from_body(body: Dict[str, Any]) -> Exception:
