@@ -165,3 +165,14 @@ def test_text_limit_cuts_each_string_and_says_how_much():
     assert body["attrs"]["path"].endswith("... [2008 bytes cut]") and body["attrs"]["errno"] == 5
     assert len(M.encode(M.Message(M.ERROR, 0, 0, body))) <= 3  # (of the queue's 10 parts)
     assert M.error_body(E.WalError("short"), text_limit=1024)["message"] == "short"
+
+
+def test_any_body_string_that_is_not_utf8_is_sent_escaped():
+    """A worker's FAILED (a prepare or truncate that failed on a non-UTF-8 root) carries the
+    error's text, path included: msgpack refused it and the worker died in its reply."""
+    bad = "write /w\udcff/shard_00 failed"
+    parts = M.encode(M.Message(M.FAILED, 1, 9, {"error": bad, "nested": [{"k\udcfe": bad}], "n": 3}))
+    a = M.Assembler()
+    got = [a.feed(p) for p in parts][-1]
+    want = "write /w\\xff/shard_00 failed"
+    assert got.body == {"error": want, "nested": [{"k\\xfe": want}], "n": 3}

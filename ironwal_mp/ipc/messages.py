@@ -63,8 +63,12 @@ class Message(NamedTuple):
 
 
 def encode(msg: Message, max_size: int = MAX_MESSAGE) -> List[bytes]:
-    """The parts that carry ``msg``, each at most ``max_size`` bytes."""
-    blob = msgpack.packb(msg.body, use_bin_type=True)
+    """The parts that carry ``msg``, each at most ``max_size`` bytes. Strings go as valid
+    UTF-8: one with lone surrogates (a path that is not UTF-8) has its bytes written ``\\xNN``."""
+    try:
+        blob = msgpack.packb(msg.body, use_bin_type=True)
+    except UnicodeEncodeError:
+        blob = msgpack.packb(_valid_utf8(msg.body), use_bin_type=True)
     room = max_size - _PART_OVERHEAD
     chunks = [blob[i : i + room] for i in range(0, len(blob), room)] or [b""]
     parts = len(chunks)
@@ -72,6 +76,17 @@ def encode(msg: Message, max_size: int = MAX_MESSAGE) -> List[bytes]:
         msgpack.packb([msg.kind, msg.sender, msg.req_id, i, parts, chunk], use_bin_type=True)
         for i, chunk in enumerate(chunks)
     ]
+
+
+def _valid_utf8(value: Any) -> Any:
+    """``value`` with every string, at any depth, made encodable (``_wire_text``)."""
+    if isinstance(value, str):
+        return _wire_text(value, None)
+    if isinstance(value, dict):
+        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_utf8(v) for v in value]
+    return value
 
 
 class Assembler:
