@@ -715,6 +715,30 @@ def test_a_worker_that_cannot_open_its_shard_fails_the_start_with_its_own_error(
     assert procs == [] and objects == []
 
 
+def test_a_start_error_naming_a_root_that_is_not_utf8_reaches_the_caller(tmp_path, capfd):
+    """The refused recovery's message names a path with an undecodable byte: packing it for
+    the coordinator raised, the worker died with a traceback, and the open said only "worker 0
+    exited with status 1 while starting"."""
+    from _sharded_procs import cleanup_root
+    from ironwal_mp.engine import layout
+    from ironwal_mp.options import CorruptionPolicy
+
+    root = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"w\xff"))
+    opts = WalOptions(root_path=root, sync_mode=SyncMode.STRICT, on_corruption=CorruptionPolicy.ERROR)
+    try:
+        with ShardedWal(opts, 2, workers=1, timeout=30) as wal:
+            wal.append(b"k", b"v")
+        with open(os.path.join(root, "shard_01", layout.segment_name(0)), "ab") as fh:
+            fh.write(b"\0" * 100)
+        capfd.readouterr()
+        with pytest.raises(E.CorruptionError, match=r"w\\xff"):
+            ShardedWal(opts, 2, workers=1, timeout=30)
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        procs, objects = cleanup_root(root)
+    assert procs == [] and objects == []
+
+
 def test_a_start_whose_worker_finds_the_disk_full_is_a_disk_full_error(small_disk, capfd):
     """The disk fills before a shard's first append: its worker fails it, and the reopen's
     recovery must write (the segment list) on a disk still full. The open said "worker 0 exited
