@@ -782,8 +782,10 @@ def test_a_lost_middle_segment_is_reported_as_a_gap_not_as_ids_given_out_again(t
     assert "given out again" not in str(info.value)
     with Wal(opts) as wal:
         assert wal.append("s", b"NEW") == 40  # the writer resumes after the newest file
-        with pytest.raises(CorruptionError):
+        with pytest.raises(CorruptionError) as info:
             wal.get("s", segs[1])
+        # (it said "frames end at id 4, expected 8" of the file before the gap)
+        assert f"ids {segs[1]} to {segs[2] - 1} are missing" in str(info.value)
         actions = [a for r in wal.recovery_reports for a in r.actions]
     assert any(f"ids {segs[1]} to {segs[2] - 1} were lost" in a and "stay a gap" in a for a in actions), actions
 

@@ -213,6 +213,10 @@ class SegmentReader:
                 raise CorruptionError(path, offset, f"no frame holds id {first_id}")
             off, header, stored = last
             self.decode(path, off, header, stored, epoch=view.epoch)
+            if reached < end_id and pos < len(view.segments) - 1:  # (every frame checks)
+                raise CorruptionError(path, off, f"ids {reached} to {end_id - 1} are missing: this file's frames "
+                                                 f"end at id {reached} and the next segment file starts at "
+                                                 f"{end_id} (a lost segment file, or a tail cut off)")
             raise CorruptionError(path, off, f"frames end at id {reached}, expected {end_id}")
 
     # --- public reads -----------------------------------------------------------------------
