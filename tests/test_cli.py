@@ -1640,3 +1640,21 @@ def test_a_stream_directory_given_as_root_is_named_as_one(tmp_path):
     for command in (["replay"], ["checkpoint", "list"], ["stats"]):
         line = usage_error(*command, "--root", stream)
         assert f"{stream} is one stream of the WAL at {root}" in line, line
+
+
+def test_replay_json_of_a_pruned_shard_numbers_entries_from_the_first_kept_id(tmp_path):
+    """--json numbers entries by the ids iter_shard gives with them, so entries of a shard
+    whose first segments were pruned keep their own ids."""
+    root = str(tmp_path / "wal")
+    opts = WalOptions(root_path=root, sync_mode=SyncMode.STRICT, max_segment_size=4096)
+    with ShardedWal(opts, 1, workers=1) as wal:
+        for i in range(60):  # (one frame each: segments of about 8)
+            wal.append(b"k", b"v%03d" % i + b"." * 500)
+        wal.create_checkpoint(b"half")
+        wal.append_batch([(b"k", b"w%03d" % i) for i in range(5)])
+        assert wal.prune_before_checkpoint(b"half").segments_deleted > 0
+        first = wal.first_id(0)
+    assert 0 < first <= 60
+    docs = replay_json(root)
+    assert [d["id"] for d in docs] == list(range(first, 65))
+    assert docs[0]["data"].startswith("v%03d" % first) and docs[-1]["data"] == "w004"

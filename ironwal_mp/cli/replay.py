@@ -70,20 +70,17 @@ def run(args) -> int:
         shards = [args.shard] if args.shard is not None else range(n)
         try:
             for s in shards:
-                seq = None
-                for i, entry in enumerate(wal.iter_shard(s, starts[s])):
-                    if args.json:
-                        if seq is None:
-                            first = wal.get(s, starts[s])
-                            seq = starts[s] if first is not None else _first_kept(wal, s)
-                        doc = {"shard": s, "id": seq + i}
-                        try:
-                            doc["data"] = entry.decode("utf-8")
-                        except UnicodeDecodeError:
-                            doc["data_hex"] = entry.hex()
-                        out.write(json.dumps(doc).encode() + b"\n")
-                    else:
+                if not args.json:
+                    for entry in wal.iter_shard(s, starts[s]):
                         out.write(entry + b"\n")
+                    continue
+                for seq, entry in wal.iter_shard(s, starts[s], with_ids=True):
+                    doc = {"shard": s, "id": seq}
+                    try:
+                        doc["data"] = entry.decode("utf-8")
+                    except UnicodeDecodeError:
+                        doc["data_hex"] = entry.hex()
+                    out.write(json.dumps(doc).encode() + b"\n")
             out.flush()
         except BrokenPipeError:  # e.g. piped into head
             sys.stderr.close()
@@ -94,11 +91,3 @@ def _check_shard(shard, count) -> None:
     if shard is not None and count is not None and not 0 <= shard < count:
         raise UsageError(f"--shard {shard} is out of range (0..{count - 1})")
 
-
-def _first_kept(wal, shard: int) -> int:
-    """The first readable id of a shard whose start was pruned away."""
-    from ..engine import layout
-    import os
-
-    segments = layout.list_segments(os.path.join(wal.root, f"shard_{shard:02d}"))
-    return segments[0] if segments else 0
