@@ -9,6 +9,7 @@ import pytest
 import ringutil
 from coordinator.barrier import Barrier, Phase
 from coordinator.supervisor import assign_shards
+from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import Ring
@@ -96,6 +97,21 @@ def test_assign_shards_gives_every_shard_to_one_worker_in_even_contiguous_runs(s
     assert [s for run in runs for s in run] == list(range(shards))
     sizes = [len(run) for run in runs]
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+# --- ironwal_mp/ipc/messages.py --------------------------------------------------------------------
+
+
+def test_parts_of_two_requests_of_one_sender_may_interleave():
+    """Partial messages are keyed by sender and request id: keyed by sender alone, the parts of
+    a second request would be taken for the first's."""
+    one = M.Message(M.CHECKPOINT, 42, 1, {"id": b"a" * 3000})
+    two = M.Message(M.CHECKPOINT, 42, 2, {"id": b"b" * 3000})
+    a, b = M.encode(one), M.encode(two)
+    assert len(a) == len(b) > 1
+    asm = M.Assembler()
+    out = [m for pa, pb in zip(a, b) for m in (asm.feed(pa), asm.feed(pb)) if m is not None]
+    assert out == [one, two]
 
 
 # --- ironwal_mp/ipc/ring.py -------------------------------------------------------------------------
