@@ -176,3 +176,15 @@ def test_any_body_string_that_is_not_utf8_is_sent_escaped():
     got = [a.feed(p) for p in parts][-1]
     want = "write /w\\xff/shard_00 failed"
     assert got.body == {"error": want, "nested": [{"k\\xfe": want}], "n": 3}
+
+
+def test_a_message_left_unfinished_does_not_swallow_the_next_under_its_key():
+    """A worker killed while sending a multi-part start-up ERROR (req_id 0) left its first part
+    behind; the restarted worker's ERROR under the same key was then dropped part by part as
+    "out of order". A new first part now starts the message afresh."""
+    old = M.encode(M.Message(M.ERROR, 2, 0, {"message": "a" * 3000}))
+    new_msg = M.Message(M.ERROR, 2, 0, {"message": "b" * 3000})
+    asm = M.Assembler()
+    assert asm.feed(old[0]) is None
+    got = [asm.feed(p) for p in M.encode(new_msg)]
+    assert got[-1] == new_msg and got[:-1] == [None] * (len(got) - 1)

@@ -109,6 +109,8 @@ class Assembler:
             return Message(kind, sender, req_id, _body(chunk))
         key = (sender, req_id)
         got = self._partial.setdefault(key, [])
+        if part == 0 and got:  # (a new message under the key of one its sender never finished:
+            got.clear()        # killed mid-send, or a reused pid; the old one is dropped, not this)
         if part != len(got):
             del self._partial[key]
             raise ValueError(f"control message part {part} arrived out of order")
