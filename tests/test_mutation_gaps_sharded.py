@@ -208,3 +208,104 @@ def test_reset_view_lock_evens_an_odd_version_and_leaves_an_even_one(ring):
     assert h[L.VIEW_VER] == 6
     ring.reset_view_lock()
     assert h[L.VIEW_VER] == 6
+
+
+def test_dropping_dead_durable_waiters_never_takes_the_count_below_zero(ring):
+    """Unclaimed posts can outnumber the waiters counted (a waiter that saw its id durable on
+    a poll timeout leaves without taking the post made for it): dropping them must stop at 0."""
+    ring.header[L.DUR_WAITERS] = 1
+    ring.durable_sem.release()
+    ring.durable_sem.release()
+    ring._drop_dead_durable_waiters(2)
+    assert ring.header[L.DUR_WAITERS] == 0
+
+
+def test_taking_a_waiter_back_out_of_a_count_the_worker_reset_leaves_it_at_zero(ring):
+    ring.header[L.DUR_WAITERS] = 0  # the worker cleared it as stale meanwhile
+    ring.unregister_durable()
+    assert ring.header[L.DUR_WAITERS] == 0
+
+
+def test_a_waiter_whose_id_is_durable_on_arrival_takes_the_post_made_for_it(ring):
+    """A registered waiter that finds its id durable already (exactly at it) still claims the
+    post the worker made for it: left in the semaphore, it would read as a dead waiter's."""
+    h = ring.header
+    h[L.DUR_WAITERS] = 1  # counted by publish(strict=True)
+    h[L.DURABLE_SEQ] = 5
+    ring.durable_sem.release()  # the worker's wake for that waiter
+    ring.wait_durable(5, registered=True)
+    assert ring.durable_sem.value == 0 and h[L.DUR_WAITERS] == 0
+
+
+def test_a_lock_taken_again_since_it_was_seen_stuck_is_not_repaired(ring):
+    """A repair of a lock held with no pid recorded goes ahead only if nothing moved since it
+    was seen: here another producer took the lock since (LOCKS moved) and is, for an instant,
+    between the semaphore and its pid store. Releasing for it would let two in at once."""
+    h = ring.header
+    seen = ring._progress()
+    ring.lock.acquire(0)
+    h[L.LOCKS] += 1  # (its pid store comes next)
+    try:
+        assert not ring._repair_if(seen, dead=0)
+        assert ring.lock.value == 0 and h[L.REPAIRS] == 0
+    finally:
+        ring.release()
+
+
+def test_the_last_u64_id_is_refused_with_eoverflow_and_the_one_before_it_is_given(tmp_path):
+    """Ids are u64 in the header: a publish may take the next id up to SEQ_LIMIT (2**64 - 1)
+    and no further; past it the producer gets WalIOError(EOVERFLOW), not a ValueError from
+    the header store."""
+    import errno
+
+    from ironwal_mp.errors import WalIOError
+
+    names = Names(str(tmp_path))
+    r = Ring(names, 0, capacity=4096, create=True)
+    try:
+        ringutil.open_ring(r, L.SEQ_LIMIT - 2)
+        assert r.publish(ringutil.encode([b"a", b"b"]), 2) == L.SEQ_LIMIT - 2
+        with pytest.raises(WalIOError) as info:
+            r.publish(ringutil.encode([b"c"]), 1)
+        assert info.value.errno == errno.EOVERFLOW and r.next_seq() == L.SEQ_LIMIT
+    finally:
+        assert ringutil.dispose(names, r) == []
+
+
+class _InterruptAfterPublish:
+    """A ring header whose first GEN store after ``arm()`` raises KeyboardInterrupt once the
+    store is done: a signal handler that raised just after a publish, before the rest ran."""
+
+    def __init__(self, real) -> None:
+        self.real, self.armed = real, False
+
+    def __getitem__(self, i):
+        return self.real[i]
+
+    def __setitem__(self, i, value):
+        self.real[i] = value
+        if i == L.GEN and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def test_a_publish_interrupted_right_after_its_wrap_leaves_both_slots_with_the_wrap(ring):
+    """_publish_wrap copies the wrap into the old slot after the GEN store; the fast path
+    relies on that copy (it never writes the wrap fields). Interrupted between the two, the
+    publish's own ``finally`` must restore it, or the next fast append republishes the old
+    wrap and the worker reads a run past the end of the area."""
+    drainer = ringutil.Drainer(ring)
+    ring.publish(ringutil.encode([b"x" * 3996]), 1)  # tail at 4000 of 4096
+    drainer.drain()
+    real = ring._h
+    ring._h = _InterruptAfterPublish(real)
+    ring._h.armed = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ring.publish(ringutil.encode([b"y" * 196]), 1)  # 200 bytes: wraps to offset 0
+    finally:
+        ring._h = real
+    assert real[L.SLOT0 + L.WRAP_POS] == real[L.SLOT1 + L.WRAP_POS] == 4000
+    assert real[L.SLOT0 + L.WRAP_SEQ] == real[L.SLOT1 + L.WRAP_SEQ]
+    assert ring.make_appender()(b"z") == 2
+    assert drainer.drain() == [(2, b"z")]
