@@ -309,3 +309,135 @@ def test_a_publish_interrupted_right_after_its_wrap_leaves_both_slots_with_the_w
     assert real[L.SLOT0 + L.WRAP_SEQ] == real[L.SLOT1 + L.WRAP_SEQ]
     assert ring.make_appender()(b"z") == 2
     assert drainer.drain() == [(2, b"z")]
+
+
+# --- workers/worker.py ----------------------------------------------------------------------------
+
+
+def test_prepare_drains_the_last_id_below_the_cut_before_it_syncs():
+    """The cut is the next id: every id below it, the last one too, must be written before the
+    sync that makes them durable (one left in the ring aborts the checkpoint for nothing)."""
+    import os
+
+    from workers import worker as W
+
+    w = W.Worker.__new__(W.Worker)
+    st = W.ShardState.__new__(W.ShardState)
+    st.shard, st.h = 0, [0] * (L.HEADER_BYTES // 8)
+    st.h[L.STATE], st.h[L.WRITTEN_SEQ] = L.ST_OPEN, 4  # id 4 is published, not yet written
+    w.shards, w.stopping, w.parent = {0: st}, False, os.getppid()
+
+    def drain(state):  # the worker writes what was published: up to the cut, 5
+        written = 5 - state.h[L.WRITTEN_SEQ]
+        state.h[L.WRITTEN_SEQ] = 5
+        return written
+
+    def sync(states):
+        for s in states:
+            s.h[L.DURABLE_SEQ] = s.h[L.WRITTEN_SEQ]
+
+    w._drain, w.sync = drain, sync
+    assert w.prepare({0: 5}) == {0: 5}
+
+
+# --- coordinator/coordinator.py -------------------------------------------------------------------
+
+
+class _CutRing:
+    """A ring that records, at each read of its next id, which rings' locks were held."""
+
+    def __init__(self, held: set, seq: int) -> None:
+        self.held, self.seq, self.seen = held, seq, []
+
+    def acquire(self, timeout: float = 30.0) -> None:
+        self.held.add(id(self))
+
+    def release(self) -> None:
+        self.held.discard(id(self))
+
+    def next_seq_locked(self) -> int:
+        self.seen.append(set(self.held))
+        return self.seq
+
+    def next_seq(self, timeout: float = 30.0) -> int:
+        self.acquire()
+        try:
+            return self.next_seq_locked()
+        finally:
+            self.release()
+
+
+def test_the_cut_reads_every_shard_with_all_ring_locks_held():
+    """One instant for all shards: no append can land in one shard between two reads."""
+    from coordinator.coordinator import Coordinator
+
+    held: set = set()
+    coord = Coordinator.__new__(Coordinator)
+    coord.rings = [_CutRing(held, 10), _CutRing(held, 20), _CutRing(held, 30)]
+    assert coord.cut() == [10, 20, 30]
+    every = {id(r) for r in coord.rings}
+    assert all(r.seen == [every] for r in coord.rings) and not held
+
+
+class _Sink:
+    """A worker's command queue and wake semaphore: takes what it is given."""
+
+    def __init__(self) -> None:
+        self.sent = []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_prepared_answer_to_an_earlier_checkpoint_does_not_count_for_this_one():
+    """Worker 0 answers PREPARED late to request 6 (an aborted checkpoint), then fails request
+    7: this checkpoint aborts; the old answer must not have prepared it."""
+    from coordinator.coordinator import Coordinator
+    from ironwal_mp import errors as E
+
+    class _Replies:
+        def __init__(self, messages):
+            self.messages = list(messages)
+
+        def receive(self, timeout):
+            return self.messages.pop(0) if self.messages else None
+
+    class _NoneDead:
+        def dead(self):
+            return []
+
+    coord = Coordinator.__new__(Coordinator)
+    coord._req, coord.shard_count, coord.start_errors = 7, 1, {}
+    coord.supervisor, coord.worker_queues, coord.wakes = _NoneDead(), {0: _Sink()}, {0: _Sink()}
+    coord.worker_replies = _Replies([M.Message(M.PREPARED, 0, 6, {"durable": {"0": 10}}),
+                                     M.Message(M.FAILED, 0, 7, {"error": "disk gone"})])
+    with pytest.raises(E.CheckpointAbortedError, match="disk gone"):
+        coord._finish_barrier(b"c1", Barrier(7, [10], [0]))
+
+
+class _HeaderRing:
+    """A ring seen only through its shard number and header."""
+
+    def __init__(self, shard: int, state: int) -> None:
+        self.shard, self.header = shard, [0] * (L.HEADER_BYTES // 8)
+        self.header[L.STATE] = state
+
+
+def test_a_checkpoint_with_a_failed_shard_is_refused_before_any_prepare_is_sent():
+    """A failed shard's worker may be one given up on (no process, not in dead()): a PREPARE
+    to it is never answered, so the checkpoint would wait PREPARE_TIMEOUT_S, and such PREPAREs
+    fill its queue, after which every send stalls the coordinator for its 10 s timeout."""
+    from coordinator.coordinator import Coordinator
+    from ironwal_mp import errors as E
+
+    coord = Coordinator.__new__(Coordinator)
+    coord._restart_dead = lambda wait_s=0.0: []
+    coord.rings = [_HeaderRing(0, L.ST_OPEN), _HeaderRing(1, L.ST_FAILED)]
+    coord.worker_of, coord._req = [0, 1], 3
+    coord.worker_queues, coord.wakes = {0: _Sink(), 1: _Sink()}, {0: _Sink(), 1: _Sink()}
+    with pytest.raises(E.CheckpointAbortedError, match=r"shards \[1\] have failed"):
+        coord._start_barrier(b"c1", [5, 5])
+    assert not coord.worker_queues[0].sent and not coord.worker_queues[1].sent
