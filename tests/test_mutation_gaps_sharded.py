@@ -397,13 +397,7 @@ def test_a_prepared_answer_to_an_earlier_checkpoint_does_not_count_for_this_one(
     7: this checkpoint aborts; the old answer must not have prepared it."""
     from coordinator.coordinator import Coordinator
     from ironwal_mp import errors as E
-
-    class _Replies:
-        def __init__(self, messages):
-            self.messages = list(messages)
-
-        def receive(self, timeout):
-            return self.messages.pop(0) if self.messages else None
+    from test_supervisor import _Replies
 
     class _NoneDead:
         def dead(self):
