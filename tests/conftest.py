@@ -49,6 +49,27 @@ def fixture_copy(tmp_path, fixtures_dir):
 # --- sharded layer: no test may leave a process or an IPC object behind -------------------------
 
 
+def _reap_children(grace: float = 10.0):
+    """Join the test's multiprocessing children; kill and name any still running after ``grace``.
+
+    A test that fails between starting producers and reading their results leaves children
+    blocked writing to a queue nobody reads; pytest keeps the last failure's frame (and so the
+    queue) alive, and multiprocessing joins every child at exit, so the run would hang there.
+    """
+    import multiprocessing
+    import time
+
+    deadline = time.monotonic() + grace  # a hang guard, not a time check
+    left = []
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            left.append(child.pid)
+            child.kill()
+            child.join(10)
+    return left
+
+
 @pytest.fixture
 def wal_root(tmp_path):
     """A WAL directory for sharded tests; afterwards asserts that nothing was left running."""
@@ -58,6 +79,7 @@ def wal_root(tmp_path):
 
     root = str(tmp_path / "wal")
     yield root
+    children = _reap_children()
     deadline = time.monotonic() + 30
     while processes_of(root) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -69,5 +91,6 @@ def wal_root(tmp_path):
         except ProcessLookupError:
             pass
     Names(root).remove_all()
+    assert not children, f"child processes of the test left running (killed): {children}"
     assert not procs, f"processes left running: {procs}"
     assert not leftovers, f"IPC objects left behind: {leftovers}"
