@@ -1222,15 +1222,19 @@ def test_open_waits_for_every_leftover_worker_of_the_root(wal_root, tmp_path):
     os.makedirs(wal_root)
     link = str(tmp_path / "link")
     os.symlink(wal_root, link)
-    code = "import sys, time; time.sleep(float(sys.argv[1]))"
+    code = "import sys, time; print(flush=True); time.sleep(float(sys.argv[1]))"
 
     def stand_in(seconds, root, cwd=None):
         return subprocess.Popen([sys.executable, "-c", code, seconds, "-m", "workers", "--root", root,
-                                 "--shards", "0", "--index", "0"], cwd=cwd)
+                                 "--shards", "0", "--index", "0"], cwd=cwd, stdout=subprocess.PIPE)
 
     ours = [stand_in("2", wal_root), stand_in("2", link), stand_in("2", "wal", cwd=str(tmp_path))]
     other = stand_in("60", wal_root + "2")
     try:
+        # Popen can return inside the child's exec, before /proc/<pid>/cmdline shows its
+        # arguments (seen under load): wait until each stand-in runs
+        for proc in ours + [other]:
+            proc.stdout.readline()
         from ironwal_mp.ipc.names import processes_of
 
         assert sorted(pid for pid, _ in processes_of(wal_root, roles=("workers",))) == sorted(p.pid for p in ours)
@@ -1242,6 +1246,7 @@ def test_open_waits_for_every_leftover_worker_of_the_root(wal_root, tmp_path):
         for proc in ours + [other]:
             proc.kill()
             proc.wait()
+            proc.stdout.close()
 
 
 def test_a_forked_child_does_not_inherit_the_parents_waits(wal_root):
