@@ -51,6 +51,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_FLUSH_INTERVAL = C.DEFAULT_FLUSH_US / 1e6
 #: a starting coordinator gets at least this long (recovery may take a while) before it is killed
 START_WAIT_S = 60.0
+#: how long LOCK held in a killed coordinator's name is waited for (its dying children's copies)
+KILLED_LOCK_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,7 @@ def _start(root: str, opts: WalOptions, service: List[str], timeout: float) -> s
                     raise _locked_error(root, owner)
                 # killed (or crashed) while starting: nothing cleared what it created, and its
                 # workers, orphaned, exit by themselves; the leftover pass waits for them
-                _clear_after_killed_start(root, names, keep=[names.client_queue(token)])
+                _clear_after_killed_start(root, names, [names.client_queue(token)], proc.pid)
                 raise E.WorkerFailedError(f"the coordinator exited with status {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 _kill_start(proc, root, names, keep=[names.client_queue(token)])
@@ -351,21 +353,32 @@ def _kill_start(proc: subprocess.Popen, root: str, names: Names, keep: List[str]
     except ProcessLookupError:
         pass
     proc.wait()
-    _clear_after_killed_start(root, names, keep)
+    _clear_after_killed_start(root, names, keep, proc.pid)
 
 
-def _clear_after_killed_start(root: str, names: Names, keep: List[str]) -> None:
-    """Do the clean-up a start-up does, for what the coordinator we killed left behind.
+def _clear_after_killed_start(root: str, names: Names, keep: List[str], dead_pid: int) -> None:
+    """Do the clean-up a start-up does, for what the coordinator ``dead_pid`` left behind.
 
     It may have created objects, and rings of an earlier run may hold acknowledged records:
     the same pass as the coordinator's start keeps those and removes the rest. Skipped when
-    another process holds LOCK (its coordinator's start-up does the same).
+    another process holds LOCK (its coordinator's start-up does the same). LOCK still held in
+    the dead coordinator's name is waited for: a worker it was spawning, killed between fork
+    and exec, holds a copy of its descriptor until that child is gone.
     """
     lock = RootLock(root, role="coordinator")  # (an opener meanwhile waits for it, as for a start)
-    try:
-        lock.acquire()
-    except (E.WalLockedError, OSError):
-        return
+    deadline = time.monotonic() + KILLED_LOCK_WAIT_S
+    while True:
+        try:
+            lock.acquire()
+            break
+        except E.WalLockedError:
+            owner = lock_owner(root)  # (None: released just now, try again)
+            if time.monotonic() > deadline or (owner is not None and owner[0] != dead_pid):
+                return
+            if owner is not None:
+                time.sleep(0.01)
+        except OSError:
+            return
     try:
         for ring in clear_leftovers(root, names, 0, keep=keep).values():
             ring.close()
