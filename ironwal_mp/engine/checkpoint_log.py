@@ -14,6 +14,8 @@ The first half of this module is a pure codec (bytes in, values out, no I/O). Th
   the cut bytes are first copied to a ``checkpoints.log.broken`` side file and fsynced, so nothing
   is deleted silently. With ``repair=False`` nothing is written: the problem is only reported,
   and appends are refused while it stands (they would land behind the bad bytes).
+* A repairing open makes what it read durable (the log, ``HEAD`` and their names), so that a
+  record a killed process left in the page cache cannot be read as existing and then vanish.
 * ``HEAD`` is the commit point for :meth:`CheckpointLog.latest`. A missing or corrupt ``HEAD``,
   or one naming an id that has no record, falls back to the last record in the log (and, when
   repairing, ``HEAD`` is rewritten to say so).
@@ -303,6 +305,8 @@ class CheckpointLog:
         self._prepared: Optional[PreparedHead] = None  # the HEAD.tmp not yet appended or discarded
         self.report = CheckpointLogReport(self.log_path)
         self._open()
+        if repair:
+            self._make_durable_as_read()
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -378,6 +382,25 @@ class CheckpointLog:
             if self.repair:
                 self._write_head(last)
                 self._head = last
+
+    def _make_durable_as_read(self) -> None:
+        """fsync the log, ``HEAD`` and their names: a process killed inside a commit's sync can
+        leave a record (and the rename naming it) in the page cache only, and this open has
+        just read it as a checkpoint that exists. A power loss must not take back what an open
+        has answered (the engine's recovery does the same for a stream's tail)."""
+        try:
+            for path in (self.log_path, self.head_path):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            layout.fsync_dir(self.root)
+        except OSError as exc:
+            raise _io_error(exc, self.root, "making the checkpoint log durable in") from exc
 
     def _cut_tail(self, buf: bytes, valid_end: int) -> str:
         """Copy ``buf[valid_end:]`` to a side file durably, then truncate the log there."""

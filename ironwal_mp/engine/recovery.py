@@ -188,11 +188,15 @@ def recover_stream(
             if aside:
                 for stray, side in aside:
                     os.rename(stray, side)
-                layout.fsync_dir(stream_dir)
             if problem is not None:
                 report.side_file = _keep_aside(fd, path, problem.offset, size)
                 os.ftruncate(fd, problem.offset)
-            os.fsync(fd)  # what a crashed process left in the page cache is durable from now on
+            # what a crashed process left in the page cache is durable from now on: the tail,
+            # and the names (a writer killed while creating the stream or a segment left them
+            # unsynced, and no later append would sync them)
+            os.fsync(fd)
+            layout.fsync_dir(stream_dir)
+            layout.fsync_dir(os.path.dirname(os.path.abspath(stream_dir)))
         finally:
             os.close(fd)
     return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report

@@ -1,0 +1,363 @@
+"""Power loss at every point of a workload, under POSIX's persistence rules (see crashfs.py).
+
+A seeded workload of appends, batches, transactions, syncs, truncations and reopens runs under a
+:class:`crashfs.Recorder`. At every file-changing call the recorder keeps a crash point; each
+point is turned into several trees a crash could have left (the durable files alone, the
+page cache whole, random mixtures), and each tree is opened and read. What it must hold:
+
+* every id the ``Wal`` had reported durable (``durable_id``) before the crash, from the
+  truncation floor on, with the bytes that were appended;
+* nothing else but a contiguous run of later appends, each with its own bytes (never a torn or
+  foreign entry, never a gap);
+* the same after a second open (recovery is idempotent), and the next append gets the next id.
+
+Recovery itself is then crashed at each of its own calls, and the result reopened and held to
+the same account. The checkpoint log (``checkpoints.log`` and ``HEAD``) gets the same treatment.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+import crashfs
+from ironwal_mp import CompressionType, GroupSync, SyncMode, Wal, WalOptions
+from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog
+
+STREAMS = ("a", "b")
+
+
+@pytest.fixture(autouse=True)
+def no_disk_flush(monkeypatch):
+    """What is durable is the recorder's model, not the disk's: skip the real flushes, which
+    would cost most of this file's time (a syncfs flushes the whole filesystem)."""
+    def flush(fd: int) -> None:
+        os.fstat(fd)  # (a bad descriptor still fails)
+
+    from ironwal_mp.engine import group_sync, stream
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, flush)
+    monkeypatch.setattr(stream, "_fdatasync", flush)
+    monkeypatch.setattr(group_sync, "syncfs", flush)
+
+
+@dataclass(frozen=True)
+class Account:
+    """What a crash at this point must keep, per stream."""
+
+    written: Dict[str, Tuple[bytes, ...]]  # every entry handed to the Wal so far, by id
+    durable: Dict[str, int]  # ids below this were reported durable
+    floor: Dict[str, int] = field(default_factory=dict)  # ids below this may be truncated away
+
+
+def _opts(root: str, mode: SyncMode, group_sync: GroupSync = GroupSync.SYNCFS) -> WalOptions:
+    return WalOptions(root_path=root, sync_mode=mode, max_entries_per_segment=4, max_segment_size=700,
+                      compression=CompressionType.LZ4, min_compression_size=200, group_sync=group_sync)
+
+
+def _payload(rng: random.Random) -> bytes:
+    if rng.random() < 0.2:  # compressible and over the threshold: an LZ4 frame
+        return bytes([rng.randrange(256)]) * rng.randint(200, 400)
+    return rng.randbytes(rng.randint(1, 120))
+
+
+def run_workload(root: str, mode: SyncMode, seed: int, rec: crashfs.Recorder, calls: int,
+                 group_sync: GroupSync = GroupSync.SYNCFS) -> Account:
+    """Drive a ``Wal`` under ``rec``, noting before and after each call what it acknowledged."""
+    rng = random.Random(seed)
+    written: Dict[str, List[bytes]] = {s: [] for s in STREAMS}
+    floor = {s: 0 for s in STREAMS}
+    wal = Wal(_opts(root, mode, group_sync))
+
+    def account() -> Account:
+        return Account({s: tuple(v) for s, v in written.items()},
+                       {s: wal.durable_id(s) for s in STREAMS}, dict(floor))
+
+    def note_intent() -> None:  # the call about to run may land, wholly or partly
+        durable = rec._note.durable if rec._note else {s: 0 for s in STREAMS}
+        rec.note(Account({s: tuple(v) for s, v in written.items()}, dict(durable), dict(floor)))
+
+    rec.note(account())
+    for _ in range(calls):
+        stream = rng.choice(STREAMS)
+        roll = rng.random()
+        if roll < 0.45:
+            data = _payload(rng)
+            written[stream].append(data)
+            note_intent()
+            seq = wal.append(stream, data)
+            assert seq == len(written[stream]) - 1
+            if mode is SyncMode.STRICT:
+                assert wal.durable_id(stream) > seq
+        elif roll < 0.65:
+            batch = [_payload(rng) for _ in range(rng.randint(1, 5))]
+            written[stream].extend(batch)
+            note_intent()
+            ids = wal.append_batch(stream, batch)
+            assert ids.stop == len(written[stream])
+            if mode is not SyncMode.ASYNC:
+                assert wal.durable_id(stream) >= ids.stop
+        elif roll < 0.75:
+            batch = [_payload(rng) for _ in range(rng.randint(1, 3))]
+            written[stream].extend(batch)
+            note_intent()
+            with wal.writer(stream) as txn:
+                for data in batch:
+                    txn.add(data)
+        elif roll < 0.85:
+            note_intent()
+            wal.sync()
+        elif roll < 0.93:
+            safe = rng.randint(len(written[stream]) // 2, len(written[stream]))
+            floor[stream] = max(floor[stream], safe)
+            note_intent()
+            wal.truncate(stream, safe)
+        else:
+            note_intent()
+            wal.close()
+            wal = Wal(_opts(root, mode, group_sync))
+        rec.note(account())
+    final = account()
+    wal.close()
+    return final
+
+
+def check_tree(root: str, mode: SyncMode, acct: Account, where: str) -> None:
+    """Open the crashed tree ``root`` and hold what it reads to ``acct``."""
+    for attempt in ("first open", "second open"):
+        with Wal(_opts(root, mode)) as wal:
+            for s in STREAMS:
+                written, durable, floor = acct.written[s], acct.durable[s], acct.floor.get(s, 0)
+                first = wal.first_id(s)
+                got = list(wal.iter(s, first, with_ids=True)) if first is not None else []
+                ctx = f"{where}, {attempt}, stream {s!r}"
+                ids = [i for i, _ in got]
+                assert ids == list(range(ids[0], ids[0] + len(ids))) if ids else True, f"{ctx}: gap in {ids}"
+                for seq, data in got:
+                    assert seq < len(written), f"{ctx}: id {seq} was never appended"
+                    assert data == written[seq], f"{ctx}: id {seq} holds other bytes"
+                end = ids[-1] + 1 if ids else wal.next_id(s)
+                required = range(floor, durable)
+                if required:
+                    assert ids and ids[0] <= floor and end >= durable, (
+                        f"{ctx}: durable ids {floor}..{durable - 1} needed, read {ids[:1]}..{ids[-1:]}")
+                assert wal.next_id(s) == end, f"{ctx}: next id {wal.next_id(s)} after reading up to {end}"
+            if attempt == "second open":
+                for s in STREAMS:
+                    nxt = wal.next_id(s)
+                    assert wal.append(s, b"after the crash") == nxt
+                    assert wal.get(s, nxt) == b"after the crash"
+
+
+def _explore(points, base: str, mode: SyncMode, seed: int, mixtures: int, recover_too: int) -> Tuple[int, int]:
+    """Check every crash state of ``points``; then crash the recovery of ``recover_too`` of
+    them (power losses and kills alike) at each of its calls."""
+    rng = random.Random(seed * 7919)
+    checked = recovered = 0
+    starts = []
+    for point in points:
+        for label, tree, data in point.states(rng, mixtures):
+            where = f"crash after call {point.index} ({point.call}), {label}"
+            dest = crashfs.scratch(base, "state")
+            crashfs.materialize(tree, data, dest)
+            check_tree(dest, mode, point.note, where)
+            checked += 1
+            starts.append((point, label, tree, data, where))
+    # half of them kills that left bytes in the page cache only, half anything else
+    kills = [s for s in starts if s[1] == "process crash" and s[0].volatile_data != s[0].durable_data]
+    others = [s for s in starts if s[1] != "process crash"]
+    chosen = rng.sample(kills, min(recover_too // 2, len(kills)))
+    chosen += rng.sample(others, min(recover_too - len(chosen), len(others)))
+    for start in chosen:
+        recovered += _crash_recovery(*start, base, mode, rng)
+    return checked, recovered
+
+
+def _crash_recovery(point, label, tree, data, where, base, mode, rng) -> int:
+    """Open one crash state, with a power loss at each call the recovery makes and after it.
+
+    After a power loss the whole state is durable; after a kill (``process crash``) only what
+    was durable at the point is, so the recovery must make durable whatever it then reports
+    durable: those ids join the account, and so does one append per stream made after it.
+    """
+    start = crashfs.scratch(base, "recovering")
+    crashfs.materialize(tree, data, start)
+    rec = crashfs.Recorder(start, after=point if label == "process crash" else None)
+    rec.note(point.note)
+    written = dict(point.note.written)
+    with rec.recording():
+        with Wal(_opts(start, mode)) as wal:
+            claimed = {s: max(point.note.durable[s], wal.durable_id(s)) for s in STREAMS}
+            rec.note(Account(dict(written), dict(claimed), point.note.floor))  # (copies: both change below)
+            rec.crash_here("recovered")
+            # the new writer goes on where the recovered tail ends: its appends replace what
+            # the crash lost of the account's later entries
+            for s in STREAMS:
+                nxt = wal.next_id(s)
+                written[s] = written[s][:nxt] + (b"appended after recovery %d" % nxt,)
+                rec.note(Account(dict(written), dict(claimed), point.note.floor))
+                wal.append_batch(s, [written[s][-1]])
+                wal.sync(s)
+                claimed[s] = wal.durable_id(s)
+                assert claimed[s] == nxt + 1
+                rec.note(Account(dict(written), dict(claimed), point.note.floor))
+    n = 0
+    for p in rec.points:
+        for label2, t2, d2 in p.states(rng, 1):
+            if label2 == "process crash":
+                continue  # (the first level covered it)
+            dest = crashfs.scratch(base, "state")
+            crashfs.materialize(t2, d2, dest)
+            check_tree(dest, mode, p.note, f"{where}; then recovery hit by a power loss after its call "
+                                            f"{p.index} ({p.call}), {label2}")
+            n += 1
+    return n
+
+
+@pytest.fixture
+def scratch_base(tmp_path):
+    """Where crash states are written: a memory filesystem when there is one (thousands of
+    small trees are written and removed), else ``tmp_path``."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        base = tempfile.mkdtemp(prefix="ironwal-crash-states-", dir="/dev/shm")
+        try:
+            yield base
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    else:
+        yield str(tmp_path / "states")
+
+
+@pytest.mark.parametrize("mode", [SyncMode.STRICT, SyncMode.BATCH_ONLY, SyncMode.ASYNC])
+@pytest.mark.parametrize("seed, group_sync", [(1, GroupSync.SYNCFS), (2, GroupSync.FDATASYNC)])
+def test_every_crash_point_of_a_workload_keeps_what_was_durable(tmp_path, scratch_base, mode, seed, group_sync):
+    root = str(tmp_path / "wal")
+    os.mkdir(root)
+    rec = crashfs.Recorder(root)
+    rec.note(Account({s: () for s in STREAMS}, {s: 0 for s in STREAMS}))
+    with rec.recording():
+        final = run_workload(root, mode, seed, rec, calls=40, group_sync=group_sync)
+    assert len(rec.points) > 40
+    assert any(sum(final.durable.values()) for _ in [0]), "the workload made nothing durable"
+    checked, recovered = _explore(rec.points, scratch_base, mode, seed, mixtures=2, recover_too=12)
+    assert checked >= 3 * len(rec.points) and recovered > 0
+
+
+# --- the checkpoint log --------------------------------------------------------------------------
+
+#: one state a crash may leave: (the records in log order, the id latest() names or None)
+Outcome = Tuple[Tuple[CheckpointData, ...], Optional[bytes]]
+
+
+def _record(rng: random.Random, n: int) -> CheckpointData:
+    return CheckpointData(b"ckpt-%d" % n, 1_700_000_000_000_000_000 + n, 2,
+                          (rng.randrange(1 << 40), rng.randrange(1 << 40)))
+
+
+def _kept(records: Tuple[CheckpointData, ...], latest: Optional[bytes], n: int) -> Tuple[CheckpointData, ...]:
+    """What ``compact(n)`` keeps: the newest ``n``, and the latest wherever it is."""
+    if len(records) <= n:
+        return records
+    kept = list(records[-n:])
+    head = next((r for r in records if r.user_id == latest), None)
+    if head is not None and head not in kept:
+        kept.insert(0, head)
+    return tuple(kept)
+
+
+def run_checkpoint_workload(root: str, seed: int, rec: crashfs.Recorder, calls: int,
+                            group_sync: GroupSync = GroupSync.SYNCFS) -> None:
+    """Appends (with and without a prepared HEAD), compactions and reopens of a CheckpointLog,
+    noting before each call every outcome a crash during it may leave."""
+    rng = random.Random(seed)
+    log = CheckpointLog(root, group_sync=group_sync)
+    records: Tuple[CheckpointData, ...] = ()
+    latest: Optional[bytes] = None
+    rec.note([(records, latest)])
+    for n in range(calls):
+        roll = rng.random()
+        if roll < 0.7:
+            data = _record(rng, n)
+            # record and HEAD are synced together: the record may land without HEAD naming it
+            rec.note([(records, latest), (records + (data,), latest), (records + (data,), data.user_id)])
+            if rng.random() < 0.5:
+                log.append(data, log.prepare_head(data.user_id))
+            else:
+                log.append(data)
+            records, latest = records + (data,), data.user_id
+        elif roll < 0.9:
+            keep = rng.randint(1, 3)
+            kept = _kept(records, latest, keep)
+            rec.note([(records, latest), (kept, latest)])
+            log.compact(keep)
+            records = kept
+        else:
+            rec.note([(records, latest)])
+            log = CheckpointLog(root, group_sync=group_sync)
+        rec.note([(records, latest)])
+        assert tuple(log.records()) == records and log.head_id == latest
+
+
+def _read_log(root: str) -> Outcome:
+    log = CheckpointLog(root)
+    records = tuple(log.records())
+    latest = log.latest().user_id if records else None
+    return records, latest
+
+
+def check_checkpoint_tree(root: str, allowed: List[Outcome], where: str) -> Outcome:
+    got = _read_log(root)
+    names = lambda o: ([r.user_id for r in o[0]], o[1])  # noqa: E731
+    assert got in allowed, f"{where}: read {names(got)}, allowed {[names(o) for o in allowed]}"
+    assert _read_log(root) == got, f"{where}: a second open read otherwise"
+    log = CheckpointLog(root)
+    extra = CheckpointData(b"after the crash", 1, 2, (0, 0))
+    log.append(extra)
+    assert log.latest() == extra and CheckpointLog(root).latest() == extra, where
+    return got
+
+
+@pytest.mark.parametrize("group_sync", [GroupSync.SYNCFS, GroupSync.FDATASYNC])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_crash_point_of_the_checkpoint_log_keeps_what_was_acknowledged(tmp_path, scratch_base, seed,
+                                                                             group_sync):
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    rec = crashfs.Recorder(root)
+    rec.note([((), None)])
+    with rec.recording():
+        run_checkpoint_workload(root, seed, rec, calls=25, group_sync=group_sync)
+    rng = random.Random(seed)
+    starts = []
+    for point in rec.points:
+        for label, tree, data in point.states(rng, 3):
+            where = f"crash after call {point.index} ({point.call}), {label}"
+            dest = crashfs.scratch(scratch_base, "state")
+            crashfs.materialize(tree, data, dest)
+            check_checkpoint_tree(dest, point.note, where)
+            if label == "process crash" and point.volatile_data != point.durable_data or label.startswith("mix"):
+                starts.append((point, label, tree, data, where))
+    recovered = 0
+    for point, label, tree, data, where in rng.sample(starts, min(16, len(starts))):
+        start = crashfs.scratch(scratch_base, "recovering")
+        crashfs.materialize(tree, data, start)
+        rec2 = crashfs.Recorder(start, after=point if label == "process crash" else None)
+        rec2.note(point.note)
+        with rec2.recording():
+            rec2.note([_read_log(start)])  # what the recovering open read must stay so
+            rec2.crash_here("recovered")
+        for p in rec2.points:
+            for label2, t2, d2 in p.states(rng, 1):
+                if label2 != "process crash":
+                    dest = crashfs.scratch(scratch_base, "state")
+                    crashfs.materialize(t2, d2, dest)
+                    check_checkpoint_tree(dest, p.note, f"{where}; then a power loss after the recovering "
+                                                         f"open's call {p.index} ({p.call}), {label2}")
+                    recovered += 1
+    assert recovered > 0
