@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import posix_ipc
 
 from ironwal_mp import errors as E
+from ironwal_mp.engine import layout
 from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog, check_checkpoint_id
 from ironwal_mp.engine.rootlock import RootLock
 from ironwal_mp.ipc import control as C
@@ -92,7 +93,7 @@ class Coordinator:
     def start(self) -> None:
         try:
             ensure_descriptors(self.shard_count)  # (before MANIFEST: a refusal writes nothing)
-            os.makedirs(self.root, exist_ok=True)
+            layout.make_dirs(self.root)
             self.lock.acquire()
             _, self._new_manifest = open_manifest(self.root, self.shard_count)
             self.ckpt_log = CheckpointLog(self.root, group_sync=self.opts.group_sync)

@@ -28,9 +28,14 @@ import pytest
 
 import crashfs
 from ironwal_mp import CompressionType, GroupSync, SyncMode, Wal, WalOptions
+from ironwal_mp.engine import layout
 from ironwal_mp.engine.checkpoint_log import CheckpointData, CheckpointLog
+from ironwal_mp.sharded.manifest import open_manifest, recorded_shard_count
 
 STREAMS = ("a", "b")
+#: the Wal's root below the recorded directory: the Wal creates both levels, and their names
+#: must be durable too
+WAL_DIR = os.path.join("data", "wal")
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +171,7 @@ def _explore(points, base: str, mode: SyncMode, seed: int, mixtures: int, recove
             where = f"crash after call {point.index} ({point.call}), {label}"
             dest = crashfs.scratch(base, "state")
             crashfs.materialize(tree, data, dest)
-            check_tree(dest, mode, point.note, where)
+            check_tree(os.path.join(dest, WAL_DIR), mode, point.note, where)
             checked += 1
             starts.append((point, label, tree, data, where))
     # half of them kills that left bytes in the page cache only, half anything else
@@ -192,7 +197,7 @@ def _crash_recovery(point, label, tree, data, where, base, mode, rng) -> int:
     rec.note(point.note)
     written = dict(point.note.written)
     with rec.recording():
-        with Wal(_opts(start, mode)) as wal:
+        with Wal(_opts(os.path.join(start, WAL_DIR), mode)) as wal:
             claimed = {s: max(point.note.durable[s], wal.durable_id(s)) for s in STREAMS}
             rec.note(Account(dict(written), dict(claimed), point.note.floor))  # (copies: both change below)
             rec.crash_here("recovered")
@@ -214,7 +219,7 @@ def _crash_recovery(point, label, tree, data, where, base, mode, rng) -> int:
                 continue  # (the first level covered it)
             dest = crashfs.scratch(base, "state")
             crashfs.materialize(t2, d2, dest)
-            check_tree(dest, mode, p.note, f"{where}; then recovery hit by a power loss after its call "
+            check_tree(os.path.join(dest, WAL_DIR), mode, p.note, f"{where}; then recovery hit by a power loss after its call "
                                             f"{p.index} ({p.call}), {label2}")
             n += 1
     return n
@@ -237,9 +242,10 @@ def scratch_base(tmp_path):
 @pytest.mark.parametrize("mode", [SyncMode.STRICT, SyncMode.BATCH_ONLY, SyncMode.ASYNC])
 @pytest.mark.parametrize("seed, group_sync", [(1, GroupSync.SYNCFS), (2, GroupSync.FDATASYNC)])
 def test_every_crash_point_of_a_workload_keeps_what_was_durable(tmp_path, scratch_base, mode, seed, group_sync):
-    root = str(tmp_path / "wal")
-    os.mkdir(root)
-    rec = crashfs.Recorder(root)
+    top = str(tmp_path / "top")
+    os.mkdir(top)
+    root = os.path.join(top, WAL_DIR)
+    rec = crashfs.Recorder(top)
     rec.note(Account({s: () for s in STREAMS}, {s: 0 for s in STREAMS}))
     with rec.recording():
         final = run_workload(root, mode, seed, rec, calls=40, group_sync=group_sync)
@@ -361,3 +367,33 @@ def test_every_crash_point_of_the_checkpoint_log_keeps_what_was_acknowledged(tmp
                                                          f"open's call {p.index} ({p.call}), {label2}")
                     recovered += 1
     assert recovered > 0
+
+
+# --- new directories -----------------------------------------------------------------------------
+
+
+def test_directories_make_dirs_creates_survive_a_power_loss_once_it_returns(tmp_path):
+    rec = crashfs.Recorder(str(tmp_path))
+    with rec.recording():
+        layout.make_dirs(str(tmp_path / "x" / "y" / "z"))
+        layout.make_dirs(str(tmp_path / "x" / "y" / "z"))  # (nothing to create: nothing to do)
+        rec.crash_here("returned")
+    tree, _ = rec.points[-1].power_loss()
+    assert {"x", "x/y", "x/y/z"} <= set(tree)
+    # without the parents' fsyncs the same calls leave nothing durable: the check can fail
+    rec2 = crashfs.Recorder(str(tmp_path))
+    with rec2.recording():
+        os.makedirs(str(tmp_path / "p" / "q"))
+        rec2.crash_here("returned")
+    assert not {"p", "p/q"} & set(rec2.points[-1].power_loss()[0])
+
+
+def test_a_new_sharded_root_and_its_manifest_survive_a_power_loss(tmp_path):
+    rec = crashfs.Recorder(str(tmp_path))
+    with rec.recording():
+        open_manifest(str(tmp_path / "data" / "sharded"), 4)
+        rec.crash_here("returned")
+    tree, data = rec.points[-1].power_loss()
+    dest = crashfs.scratch(str(tmp_path), "state")
+    crashfs.materialize(tree, data, dest)
+    assert recorded_shard_count(os.path.join(dest, "data", "sharded")) == 4

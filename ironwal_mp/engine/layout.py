@@ -107,6 +107,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with each directory it creates made durable (an
+    fsync of its parent): a power loss must not take back a directory that files acknowledged
+    as durable live in."""
+    created = []
+    level = os.path.abspath(path)
+    while not os.path.lexists(level):
+        created.append(level)
+        parent = os.path.dirname(level)
+        if parent == level:
+            break
+        level = parent
+    os.makedirs(path, exist_ok=True)
+    for new_dir in reversed(created):  # (another process may have made some: fsync anyway)
+        fsync_dir(os.path.dirname(new_dir))
+
+
 def write_file_atomic(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, directory fsync."""
     commit_atomic(prepare_atomic(path, data), path)

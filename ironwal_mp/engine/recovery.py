@@ -192,11 +192,10 @@ def recover_stream(
                 report.side_file = _keep_aside(fd, path, problem.offset, size)
                 os.ftruncate(fd, problem.offset)
             # what a crashed process left in the page cache is durable from now on: the tail,
-            # and the names (a writer killed while creating the stream or a segment left them
-            # unsynced, and no later append would sync them)
+            # and the segments' names (a writer killed while creating one left it unsynced, and
+            # no later append would sync it; the stream's own name is the Wal's open's to sync)
             os.fsync(fd)
             layout.fsync_dir(stream_dir)
-            layout.fsync_dir(os.path.dirname(os.path.abspath(stream_dir)))
         finally:
             os.close(fd)
     return StreamTail(segments, valid_end, next_id, index, frames, scan.last), report

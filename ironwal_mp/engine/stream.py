@@ -204,11 +204,10 @@ class Stream:
 
     def _create_first_segment(self, start: int) -> None:
         try:
-            os.makedirs(self.dir, exist_ok=True)
+            layout.make_dirs(self.dir)  # (fsyncs the root)
             fd = os.open(self._path(start), os.O_WRONLY | os.O_CREAT, 0o644)
             os.close(fd)
             layout.write_segments_idx(self.dir, [start])  # also fsyncs the directory
-            layout.fsync_dir(os.path.dirname(self.dir))
         except OSError as exc:
             raise _io_error(exc, self.dir, "creating the stream") from exc
         self._segments = [start]

@@ -99,11 +99,21 @@ class Wal:
                 raise WalIOError(f"{self.root} is not a directory", errno.ENOENT, self.root)
         else:
             try:
-                os.makedirs(self.root, exist_ok=True)
+                layout.make_dirs(self.root)
             except OSError as exc:  # (a file in the way, no permission, a full disk...)
                 what = "is not a directory" if os.path.exists(self.root) else "cannot be created"
                 raise WalIOError(f"root_path {self.root} {what}: {exc.strerror or exc}", exc.errno, self.root) from exc
         self._lock = RootLock(self.root).acquire() if lock and not read_only else None
+        if not read_only:
+            # the names of streams a killed writer was creating become durable before anything
+            # is written to them (recovery syncs each stream's own directory)
+            try:
+                layout.fsync_dir(self.root)
+            except OSError as exc:
+                if self._lock is not None:
+                    self._lock.release()
+                raise WalIOError(f"cannot fsync root_path {self.root}: {exc.strerror or exc}", exc.errno,
+                                 self.root) from exc
         self._fdcache = FdCache(opts.max_open_segments)
         self._reader = SegmentReader.for_options(self._fdcache, opts)
         self._streams: Dict[str, Stream] = {}

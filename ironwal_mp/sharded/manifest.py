@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from ..engine.checkpoint_log import CHECKPOINTS_LOG, HEAD
-from ..engine.layout import fsync_dir, write_file_atomic
+from ..engine.layout import fsync_dir, make_dirs, write_file_atomic
 from ..engine.rootkind import MANIFEST, MANIFEST_FORMAT as FORMAT, SHARD_DIR_RE as _SHARD_DIR
 from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
@@ -120,7 +120,7 @@ def open_manifest(root: str, shard_count: int, *, create: bool = True) -> Tuple[
         else:
             manifest = Manifest(shard_count, starting=True)
         if create:
-            os.makedirs(root, exist_ok=True)
+            make_dirs(root)
             write_file_atomic(os.path.join(root, MANIFEST), manifest.to_json())
             return manifest, True
     return manifest, False
