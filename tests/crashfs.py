@@ -344,20 +344,22 @@ _WRAPPED = ("open", "close", "write", "pwrite", "writev", "ftruncate", "truncate
 
 
 def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callable]:
-    def quiet(fn):
-        """Calls made by the recorder itself are not recorded."""
-        def wrapper(*args, **kwargs):
-            if rec._depth:
-                return real[fn.__name__](*args, **kwargs)
-            rec._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                rec._depth -= 1
-        wrapper.__name__ = fn.__name__
-        return wrapper
+    def quiet(name):
+        """The wrapper of ``os.<name>``; calls made by the recorder itself are not recorded."""
+        def decorate(fn):
+            def wrapper(*args, **kwargs):
+                if rec._depth:
+                    return real[name](*args, **kwargs)
+                rec._depth += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    rec._depth -= 1
+            wrapper.__name__ = name
+            return wrapper
+        return decorate
 
-    @quiet
+    @quiet("open")
     def open(path, flags, mode=0o777, *, dir_fd=None):  # noqa: A001 (os.open's name)
         rel = rec._rel(path) if dir_fd is None else None
         if rel is None:
@@ -381,13 +383,13 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
             rec._point(f"open {rel!r} O_TRUNC")
         return fd
 
-    @quiet
+    @quiet("close")
     def close(fd):
         rec._fds.pop(fd, None)
         return real["close"](fd)
 
     def _data_call(name):
-        @quiet
+        @quiet(name)
         def wrapper(fd, *args, **kwargs):
             entry = rec._fds.get(fd)
             if entry is not None:
@@ -404,10 +406,9 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
             if entry is not None:
                 rec._point(f"{name} {entry.rel!r}")
             return result
-        wrapper.__name__ = name
         return wrapper
 
-    @quiet
+    @quiet("truncate")
     def truncate(path, length):
         if isinstance(path, int):
             return ftruncate(path, length)
@@ -422,7 +423,7 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
         return result
 
     def _sync_call(name):
-        @quiet
+        @quiet(name)
         def wrapper(fd):
             result = real[name](fd)
             entry = rec._fds.get(fd)
@@ -433,11 +434,10 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
                     rec._sync_file(entry, fd)
                 rec._point(f"{name} {entry.rel!r}")
             return result
-        wrapper.__name__ = name
         return wrapper
 
     def _rename_call(name):
-        @quiet
+        @quiet(name)
         def wrapper(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
             rsrc, rdst = rec._rel(src), rec._rel(dst)
             if rsrc is None and rdst is None:
@@ -453,11 +453,10 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
             rec._pending.append(("rename", _dirname(rsrc), os.path.basename(rsrc), os.path.basename(rdst)))
             rec._point(f"{name} {rsrc!r} -> {rdst!r}")
             return result
-        wrapper.__name__ = name
         return wrapper
 
     def _unlink_call(name):
-        @quiet
+        @quiet(name)
         def wrapper(path, *, dir_fd=None):
             rel = rec._rel(path) if dir_fd is None else None
             if rel is None:
@@ -467,10 +466,9 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
             rec._pending.append(("unlink", _dirname(rel), os.path.basename(rel)))
             rec._point(f"{name} {rel!r}")
             return result
-        wrapper.__name__ = name
         return wrapper
 
-    @quiet
+    @quiet("mkdir")
     def mkdir(path, mode=0o777, *, dir_fd=None):
         rel = rec._rel(path) if dir_fd is None else None
         if rel is None:
@@ -482,17 +480,16 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
         return result
 
     def _refused(name):
-        @quiet
+        @quiet(name)
         def wrapper(*args, **kwargs):
             if any(rec._rel(a) is not None for a in args if isinstance(a, (str, bytes, os.PathLike))):
                 raise UnmodelledCall(f"os.{name}{args!r} is not modelled")
             return real[name](*args, **kwargs)
-        wrapper.__name__ = name
         return wrapper
 
     ftruncate = _data_call("ftruncate")
 
-    @quiet
+    @quiet("syncfs")
     def syncfs(fd):
         real["syncfs"](fd)
         rec._sync_all()
