@@ -52,9 +52,10 @@ class Barrier:
         if req_id == self.req_id and worker in self.by_worker:
             self._abort(f"worker {worker} could not prepare: {error}")
 
-    def on_worker_died(self, worker: int) -> None:
+    def on_worker_died(self, worker: int, how: Optional[str] = None) -> None:
+        """``how``: the coordinator's account of the exit ("worker 1 died (killed by SIGKILL)")."""
         if worker in self.waiting:
-            self._abort(f"worker {worker} died during the checkpoint")
+            self._abort(f"{how or f'worker {worker} died'} during the checkpoint")
 
     def on_timeout(self) -> None:
         if self.phase is Phase.PREPARING:

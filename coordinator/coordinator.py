@@ -442,24 +442,33 @@ class Coordinator:
                     on_reply(reply)
                 continue
             for w in self.supervisor.dead():
-                on_reply(M.Message(M.FAILED, w, -1, {"died": True}))
+                how = self.supervisor.exit_status(w)
+                on_reply(M.Message(M.FAILED, w, -1, {"died": True, "error": f"worker {w} died ({how})"}))
             if time.monotonic() > deadline:
                 on_reply(None)
                 return
 
-    def _start_barrier(self, user_id: bytes, cuts: List[int]) -> Barrier:
-        """Phase two begins: ask every worker to make its shards durable up to the cut.
+    def _unable_to_answer(self) -> Optional[str]:
+        """Why a request to every worker cannot be served now, or None.
 
         A worker found dead is restarted first (after its back-off, if it exited soon after a
-        start), so a checkpoint asked for right after a worker crashed is taken, not refused.
+        start), so a request made right after a worker crashed is served, not refused. A worker
+        still down, or one given up on (its shards failed), would never answer: its requests
+        would wait in its queue, and enough of them fill it and stall the coordinator.
         """
         down = self._restart_dead(wait_s=MAX_BACKOFF_S + 0.1)
-        if down:  # (a PREPARE would wait in its queue; enough of them fill it and stall us)
-            raise E.CheckpointAbortedError(
-                f"checkpoint {user_id!r} aborted: workers {down} are down and being restarted; try again")
+        if down:
+            return f"workers {down} are down and being restarted; try again"
         failed = [r.shard for r in self.rings if r.header[L.STATE] == L.ST_FAILED]
         if failed:
-            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: shards {failed} have failed")
+            return f"shards {failed} have failed"
+        return None
+
+    def _start_barrier(self, user_id: bytes, cuts: List[int]) -> Barrier:
+        """Phase two begins: ask every worker to make its shards durable up to the cut."""
+        why = self._unable_to_answer()
+        if why is not None:
+            raise E.CheckpointAbortedError(f"checkpoint {user_id!r} aborted: {why}")
         barrier = Barrier(self._req + 1, cuts, self.worker_of)
         req = self._ask_workers(M.PREPARE, {w: {"cuts": c} for w, c in barrier.prepare_requests().items()})
         assert req == barrier.req_id
@@ -475,7 +484,7 @@ class Coordinator:
                 barrier.on_prepared(reply.sender, reply.req_id, {int(k): v for k, v in reply.body["durable"].items()})
             elif reply.kind == M.FAILED:
                 if reply.body.get("died"):
-                    barrier.on_worker_died(reply.sender)
+                    barrier.on_worker_died(reply.sender, reply.body.get("error"))
                 else:
                     barrier.on_failed(reply.sender, reply.req_id, reply.body.get("error", "?"))
 
@@ -523,6 +532,9 @@ class Coordinator:
                 self.shard_count, data.shard_count,
                 f"checkpoint {data.user_id!r} records {data.shard_count} shards, this WAL has {self.shard_count}; "
                 "nothing was pruned")
+        why = self._unable_to_answer()
+        if why is not None:
+            raise E.WorkerFailedError(f"nothing was pruned: {why}")
         per_worker: Dict[int, dict] = {}
         for shard, off in enumerate(data.offsets):
             per_worker.setdefault(self.worker_of[shard], {"offsets": {}})["offsets"][shard] = off

@@ -89,9 +89,22 @@ class Supervisor:
         """Indexes of workers that have exited (reaped); a failed-for-good worker is None."""
         return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is not None]
 
+    def exit_status(self, index: int) -> str:
+        """How an exited worker ended, for messages: "exit status 1", "killed by SIGKILL"."""
+        proc = self.procs[index]
+        code = proc.returncode if proc is not None else None
+        if code is None:
+            return "exit status unknown"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
     def restart(self, index: int) -> subprocess.Popen:
         old = self.procs[index]
-        log.warning("worker %d (pid %s) exited with %s; restarting it", index, old.pid if old else "?", old.returncode if old else "?")
+        log.warning("worker %d (pid %s) ended (%s); restarting it", index, old.pid if old else "?", self.exit_status(index))
         self.restarts[index] += 1
         return self.start(index)
 

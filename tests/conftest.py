@@ -1,5 +1,6 @@
 import os
 import shutil
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -70,27 +71,49 @@ def _reap_children(grace: float = 10.0):
     return left
 
 
-@pytest.fixture
-def wal_root(tmp_path):
-    """A WAL directory for sharded tests; afterwards asserts that nothing was left running."""
+def settle_root(root: str):
+    """After a sharded test: wait for the WAL's processes at ``root`` to end, then kill those
+    left and remove its IPC objects (so that one failure does not poison the rest of the
+    suite); return the processes and objects that were left, for the test to assert on."""
     import time
 
     from ironwal_mp.ipc.names import Names, processes_of
 
-    root = str(tmp_path / "wal")
-    yield root
-    children = _reap_children()
     deadline = time.monotonic() + 30
     while processes_of(root) and time.monotonic() < deadline:
         time.sleep(0.05)
     procs = processes_of(root)
     leftovers = Names(root).leftovers()
-    for pid, _ in procs:  # do not let one failure poison the rest of the suite
+    for pid, _ in procs:
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
     Names(root).remove_all()
+    return procs, leftovers
+
+
+@pytest.fixture
+def wal_root(tmp_path):
+    """A WAL directory for sharded tests; afterwards asserts that nothing was left running."""
+    root = str(tmp_path / "wal")
+    yield root
+    children = _reap_children()
+    procs, leftovers = settle_root(root)
     assert not children, f"child processes of the test left running (killed): {children}"
     assert not procs, f"processes left running: {procs}"
     assert not leftovers, f"IPC objects left behind: {leftovers}"
+
+
+@pytest.fixture
+def scratch_base(tmp_path):
+    """Where the crash-state tests write their states: a memory filesystem when there is one
+    (thousands of small trees are written and removed), else ``tmp_path``."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        base = tempfile.mkdtemp(prefix="ironwal-crash-states-", dir="/dev/shm")
+        try:
+            yield base
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    else:
+        yield str(tmp_path / "states")

@@ -28,11 +28,14 @@ above. Each is written to a fresh directory, which the caller opens and checks.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
+import pickle
 import random
 import shutil
 import stat
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -173,7 +176,9 @@ class Recorder:
         self._gone_data: Dict[int, bytes] = {}  # bytes of inodes with no name left
         self._low: Dict[int, int] = {}  # see CrashPoint.low
         self._note: object = None
-        self._depth = 0
+        self._count = 0  # crash points kept so far
+        self._mutex = threading.RLock()  # (the engine's FDATASYNC group sync calls from threads)
+        self._local = threading.local()  # .depth: inside a wrapper on this thread
         if after is None:
             self._adopt_existing()
         else:
@@ -256,8 +261,33 @@ class Recorder:
 
     def _point(self, call: str) -> None:
         tree, data = self._volatile()
-        self.points.append(CrashPoint(len(self.points), call, dict(self._durable_tree), dict(self._durable_data),
-                                      list(self._pending), tree, data, dict(self._low), self._note))
+        self._keep(CrashPoint(self._count, call, dict(self._durable_tree), dict(self._durable_data),
+                              list(self._pending), tree, data, dict(self._low), self._note))
+        self._count += 1
+
+    def _keep(self, point: CrashPoint) -> None:
+        self.points.append(point)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The model to itself for one call; the recorder's own ``os`` calls are not recorded."""
+        self._local.depth = 1
+        self._mutex.acquire()
+        try:
+            self._enter()
+            try:
+                yield
+            finally:
+                self._leave()
+        finally:
+            self._mutex.release()
+            self._local.depth = 0
+
+    def _enter(self) -> None:
+        """(Hook: :class:`SharedRecorder` loads the model another process may have changed.)"""
+
+    def _leave(self) -> None:
+        """(Hook: :class:`SharedRecorder` saves the model for the other processes.)"""
 
     def _sync_dir(self, rel: str) -> None:
         """Every pending name operation in directory ``rel`` becomes durable."""
@@ -307,16 +337,32 @@ class Recorder:
 
     def crash_here(self, label: str) -> None:
         """Add a crash point now (also where no file call happens, e.g. after a claim is noted)."""
-        self._point(label)
+        with self._turn():
+            self._point(label)
 
     def note(self, state: object) -> None:
         """Attach ``state`` (the caller's model: what was acknowledged) to the points that follow."""
-        self._note = state
+        with self._turn():
+            self._note = state
+            self._noted()
+
+    def _noted(self) -> None:
+        """(Hook: the model changed without a crash point.)"""
 
     # --- the wrapped calls -------------------------------------------------------------------
 
     @contextmanager
     def recording(self) -> Iterator["Recorder"]:
+        restore = self.install()
+        try:
+            if not self._count:
+                self.crash_here("start")
+            yield self
+        finally:
+            restore()
+
+    def install(self) -> Callable[[], None]:
+        """Put the wrappers in place; the function that takes them out again."""
         # (the engine's own names for two calls: stream.py's alias of fdatasync, and syncfs,
         # which the standard library lacks)
         stream_mod = importlib.import_module("ironwal_mp.engine.stream")
@@ -329,14 +375,14 @@ class Recorder:
             setattr(os, name, wrappers[name])
         stream_mod._fdatasync = wrappers["fdatasync"]
         gs_mod.syncfs = wrappers["syncfs"]
-        try:
-            self._point("start")
-            yield self
-        finally:
-            for name in _WRAPPED:
-                setattr(os, name, real[name])
+
+        def restore() -> None:
+            for name in real:
+                if name != "syncfs":
+                    setattr(os, name, real[name])
             stream_mod._fdatasync, gs_mod.syncfs = saved
             self._fds.clear()
+        return restore
 
 
 _WRAPPED = ("open", "close", "write", "pwrite", "writev", "ftruncate", "truncate", "fsync", "fdatasync",
@@ -348,13 +394,10 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
         """The wrapper of ``os.<name>``; calls made by the recorder itself are not recorded."""
         def decorate(fn):
             def wrapper(*args, **kwargs):
-                if rec._depth:
+                if getattr(rec._local, "depth", 0):
                     return real[name](*args, **kwargs)
-                rec._depth += 1
-                try:
+                with rec._turn():
                     return fn(*args, **kwargs)
-                finally:
-                    rec._depth -= 1
             wrapper.__name__ = name
             return wrapper
         return decorate
@@ -507,6 +550,113 @@ def _make_wrappers(rec: Recorder, real: Dict[str, Callable]) -> Dict[str, Callab
     }
 
 
+class SharedRecorder(Recorder):
+    """A :class:`Recorder` whose model is shared by every process that opens one ``shared``
+    directory (outside the recorded root), so that a coordinator, its workers and the client
+    are recorded as one machine: a power loss takes all of them at once, and one process's
+    ``syncfs`` makes the others' files durable. Each recorded call takes a file lock, reloads the
+    model if another process changed it, and saves it back; crash points are appended to a file
+    that :meth:`load_points` reads. Descriptors stay each process's own."""
+
+    _SHARED = ("root", "_next_ino", "_ino_of", "_durable_tree", "_durable_data", "_pending", "_gone_data",
+               "_low", "_note", "_count")
+
+    def __init__(self, shared: str, root: Optional[str] = None, after: Optional[CrashPoint] = None) -> None:
+        """Join the recording in ``shared``; the first process names the ``root`` to record
+        (and ``after``, as for :class:`Recorder`) and creates the directory."""
+        self.shared = shared
+        self._state_path = os.path.join(shared, "model.pickle")
+        self._points_path = os.path.join(shared, "points.pickle")
+        self._loaded: Optional[Tuple[int, int]] = None
+        self._dirty = False
+        if root is not None:
+            os.makedirs(shared)
+            super().__init__(root, after)
+            self._save()
+            open(self._points_path, "wb").close()
+        else:
+            self._fds = {}
+            self.points = []
+            self._mutex = threading.RLock()
+            self._local = threading.local()
+        self._lock_fd = os.open(os.path.join(shared, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        with self._turn():
+            pass  # (loads the model)
+
+    def _enter(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        st = os.stat(self._state_path)
+        if (st.st_ino, st.st_mtime_ns) != self._loaded:
+            with open(self._state_path, "rb") as fh:
+                self.__dict__.update(pickle.load(fh))
+            self._loaded = (st.st_ino, st.st_mtime_ns)
+        self._dirty = False
+
+    def _leave(self) -> None:
+        try:
+            if self._dirty:
+                self._save()
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _save(self) -> None:
+        tmp = self._state_path + f".{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            pickle.dump({name: getattr(self, name) for name in self._SHARED}, fh)
+        os.replace(tmp, self._state_path)
+        st = os.stat(self._state_path)
+        self._loaded = (st.st_ino, st.st_mtime_ns)
+
+    def _keep(self, point: CrashPoint) -> None:
+        with open(self._points_path, "ab") as fh:
+            pickle.dump(point, fh)
+        self._dirty = True
+
+    def _noted(self) -> None:
+        self._dirty = True
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No recorded call runs, in any process, while this is held: a process killed now is
+        not inside one (the model never misses a call it made)."""
+        with self._turn():
+            yield
+
+    def load_points(self) -> List[CrashPoint]:
+        """Every crash point kept so far, by any process, in order."""
+        points = []
+        with self._turn(), open(self._points_path, "rb") as fh:
+            while True:
+                try:
+                    points.append(pickle.load(fh))
+                except EOFError:
+                    return points
+
+
+def skip_flushes(setattr_: Callable[[object, str, object], None] = setattr) -> None:
+    """Make the flushes no-ops (a bad descriptor still fails): what is durable is the
+    recorder's model, not the disk's, and a real syncfs flushes the whole filesystem."""
+    def flush(fd: int) -> None:
+        os.fstat(fd)
+
+    stream_mod = importlib.import_module("ironwal_mp.engine.stream")
+    gs_mod = importlib.import_module("ironwal_mp.engine.group_sync")
+    for name in ("fsync", "fdatasync"):
+        setattr_(os, name, flush)
+    setattr_(stream_mod, "_fdatasync", flush)
+    setattr_(gs_mod, "syncfs", flush)
+
+
+#: set in the environment of processes that join a shared recording (see ``crashfs_site``)
+SHARED_ENV = "CRASHFS_SHARED"
+
+
+def join_shared_recording() -> None:
+    """In a new process started with ``SHARED_ENV`` set: record it for the rest of its life."""
+    skip_flushes()
+    SharedRecorder(os.environ[SHARED_ENV]).install()  # (never taken out: the process ends recorded)
+
+
 def scratch(base: str, name: str) -> str:
     """A fresh empty directory ``base/name`` (removed first if present)."""
     path = os.path.join(base, name)
@@ -514,4 +664,5 @@ def scratch(base: str, name: str) -> str:
     return path
 
 
-__all__ = ["CrashPoint", "Recorder", "UnmodelledCall", "apply_meta", "materialize", "scratch"]
+__all__ = ["CrashPoint", "Recorder", "SHARED_ENV", "SharedRecorder", "UnmodelledCall", "apply_meta",
+           "join_shared_recording", "materialize", "scratch", "skip_flushes"]

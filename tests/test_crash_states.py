@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -42,14 +40,7 @@ WAL_DIR = os.path.join("data", "wal")
 def no_disk_flush(monkeypatch):
     """What is durable is the recorder's model, not the disk's: skip the real flushes, which
     would cost most of this file's time (a syncfs flushes the whole filesystem)."""
-    def flush(fd: int) -> None:
-        os.fstat(fd)  # (a bad descriptor still fails)
-
-    from ironwal_mp.engine import group_sync, stream
-    for name in ("fsync", "fdatasync"):
-        monkeypatch.setattr(os, name, flush)
-    monkeypatch.setattr(stream, "_fdatasync", flush)
-    monkeypatch.setattr(group_sync, "syncfs", flush)
+    crashfs.skip_flushes(monkeypatch.setattr)
 
 
 @dataclass(frozen=True)
@@ -228,20 +219,6 @@ def _crash_recovery(point, label, tree, data, where, base, mode, rng) -> int:
                    f"{where}; then recovery hit by a power loss after its call {p.index} ({p.call}), {label2}")
         n += 1
     return n
-
-
-@pytest.fixture
-def scratch_base(tmp_path):
-    """Where crash states are written: a memory filesystem when there is one (thousands of
-    small trees are written and removed), else ``tmp_path``."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        base = tempfile.mkdtemp(prefix="ironwal-crash-states-", dir="/dev/shm")
-        try:
-            yield base
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
-    else:
-        yield str(tmp_path / "states")
 
 
 @pytest.mark.parametrize("mode", [SyncMode.STRICT, SyncMode.BATCH_ONLY, SyncMode.ASYNC])

@@ -435,3 +435,59 @@ def test_a_checkpoint_with_a_failed_shard_is_refused_before_any_prepare_is_sent(
     with pytest.raises(E.CheckpointAbortedError, match=r"shards \[1\] have failed"):
         coord._start_barrier(b"c1", [5, 5])
     assert not coord.worker_queues[0].sent and not coord.worker_queues[1].sent
+
+
+class _OneCheckpoint:
+    """The checkpoint log, holding one record for two shards."""
+
+    def get(self, user_id: bytes):
+        from ironwal_mp.engine.checkpoint_log import CheckpointData
+        return CheckpointData(user_id, 1, 2, (5, 7))
+
+
+def _prune_coordinator(states, restart_dead):
+    from coordinator.coordinator import Coordinator
+
+    coord = Coordinator.__new__(Coordinator)
+    coord._restart_dead = restart_dead
+    coord.rings = [_HeaderRing(s, state) for s, state in enumerate(states)]
+    coord.worker_of, coord._req, coord.shard_count, coord.start_errors = [0, 1], 3, 2, {}
+    coord.worker_queues, coord.wakes = {0: _Sink(), 1: _Sink()}, {0: _Sink(), 1: _Sink()}
+    coord.ckpt_log = _OneCheckpoint()
+    return coord
+
+
+@pytest.mark.parametrize("states, down, why", [
+    ((L.ST_OPEN, L.ST_FAILED), [], r"shards \[1\] have failed"),
+    ((L.ST_OPEN, L.ST_OPEN), [1], r"workers \[1\] are down and being restarted; try again"),
+])
+def test_a_prune_that_a_worker_could_not_answer_is_refused_before_any_truncate_is_sent(states, down, why):
+    """As for a checkpoint: a TRUNCATE to a worker given up on, or still backing off, would
+    wait in its queue for PREPARE_TIMEOUT_S, and nothing says whether it ran."""
+    from ironwal_mp import errors as E
+
+    coord = _prune_coordinator(states, lambda wait_s=0.0: list(down))
+    with pytest.raises(E.WorkerFailedError, match="nothing was pruned: " + why):
+        coord.prune(b"c1")
+    assert not coord.worker_queues[0].sent and not coord.worker_queues[1].sent
+
+
+def test_a_prune_right_after_a_worker_died_restarts_it_first():
+    """A worker killed just before a prune was not yet replaced: the TRUNCATEs go out after
+    the restart (which drops what was queued for the dead one), and the prune is served."""
+    from test_supervisor import _Replies
+
+    class _NoneDead:
+        def dead(self):
+            return []
+
+    order = []
+    coord = _prune_coordinator((L.ST_OPEN, L.ST_OPEN), lambda wait_s=0.0: order.append("restart") or [])
+    coord.supervisor = _NoneDead()
+    coord.worker_replies = _Replies([M.Message(M.TRUNCATED, 0, 4, {"deleted": {"0": 1}}),
+                                     M.Message(M.TRUNCATED, 1, 4, {"deleted": {"1": 2}})])
+    original_send = coord.worker_queues[0].send
+    coord.worker_queues[0].send = lambda msg: (order.append("send"), original_send(msg))
+    assert coord.prune(b"c1") == {"shards_pruned": 2, "segments_deleted": 3}
+    assert order == ["restart", "send"]
+    assert coord.worker_queues[0].sent[0].body == {"offsets": {0: 5}}

@@ -156,6 +156,11 @@ class _GivingUpSupervisor:
     def gave_up(self, w):
         return True
 
+    def exit_status(self, w):
+        from coordinator.supervisor import Supervisor
+
+        return Supervisor.exit_status(self, w)  # (reads only .procs)
+
 
 class _FakeRing:
     def __init__(self):
@@ -225,7 +230,7 @@ def test_a_start_error_that_arrives_while_a_request_waits_is_kept():
     coord = _coordinator([M.Message(M.ERROR, 0, 0, M.error_body(_disk_full_error()))])
     seen = []
     coord._await(seen.append, lambda: bool(seen), timeout=5.0)  # (the dead worker is told as FAILED)
-    assert [(m.kind, m.body) for m in seen] == [(M.FAILED, {"died": True})]
+    assert [(m.kind, m.body) for m in seen] == [(M.FAILED, {"died": True, "error": "worker 0 died (exit status 1)"})]
     coord._restart_dead()
     assert [ring.header[L.ERRNO] for ring in coord.rings] == [errno.ENOSPC] * 2
 
