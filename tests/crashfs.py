@@ -271,6 +271,7 @@ class Recorder:
     @contextmanager
     def _turn(self) -> Iterator[None]:
         """The model to itself for one call; the recorder's own ``os`` calls are not recorded."""
+        outer = getattr(self._local, "depth", 0)
         self._local.depth = 1
         self._mutex.acquire()
         try:
@@ -281,7 +282,7 @@ class Recorder:
                 self._leave()
         finally:
             self._mutex.release()
-            self._local.depth = 0
+            self._local.depth = outer
 
     def _enter(self) -> None:
         """(Hook: :class:`SharedRecorder` loads the model another process may have changed.)"""
@@ -567,10 +568,13 @@ class SharedRecorder(Recorder):
         self.shared = shared
         self._state_path = os.path.join(shared, "model.pickle")
         self._points_path = os.path.join(shared, "points.pickle")
-        self._loaded: Optional[Tuple[int, int]] = None
+        self._loaded = -1  # the generation of the model this process holds (see _save)
         self._dirty = False
         if root is not None:
             os.makedirs(shared)
+        # the lock file also holds the model's generation, bumped by every save
+        self._lock_fd = os.open(os.path.join(shared, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        if root is not None:
             super().__init__(root, after)
             self._save()
             open(self._points_path, "wb").close()
@@ -579,18 +583,21 @@ class SharedRecorder(Recorder):
             self.points = []
             self._mutex = threading.RLock()
             self._local = threading.local()
-        self._lock_fd = os.open(os.path.join(shared, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         with self._turn():
             pass  # (loads the model)
 
     def _enter(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        st = os.stat(self._state_path)
-        if (st.st_ino, st.st_mtime_ns) != self._loaded:
+        generation = self._generation()
+        if generation != self._loaded:
             with open(self._state_path, "rb") as fh:
                 self.__dict__.update(pickle.load(fh))
-            self._loaded = (st.st_ino, st.st_mtime_ns)
+            self._loaded = generation
         self._dirty = False
+
+    def _generation(self) -> int:
+        raw = os.pread(self._lock_fd, 8, 0)
+        return int.from_bytes(raw, "little") if len(raw) == 8 else 0
 
     def _leave(self) -> None:
         try:
@@ -604,8 +611,8 @@ class SharedRecorder(Recorder):
         with open(tmp, "wb") as fh:
             pickle.dump({name: getattr(self, name) for name in self._SHARED}, fh)
         os.replace(tmp, self._state_path)
-        st = os.stat(self._state_path)
-        self._loaded = (st.st_ino, st.st_mtime_ns)
+        self._loaded = self._generation() + 1
+        os.pwrite(self._lock_fd, self._loaded.to_bytes(8, "little"), 0)
 
     def _keep(self, point: CrashPoint) -> None:
         with open(self._points_path, "ab") as fh:
