@@ -134,23 +134,29 @@ def check_tree(root: str, mode: SyncMode, acct: Account, where: str) -> None:
                 written, durable, floor = acct.written[s], acct.durable[s], acct.floor.get(s, 0)
                 first = wal.first_id(s)
                 got = list(wal.iter(s, first, with_ids=True)) if first is not None else []
-                ctx = f"{where}, {attempt}, stream {s!r}"
-                ids = [i for i, _ in got]
-                assert not ids or ids == list(range(ids[0], ids[0] + len(ids))), f"{ctx}: gap in {ids}"
-                for seq, data in got:
-                    assert seq < len(written), f"{ctx}: id {seq} was never appended"
-                    assert data == written[seq], f"{ctx}: id {seq} holds other bytes"
-                end = ids[-1] + 1 if ids else wal.next_id(s)
-                required = range(floor, durable)
-                if required:
-                    assert ids and ids[0] <= floor and end >= durable, (
-                        f"{ctx}: durable ids {floor}..{durable - 1} needed, read {ids[:1]}..{ids[-1:]}")
-                assert wal.next_id(s) == end, f"{ctx}: next id {wal.next_id(s)} after reading up to {end}"
+                check_entries(got, written, floor, durable, wal.next_id(s), f"{where}, {attempt}, stream {s!r}")
             if attempt == "second open":
                 for s in STREAMS:
                     nxt = wal.next_id(s)
                     assert wal.append(s, b"after the crash") == nxt
                     assert wal.get(s, nxt) == b"after the crash"
+
+
+def check_entries(got: List[Tuple[int, bytes]], written: Tuple[bytes, ...], floor: int, durable: int,
+                  next_id: int, ctx: str) -> None:
+    """Hold one stream's entries, read after a crash, to the account: ids ``floor`` to
+    ``durable - 1`` with their bytes, then nothing but a contiguous run of later appends, and the
+    next id where the entries end."""
+    ids = [i for i, _ in got]
+    assert not ids or ids == list(range(ids[0], ids[0] + len(ids))), f"{ctx}: gap in {ids}"
+    for seq, data in got:
+        assert seq < len(written), f"{ctx}: id {seq} was never appended"
+        assert data == written[seq], f"{ctx}: id {seq} holds other bytes"
+    end = ids[-1] + 1 if ids else next_id
+    if floor < durable:
+        assert ids and ids[0] <= floor and end >= durable, (
+            f"{ctx}: durable ids {floor}..{durable - 1} needed, read {ids[:1]}..{ids[-1:]}")
+    assert next_id == end, f"{ctx}: next id {next_id} after reading up to {end}"
 
 
 def _trees(points, rng: random.Random, base: str, mixtures: int, *, kills: bool = True):
