@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import posix_ipc
 
@@ -540,20 +540,46 @@ class Coordinator:
             per_worker.setdefault(self.worker_of[shard], {"offsets": {}})["offsets"][shard] = off
         req = self._ask_workers(M.TRUNCATE, per_worker)
         waiting = set(per_worker)
+        sent_to = {w: self.supervisor.restarts[w] for w in per_worker}  # which process of each was asked
+        resent: Set[int] = set()
         deleted: Dict[int, int] = {}
         errors: List[str] = []
+
+        def after_a_death() -> None:
+            # Truncation is idempotent, and a restart drops what was queued for the dead process,
+            # so a worker that died during the prune is restarted and its successor asked again,
+            # once; a worker given up on, still backing off or dying again fails the prune.
+            self._restart_dead(wait_s=MAX_BACKOFF_S + 0.1)
+            dead = set(self.supervisor.dead())
+            for w in sorted(waiting):
+                restarted = self.supervisor.restarts[w] != sent_to[w]
+                if restarted and w not in resent:
+                    resent.add(w)
+                    sent_to[w] = self.supervisor.restarts[w]
+                    self.worker_queues[w].send(M.Message(M.TRUNCATE, 0, req, per_worker[w]))
+                    self.wakes[w].release()
+                elif restarted or w in dead or self.supervisor.procs[w] is None:
+                    if w in resent:
+                        errors.append(f"worker {w} died again after a restart")
+                    elif self.supervisor.procs[w] is None:
+                        errors.append(f"worker {w} died and was given up on (its shards are failed)")
+                    else:
+                        errors.append(f"worker {w} died ({self.supervisor.exit_status(w)}) and is not restarted yet")
+                    waiting.discard(w)
 
         def on_reply(reply: Optional[M.Message]) -> None:
             if reply is None:
                 errors.append(f"workers {sorted(waiting)} did not answer")
                 waiting.clear()
+            elif reply.sender not in waiting:
+                return
             elif reply.req_id == req and reply.kind == M.TRUNCATED:
                 deleted.update({int(k): v for k, v in reply.body["deleted"].items()})
                 waiting.discard(reply.sender)
-            elif reply.kind == M.FAILED and reply.sender in waiting and (
-                reply.req_id == req or reply.body.get("died")
-            ):
-                errors.append(reply.body.get("error", f"worker {reply.sender} died"))
+            elif reply.kind == M.FAILED and reply.body.get("died"):
+                after_a_death()
+            elif reply.kind == M.FAILED and reply.req_id == req:
+                errors.append(reply.body.get("error", "?"))
                 waiting.discard(reply.sender)
 
         self._await(on_reply, lambda: not waiting, PREPARE_TIMEOUT_S)

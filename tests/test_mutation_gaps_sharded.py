@@ -478,6 +478,8 @@ def test_a_prune_right_after_a_worker_died_restarts_it_first():
     from test_supervisor import _Replies
 
     class _NoneDead:
+        restarts = [0, 0]
+
         def dead(self):
             return []
 
@@ -491,3 +493,83 @@ def test_a_prune_right_after_a_worker_died_restarts_it_first():
     assert coord.prune(b"c1") == {"shards_pruned": 2, "segments_deleted": 3}
     assert order == ["restart", "send"]
     assert coord.worker_queues[0].sent[0].body == {"offsets": {0: 5}}
+
+
+class _PruneCluster:
+    """Two workers for a prune, as the coordinator sees them: a supervisor, their command
+    queues and the reply queue in one. A worker's process answers a TRUNCATE by deleting one
+    segment per shard, unless ``deaths`` says it dies on receiving it; ``given_up`` workers are
+    not restarted."""
+
+    def __init__(self, deaths, given_up=()) -> None:
+        self.deaths, self.given_up = dict(deaths), set(given_up)
+        self.procs = ["alive", "alive"]
+        self.restarts, self.down, self.replies, self.asked = [0, 0], set(), [], []
+
+    def dead(self):
+        return sorted(self.down)
+
+    def exit_status(self, w):
+        return "killed by SIGKILL"
+
+    def restart_dead(self, wait_s=0.0):
+        for w in sorted(self.down):
+            if w in self.given_up:
+                self.procs[w] = None
+            else:
+                self.restarts[w] += 1
+        self.down.clear()
+        return []
+
+    def queue(self, w):
+        cluster = self
+
+        class _Queue:
+            def send(self, msg):
+                cluster.asked.append((w, msg.kind, msg.req_id))
+                if cluster.deaths.get(w):
+                    cluster.deaths[w] -= 1
+                    cluster.down.add(w)
+                else:
+                    deleted = {str(s): 1 for s in msg.body["offsets"]}
+                    cluster.replies.append(M.Message(M.TRUNCATED, w, msg.req_id, {"deleted": deleted}))
+
+            def release(self):
+                pass
+
+        return _Queue()
+
+    def receive(self, timeout):
+        return self.replies.pop(0) if self.replies else None
+
+
+def _pruning(cluster):
+    coord = _prune_coordinator((L.ST_OPEN, L.ST_OPEN), cluster.restart_dead)
+    coord.supervisor, coord.worker_replies = cluster, cluster
+    coord.worker_queues = {0: cluster.queue(0), 1: cluster.queue(1)}
+    return coord
+
+
+@pytest.mark.parametrize("deaths", [{1: 1}, {0: 1, 1: 1}])
+def test_a_worker_that_dies_during_a_prune_is_restarted_and_asked_again(deaths):
+    """Truncation is idempotent and the restart drops the TRUNCATE queued for the dead process:
+    its successor is asked again and the prune is served (it used to fail with "worker 1
+    died"). With both dead, the second's death notice comes after the restart that replaced
+    it, and is not taken for a second death."""
+    cluster = _PruneCluster(deaths)
+    assert _pruning(cluster).prune(b"c1") == {"shards_pruned": 2, "segments_deleted": 2}
+    for w in (0, 1):
+        assert [a for a in cluster.asked if a[0] == w] == [(w, M.TRUNCATE, 4)] * (1 + deaths.get(w, 0))
+
+
+@pytest.mark.parametrize("deaths, given_up, asks, why", [
+    ({1: 2}, (), 2, "worker 1 died again after a restart"),
+    ({1: 1}, (1,), 1, r"worker 1 died and was given up on \(its shards are failed\)"),
+])
+def test_a_prune_whose_worker_cannot_be_asked_again_fails_naming_it(deaths, given_up, asks, why):
+    from ironwal_mp import errors as E
+
+    cluster = _PruneCluster(deaths, given_up)
+    with pytest.raises(E.WorkerFailedError, match="prune failed: " + why):
+        _pruning(cluster).prune(b"c1")
+    assert len([a for a in cluster.asked if a[0] == 1]) == asks

@@ -912,6 +912,66 @@ def test_worker_killed_while_publishing_read_view(harness):
     verify(wal, entries)
 
 
+def test_worker_killed_with_a_truncate_in_its_queue_prunes_through_its_successor(harness):
+    """A worker that dies holding a prune's TRUNCATE: the restart drops its queue, and the
+    prune asks the successor again (truncation is idempotent), so the caller gets its answer
+    and not "prune failed: worker 1 died". The worker is stopped first, so the TRUNCATE is
+    surely queued and unread when it is killed."""
+    import posix_ipc
+    import threading
+
+    opts = WalOptions(root_path=harness.root, sync_mode=SyncMode.ASYNC, max_entries_per_segment=10)
+    wal = ShardedWal(opts, 2, workers=2)
+    harness.handles.append(wal)
+    for i in range(120):
+        wal.append(b"key-%d" % i, make_value("t", i, 0, 0, 1))
+        if i % 5 == 4:
+            wal.sync()  # (a worker's pass is one frame: rotation needs several passes)
+    wal.create_checkpoint(b"c1")
+    offsets = wal.load_checkpoint(b"c1").offsets
+
+    def segments(shard: int) -> List[int]:
+        d = os.path.join(harness.root, f"shard_{shard:02d}")
+        return sorted(int(n[:-4]) for n in os.listdir(d) if n.endswith(".wal"))
+
+    # a whole segment below its shard's offset goes; the newest never does
+    prunable = {s: [a for a, b in zip(segments(s), segments(s)[1:]) if b <= offsets[s]] for s in range(2)}
+    assert all(prunable.values()), f"the test needs a prunable segment on each shard: {prunable}"
+    before = wal.stats()
+    victim = before["worker_pids"][1]
+    harness.stop(victim, wal)
+    result: Dict[str, object] = {}
+    pruning = threading.Thread(target=lambda: result.update(
+        stats=_call(lambda: wal.prune_before_checkpoint(b"c1"))))
+    pruning.start()
+    queue = posix_ipc.MessageQueue(Names(harness.root).worker_queue(1))
+    try:
+        wait_for(lambda: queue.current_messages > 0, "the TRUNCATE to reach the stopped worker", poll=0.005)
+    finally:
+        queue.close()
+    kill(victim)
+    pruning.join(HANG_S)
+    assert not pruning.is_alive(), "the prune hung"
+    stats = result["stats"]
+    assert not isinstance(stats, BaseException), f"the prune failed: {stats!r}"
+    assert wal.stats()["worker_pids"][1] not in (0, victim)
+    for shard in range(2):
+        assert not set(prunable[shard]) & set(segments(shard)), f"shard {shard} kept a prunable segment"
+    # the successor answered: its count is of what was left when it ran, here all of it
+    assert stats.shards_pruned == 2 and stats.segments_deleted == sum(map(len, prunable.values()))
+    value = make_value("t", 120, 0, 0, 1)
+    shard, seq = wal.append(b"after", value)
+    wal.sync()
+    assert wal.get(shard, seq) == value
+
+
+def _call(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # handed to the test's thread, which asserts on it
+        return exc
+
+
 # --- 7. a worker dies after writing a frame, before consuming it from the ring ---------------
 
 
