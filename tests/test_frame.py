@@ -54,6 +54,11 @@ def test_lz4_is_used_only_when_large_enough_and_smaller():
 
     rnd = [os.urandom(3000)]
     assert fr.frame_for_entries(0, rnd, compress=True, min_compression_size=10)[20] == fr.TYPE_RAW
+    # the threshold counts the batch encoding (4-byte prefix included), and a payload of exactly
+    # that size is tried (FORMAT.md: "at least min_compression_size")
+    exact = [b"a" * 996]
+    assert fr.frame_for_entries(0, exact, compress=True, min_compression_size=1000)[20] == fr.TYPE_LZ4
+    assert fr.frame_for_entries(0, exact, compress=True, min_compression_size=1001)[20] == fr.TYPE_RAW
 
 
 def test_compression_disabled_means_raw():
@@ -117,6 +122,34 @@ def test_same_size_entries_are_checked_prefix_by_prefix():
             fr.decode_entries(bytes(bad), 5)
         with pytest.raises(fr.FrameError):
             fr.entry_at(bytes(bad), 5, 0)
+
+
+def test_the_shortcut_is_taken_for_one_size_only():
+    """``_uniform_stride`` (found by a mutation audit): a shortcut that took a mixed payload for
+    one of a single size would split it at the wrong places. Here every prefix byte differs from
+    the would-be stride's, so only the comparison itself can tell."""
+    assert fr._uniform_stride(fr.encode_entries([b"ab"] * 3), 3) == 6
+    assert fr._uniform_stride(fr.encode_entries([b""] * 3), 3) == 4  # (entries of no bytes)
+    assert fr._uniform_stride(fr.encode_entries([b"ab"] * 3), 2) == 0
+    mixed = [b"x" * 300, b"yy"]  # 310 bytes: "two entries of 151" by size alone
+    payload = fr.encode_entries(mixed)
+    assert len(payload) % 2 == 0 and fr._uniform_stride(payload, 2) == 0
+    assert fr.decode_entries(payload, 2) == mixed and list(fr.entry_bounds(payload, 2)) == [0, 304, 310]
+
+
+def test_frame_error_reasons_name_what_is_wrong():
+    """Only a CRC mismatch is reported as one (the reader raises CrcMismatchError for those);
+    the bytes left over are counted; a header cut short at an offset is a partial header (the
+    tail search parses candidates near the end of its buffer)."""
+    assert not fr.FrameError("bad magic").is_crc
+    with pytest.raises(fr.FrameError, match="payload has 3 bytes after its 1 entries"):
+        fr.decode_entries(fr.encode_entries([b"ab"]) + b"xyz", 1)
+    data = fr.frame_for_entries(0, [b"abc"])
+    buf = b"\0" * 40 + data[:31]
+    for offset in (40, 50, 70):
+        with pytest.raises(fr.FrameError, match="partial header"):
+            fr.parse_header(buf, offset)
+    assert fr.parse_header(b"\0" * 40 + data, 40).count == 1
 
 
 @given(st.lists(st.binary(max_size=40), min_size=1, max_size=30), st.data())

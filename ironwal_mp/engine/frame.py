@@ -80,10 +80,6 @@ def encode_entries(entries: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def encode_entry(entry: bytes) -> bytes:
-    return LENGTH.pack(len(entry)) + entry
-
-
 def entry_bounds(payload: bytes, count: int) -> Sequence[int]:
     """Where each of ``count`` batch-encoded entries starts (at its length prefix), then the
     payload's end; FrameError unless the entries fill the payload exactly. Copies nothing."""
@@ -257,7 +253,6 @@ __all__ = [
     "FrameHeader",
     "FrameError",
     "encode_entries",
-    "encode_entry",
     "decode_entries",
     "entry_bounds",
     "entry_at",
