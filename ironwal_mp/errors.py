@@ -42,8 +42,8 @@ class InvalidIdError(WalError, ValueError):
 class RecordTooLargeError(WalError, ValueError):
     """An entry or batch is larger than the format (or a shard's ring) can hold."""
 
-    def __init__(self, size: int, limit: int, what: str = "record") -> None:
-        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, what: str = "record", hint: str = "") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes{hint}")
         self.size = size
         self.limit = limit
 

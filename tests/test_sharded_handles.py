@@ -275,3 +275,85 @@ def test_only_the_starter_shuts_the_wal_down_by_request(wal_root):
         time.sleep(0.3)  # (a coordinator told to stop would be on its way out by now)
         assert wal.append(b"k", b"v") and wal.stats()["coordinator_pid"] == coordinator
         wal.sync()
+
+
+def test_a_second_close_returns_only_once_the_first_has_shut_the_wal_down(wal_root):
+    """Two threads close the starter's handle: the one that finds the other already closing
+    used to return at once, with the coordinator, its workers and LOCK still there (an engine
+    Wal or a repair opened on that return got WalLockedError). Thread A is held inside the
+    shutdown until B has returned or half a second has passed."""
+    import threading
+
+    wal = ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1)
+    wal.append(b"k", b"v")
+    inside, b_returned = threading.Event(), threading.Event()
+    shut_down = wal._finalizer
+
+    def held_shutdown():
+        inside.set()
+        b_returned.wait(0.5)
+        return shut_down()
+
+    wal._finalizer = held_shutdown
+    a = threading.Thread(target=wal.close)
+    a.start()
+    try:
+        assert inside.wait(30)
+        wal.close()
+        b_returned.set()
+        left_at_b = (processes_of(wal_root), Names(wal_root).leftovers())
+    finally:
+        b_returned.set()
+        a.join(60)
+    assert left_at_b == ([], []), f"close() returned with the WAL still running: {left_at_b}"
+    with pytest.raises(client.E.WalClosedError):
+        wal.stats()
+
+
+def test_a_closed_handle_does_not_pickle(wal_root):
+    """Unpickling re-attaches: a closed handle would come back open."""
+    import pickle
+
+    with ShardedWal(WalOptions(root_path=wal_root), 1) as wal:
+        pickle.loads(pickle.dumps(wal)).close()
+    with pytest.raises(client.E.WalClosedError):
+        pickle.dumps(wal)
+
+
+def test_a_record_too_large_for_its_ring_names_the_largest_value_that_fits(wal_root):
+    with ShardedWal(WalOptions(root_path=wal_root), 1, ring_size=4096) as wal:
+        with pytest.raises(RecordTooLargeError, match="a single value can be at most 4092 bytes; raise ring_size"):
+            wal.append(b"k", b"x" * 4093)
+        assert wal.append(b"k", b"x" * 4092) == (0, 0)
+
+
+def test_stats_never_show_an_id_past_the_one_it_must_not_pass(wal_root):
+    """durable <= written <= next, though the worker moves all three between stats()'s reads:
+    each is read no earlier than the ones below it (the reads used to go next, written,
+    durable, and a busy shard showed written_id > next_id)."""
+    from ironwal_mp.ipc import ring_layout as L
+
+    with ShardedWal(WalOptions(root_path=wal_root), 1) as wal:
+        ring = wal._rings[0]
+        real = ring._h  # (the memory behind the ``header`` property)
+        watched = {L.DURABLE_SEQ: "durable", L.WRITTEN_SEQ: "written"}
+        watched.update({L.slot_base(gen) + L.NEXT_SEQ: "next" for gen in (0, 1)})
+
+        class Moving:
+            """The header as a busy worker moves it: every read of an id comes a step later."""
+
+            def __init__(self):
+                self.next = 0
+
+            def __getitem__(self, i):
+                if i not in watched:
+                    return real[i]
+                self.next += 3  # one step: three more published, all but one written, the last synced
+                return {"next": self.next, "written": self.next - 1, "durable": self.next - 2}[watched[i]]
+
+        ring._h = Moving()
+        try:
+            shard = wal.stats()["shards"][0]
+        finally:
+            ring._h = real
+        assert shard["durable_id"] <= shard["written_id"] <= shard["next_id"], shard

@@ -424,7 +424,10 @@ class Ring:
     def check_block_size(self, need: int) -> None:
         """RecordTooLargeError unless a block of ``need`` bytes fits the ring at all."""
         if need > self.capacity:
-            raise RecordTooLargeError(need, self.capacity, f"shard {self.shard} ring block")
+            raise RecordTooLargeError(
+                need, self.capacity, f"shard {self.shard} ring block",
+                f" (ring_size): its records with their {L.LENGTH_PREFIX}-byte length prefixes must fit, so a "
+                f"single value can be at most {self.capacity - L.LENGTH_PREFIX} bytes; raise ring_size for larger ones")
 
     def _publish(self, block: bytes, count: int, strict: bool, timeout: float) -> int:
         need = len(block)

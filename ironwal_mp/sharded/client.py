@@ -514,6 +514,7 @@ class ShardedWal:
         if _coordinators_sync:
             self.options = opts = opts.replace(sync_mode=self._att.sync_mode)
         self._closed = False
+        self._close_lock = threading.RLock()  # (reentrant: a signal handler may close during close)
         try:
             self._bind()
         except BaseException:
@@ -540,6 +541,7 @@ class ShardedWal:
     # --- pickling: re-attach in the receiving process ----------------------------------------
 
     def __reduce__(self):
+        self._check()  # (a closed handle would come back open)
         # the absolute root: the receiving process may run in another directory
         return (_reconnect, (options_to_dict(self.options.replace(root_path=self.root)), self._timeout))
 
@@ -552,14 +554,17 @@ class ShardedWal:
         self.close()
 
     def close(self) -> None:
-        """Detach; the last handle of the process that started the WAL shuts it down cleanly."""
-        if self._closed:
-            return
-        self._closed = True
-        self.append = _closed_append  # type: ignore[method-assign]
-        # a closure fetched earlier (``app = wal.append``) refuses too
-        self._appenders[:] = [_closed_publish] * len(self._appenders)
-        self._finalizer()
+        """Detach; the last handle of the process that started the WAL shuts it down cleanly.
+
+        Returns once that is done, also to a caller that found another thread closing."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.append = _closed_append  # type: ignore[method-assign]
+            # a closure fetched earlier (``app = wal.append``) refuses too
+            self._appenders[:] = [_closed_publish] * len(self._appenders)
+            self._finalizer()
 
     @property
     def closed(self) -> bool:
@@ -753,14 +758,16 @@ class ShardedWal:
         shards = []
         for ring in self._rings:
             h = ring.header
+            # durable, written, then next: each read no earlier than the one it must not pass
+            durable, written = h[L.DURABLE_SEQ], h[L.WRITTEN_SEQ]
             base = L.slot_base(h[L.GEN])
             tail, next_seq = h[base + L.TAIL], h[base + L.NEXT_SEQ]
             fsyncs = h[L.FSYNCS]
             shards.append({
                 "shard": ring.shard,
                 "next_id": next_seq,
-                "written_id": h[L.WRITTEN_SEQ],
-                "durable_id": h[L.DURABLE_SEQ],
+                "written_id": written,
+                "durable_id": durable,
                 "ring_used": max(0, tail - h[L.HEAD]),
                 "ring_capacity": ring.capacity,
                 "fsyncs": fsyncs,
