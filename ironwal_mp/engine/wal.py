@@ -119,6 +119,7 @@ class Wal:
         self._streams: Dict[str, Stream] = {}
         self._syncer = GroupSyncer(opts.group_sync)
         self._open_lock = threading.Lock()  # guards _streams membership only
+        self._close_lock = threading.RLock()  # a second close() returns once the first is done
         self._stream_locks: Dict[str, threading.Lock] = {}
         self._closed = False
         self._pid = os.getpid()
@@ -146,27 +147,29 @@ class Wal:
         self.close()
 
     def close(self) -> None:
-        """Make everything durable, close files and release the directory. Idempotent."""
-        with self._open_lock:
-            if self._closed:
-                return
-            self._closed = True
-            streams = list(self._streams.values())
-        _open_wals.discard(self)
-        try:
-            for stream in streams:  # (an append already past its closed check finishes first)
-                stream.close_writes()
-            # a stream that failed earlier has told its writers; a sync failing now tells nobody
-            # else, so close raises it (what was written since the last sync may be lost)
-            errors = [] if self.read_only else [
-                e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
-        finally:
-            self._syncer.close()
-            self._fdcache.close_all()
-            if self._lock is not None:
-                self._lock.release()
-        if errors:
-            raise errors[0]
+        """Make everything durable, close files and release the directory. Idempotent: a
+        call that finds another thread closing returns once that one is done."""
+        with self._close_lock:
+            with self._open_lock:
+                if self._closed:
+                    return
+                self._closed = True
+                streams = list(self._streams.values())
+            _open_wals.discard(self)
+            try:
+                for stream in streams:  # (an append already past its closed check finishes first)
+                    stream.close_writes()
+                # a stream that failed earlier has told its writers; a sync failing now tells
+                # nobody else, so close raises it (what was written since the last sync may be lost)
+                errors = [] if self.read_only else [
+                    e for e in self._syncer.sync(streams) if e is not None and not isinstance(e, StreamFailedError)]
+            finally:
+                self._syncer.close()
+                self._fdcache.close_all()
+                if self._lock is not None:
+                    self._lock.release()
+            if errors:
+                raise errors[0]
 
     @property
     def closed(self) -> bool:
