@@ -380,7 +380,7 @@ def test_ingest_record_too_large_says_what_was_appended_and_ring_size_fits_it(wa
     with open(path, "wb") as fh:
         fh.write(b"".join(b"line%d\n" % i for i in range(2500)) + b"A" * (3 << 20) + b"\n")
     line = usage_error("ingest", path, "--root", wal_root, "--shards", "2", "--workers", "1")
-    assert "exceeds the limit of 1048576 bytes (see --ring-size)" in line
+    assert "exceeds the limit of 1048576 bytes (ring_size)" in line and "at most 1048572 bytes" in line and "(see --ring-size)" in line
     assert "the 2,500 records before its batch were appended" in line  # (the big one is a batch of its own)
     assert len(replay_json(wal_root)) == 2500
     other = os.path.join(str(tmp_path), "wal2")
@@ -1199,7 +1199,7 @@ def test_verify_finds_a_damaged_checkpoint_log_and_repair_cuts_it(wal_root):
     proc = cli("verify", wal_root, expect=1)
     assert f"PROBLEM {log}" in proc.stdout_text and f"offset {size}" in proc.stdout_text
     doc = cli_json("verify", wal_root, expect=1)
-    assert [p["path"] for p in doc["problems"]] == [log]
+    assert [(p["path"], p["offset"]) for p in doc["problems"]] == [(log, size)]  # (the offset was null)
     rep = cli("repair", wal_root)
     assert "repaired checkpoints.log: cut 13 bytes" in rep.stdout_text
     assert os.path.getsize(log) == size
@@ -1270,6 +1270,55 @@ def test_verify_and_inspect_report_a_segment_that_cannot_be_read(fixture_copy):
     assert "Traceback" not in proc.stderr_text
     report = json.loads(proc.stdout)
     assert any(p["path"] == seg for s in report["streams"] for p in s["problems"]), report
+
+
+def test_verify_reports_hint_files_and_segment_names_it_cannot_read_and_checks_the_rest(fixture_copy):
+    """A directory where segments.idx should be made verify and inspect stop at an OSError,
+    with no report of the other streams; a FIFO named like a segment or hint file made them
+    (and an open) wait forever for a writer. Now each is a problem, and the rest is checked."""
+    root = fixture_copy("core")
+    ledger, mixed = os.path.join(root, "ledger"), os.path.join(root, "mixed")
+    idx = os.path.join(ledger, layout.SEGMENTS_IDX)
+    os.unlink(idx)
+    os.mkdir(idx)
+    fifo = os.path.join(mixed, layout.segment_name(999_999))
+    os.mkfifo(fifo)
+    head = os.path.join(mixed, layout.HEAD_STATE)
+    os.unlink(head)
+    os.mkfifo(head)
+    doc = cli_json("verify", root, expect=1, timeout=60)
+    got = {p["path"]: p["reason"] for p in doc["problems"]}
+    assert {idx, fifo, head} <= set(got), got  # (and mixed's segments.idx, which lacks the FIFO's name)
+    assert "not a regular file" in got[fifo] and got[idx].startswith("unreadable")
+    assert doc["entries"] > 0 and doc["streams"] == len(os.listdir(root))
+    report = cli_json("inspect", root, timeout=60)
+    assert {idx, fifo, head} <= {p["path"] for s in report["streams"] for p in s["problems"]}
+    # repair refuses, naming the file (nothing waits): the first stream's, then the next's
+    for odd in (idx, fifo):
+        line = one_line(cli("repair", root, expect=1, timeout=60).stderr_text)
+        assert f" at {odd} failed: " in line and "not a regular file" in line, line
+        (os.rmdir if odd == idx else os.unlink)(odd)
+    os.unlink(head)
+    cli("repair", root, timeout=60)
+    assert cli_json("verify", root, timeout=60)["ok"]
+
+
+def test_verify_keeps_its_verdict_when_its_reader_stops_early(tmp_path):
+    """`verify | head -1` printed a PROBLEM line and exited 0: the closed pipe was taken for
+    success. The verdict, reached before the report is written, is the exit status."""
+    root = str(tmp_path / "w")
+    with Wal(WalOptions(root_path=root, sync_mode=SyncMode.ASYNC)) as wal:
+        for i in range(400):
+            wal.append(f"s{i:03d}", b"x")
+    for i in range(400):
+        with open(os.path.join(root, f"s{i:03d}", layout.segment_name(0)), "ab") as fh:
+            fh.write(b"junkjunk")
+    for args in (["verify", root], ["verify", root, "--json"]):
+        proc = subprocess.Popen(CMD + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        first = proc.stdout.readline()
+        proc.stdout.close()  # (as `head -1` does)
+        proc.stderr.read()
+        assert proc.wait(TIMEOUT) == 1, (args, first)
 
 
 # --- usage errors: exit 2 and one clear line -------------------------------------------------------------

@@ -341,6 +341,28 @@ def test_a_read_the_os_refuses_is_a_walioerror(tmp_path, strategy):
         assert wal.get("s", 0) == b"e0000-"  # the rest reads on
 
 
+def test_a_fifo_under_a_segment_name_fails_its_reads_without_waiting(tmp_path):
+    """A FIFO in a sealed segment's place: a read of its ids waited forever for a writer (an
+    ordinary open of a FIFO does); in the newest segment's place the open waited. Now the
+    first is an error for those ids only, the second a refused open naming the file."""
+    from ironwal_mp.errors import CorruptionError
+
+    segs = _rotated(tmp_path)
+    os.unlink(segs[1])
+    os.mkfifo(segs[1])
+    start = layout.parse_segment_name(os.path.basename(segs[1]))
+    with Wal(_opts(tmp_path)) as wal:
+        with pytest.raises((CorruptionError, WalIOError)):
+            wal.get("s", start)
+        assert wal.get("s", 0) == b"e0000-"
+    os.unlink(segs[-1])
+    os.mkfifo(segs[-1])
+    with Wal(_opts(tmp_path)) as wal:
+        with pytest.raises(WalIOError, match="not a regular file") as info:
+            wal.next_id("s")
+        assert info.value.path == segs[-1]
+
+
 def test_a_middle_segment_lost_under_an_open_handle_is_corruption_not_truncation(tmp_path):
     from ironwal_mp.errors import CorruptionError
 

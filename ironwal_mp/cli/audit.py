@@ -30,7 +30,10 @@ def _checkpoints(target: Target) -> Dict[str, Any]:
         "count": len(records),
         **bytes_field("latest", latest),
         "bytes": log.bytes_size,
-        "problems": [] if not log.report.changed else list(log.report.actions),
+        "problems": list(log.report.actions),
+        # (where each problem is in checkpoints.log, when that is known: the damage)
+        "problem_offsets": [log.report.cut_offset if i == log.report.cut_action else None
+                            for i in range(len(log.report.actions))],
         "list": [{**bytes_field("id", r.user_id), "timestamp": r.timestamp, "offsets": list(r.offsets)}
                  for r in records],
     }
@@ -175,13 +178,14 @@ def verify(args) -> int:
     audits = _audit_all(target, not args.json)
     problems = [{"path": p.path, "offset": p.offset, "reason": p.reason} for a in audits for p in a.problems]
     ck = _checkpoints(target)
-    for action in ck.get("problems", []):
-        problems.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": None, "reason": action})
+    for action, offset in zip(ck.get("problems", []), ck.get("problem_offsets", [])):
+        problems.append({"path": os.path.join(target.root, "checkpoints.log"), "offset": offset, "reason": action})
     if target.kind == "sharded":
         problems.extend(_behind_checkpoints(target, audits))
     kept_aside = [os.path.join(a.path, f) for a in audits for f in a.side_files]
     entries = sum(a.entries for a in audits)
     frames = sum(a.frames for a in audits)
+    args.verdict = EXIT_FINDING if problems else EXIT_OK  # (the exit status even if stdout closes early)
     if args.json:
         emit_json({"path": os.path.abspath(args.path), "ok": not problems, "streams": len(audits),
                    "frames": frames, "entries": entries, "problems": problems, "kept_aside": kept_aside})
@@ -194,7 +198,7 @@ def verify(args) -> int:
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {os.path.abspath(args.path)}: {len(audits)} streams, {frames:,} frames, "
               f"{entries:,} entries, every CRC checked: {verdict}")
-    return EXIT_FINDING if problems else EXIT_OK
+    return args.verdict
 
 
 def repair(args) -> int:
@@ -244,6 +248,7 @@ def repair(args) -> int:
         lock.release()
     remaining = [p for name in target.streams if os.path.isdir(os.path.join(target.root, name))
                  for p in audit_stream(os.path.join(target.root, name)).problems]
+    args.verdict = EXIT_FINDING if remaining else EXIT_OK
     if args.json:
         emit_json({"root": target.root, "changes": changes, "notes": notes,
                    "remaining_problems": [str(p) for p in remaining]})
@@ -256,4 +261,4 @@ def repair(args) -> int:
             print(f"nothing to repair in {target.root}")
         for p in remaining:
             print(f"NOT REPAIRED {p} (damage inside a sealed segment, or a file that cannot be read: left as it is)")
-    return EXIT_FINDING if remaining else EXIT_OK
+    return args.verdict

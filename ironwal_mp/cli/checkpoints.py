@@ -30,6 +30,7 @@ def run(args) -> int:
     if args.action == "list":
         log = CheckpointLog(root, repair=False)
         docs = [_doc(r) for r in log.records()]
+        args.verdict = EXIT_OK if log.report.cut_offset is None else EXIT_FINDING
         if args.json:
             emit_json(docs)
         elif not docs:

@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from .. import errors as E
-from .output import EXIT_FINDING, EXIT_USAGE, UsageError
+from .output import EXIT_FINDING, EXIT_OK, EXIT_USAGE, UsageError
 
 SYNC_CHOICES = ["strict", "batch_only", "async"]
 ROOT_HELP = "WAL directory (default ./wal_data)"
@@ -161,8 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"ironwal-mp {args.command}: aborted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except BrokenPipeError:  # (the reader went away: `| head`); a verdict reached still counts
+        return getattr(args, "verdict", EXIT_OK)
     except OSError as exc:  # e.g. stdout on a full disk, or a LOCK that is a directory
         print(f"ironwal-mp {args.command}: {exc}", file=sys.stderr)
         try:

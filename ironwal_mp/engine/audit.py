@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, TypeVar
 
 from . import layout
 from .frame import TYPE_LZ4
 from .scanner import ScanError, scan_frames
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,6 +78,16 @@ class StreamAudit:
         return sum(s.raw_bytes for s in self.segments)
 
 
+def _read_hint(read: Callable[[str], Optional[T]], stream_dir: str, path: str, audit: StreamAudit) -> Optional[T]:
+    """A hint file's content, or None; one the system will not read (a directory, no
+    permission, an I/O error) is reported, and the rest of the stream is still checked."""
+    try:
+        return read(stream_dir)
+    except OSError as exc:
+        audit.problems.append(Problem(path, None, f"unreadable: {exc.strerror or exc}"))
+        return None
+
+
 def audit_stream(
     stream_dir: str, chunk: int = 1 << 20, progress: Optional[Callable[[int], None]] = None
 ) -> StreamAudit:
@@ -83,12 +95,18 @@ def audit_stream(
     audit = StreamAudit(os.path.basename(stream_dir), stream_dir)
     starts = layout.list_segments(stream_dir)
     audit.side_files = sorted(n for n in os.listdir(stream_dir) if layout.BROKEN_SUFFIX in n)
-    idx = layout.read_segments_idx(stream_dir)
+    odd = layout.odd_segments(stream_dir)
+    for path in odd:  # (not opened: a FIFO would wait for a writer)
+        audit.problems.append(Problem(path, None, f"unreadable: {layout.NOT_REGULAR}"))
     idx_path = os.path.join(stream_dir, layout.SEGMENTS_IDX)
-    head = layout.read_head_state(stream_dir)
     head_path = os.path.join(stream_dir, layout.HEAD_STATE)
+    idx = _read_hint(layout.read_segments_idx, stream_dir, idx_path, audit)
+    head = _read_hint(layout.read_head_state, stream_dir, head_path, audit)
+    told = {p.path for p in audit.problems}  # (a hint the system would not read is told once)
     lost = set(layout.lost_segments(starts, idx, head))
-    if not starts and idx:
+    if idx_path in told:
+        pass
+    elif not starts and idx:
         audit.problems.append(Problem(idx_path, None, f"lists segments {idx}, but no segment file exists "
                                                       "(the stream's files were removed)"))
     elif starts and idx is None:
@@ -98,7 +116,9 @@ def audit_stream(
         # leaves it listing files deleted oldest first; anything else listed and gone is lost
         audit.problems.append(Problem(idx_path, None, f"lists {idx}, the segment files are {starts}",
                                       rebuildable=not lost.intersection(idx)))
-    if os.path.exists(head_path) and head is None:
+    if head_path in told:
+        pass
+    elif os.path.exists(head_path) and head is None:
         audit.problems.append(Problem(head_path, None, "unreadable", rebuildable=bool(starts)))
     elif starts and head is not None and head != starts[-1]:
         # behind the newest file: a crash mid-rotation; ahead of it: the newest file is gone
@@ -108,6 +128,8 @@ def audit_stream(
         audit.problems.append(Problem(head_path, None, "missing although the stream has rotated", rebuildable=True))
     for start in starts:
         path = os.path.join(stream_dir, layout.segment_name(start))
+        if path in odd:
+            continue
         try:
             fh = open(path, "rb")
         except OSError as exc:  # (a directory, a dangling link, no permission...)

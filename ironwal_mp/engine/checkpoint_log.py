@@ -265,6 +265,8 @@ class CheckpointLogReport:
     cut_offset: Optional[int] = None
     cut_bytes: int = 0
     cut_reason: Optional[str] = None
+    #: the index in ``actions`` of the one that tells of the cut (or the damage, unrepaired)
+    cut_action: Optional[int] = None
     side_file: Optional[str] = None
     #: complete, CRC-valid records found in the cut bytes (kept in the side file, not loaded)
     stranded_records: int = 0
@@ -334,6 +336,7 @@ class CheckpointLog:
             report.cut_reason = problem
             stranded = _stranded(buf, valid_end)
             report.stranded_records = len(stranded)
+            report.cut_action = len(report.actions)
             if self.repair:
                 report.actions.append(f"cut {cut} bytes from {CHECKPOINTS_LOG} at offset {valid_end} ({problem})")
                 report.side_file = self._cut_tail(buf, valid_end)

@@ -89,7 +89,9 @@ class FdCache:
                     self._waiting -= 1
             # (never O_CREAT: segments are created on purpose; a late sync must not bring back
             # one that truncation has just deleted)
-            flags = os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY
+            # (O_NONBLOCK: no effect on a regular file; a FIFO placed under a segment's name
+            # reads as empty instead of waiting for a writer)
+            flags = os.O_RDWR | os.O_APPEND if writable else os.O_RDONLY | os.O_NONBLOCK
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
             self.opens += 1
             entry = OpenFile(key, fd)

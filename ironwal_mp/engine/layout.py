@@ -8,11 +8,13 @@ them when they disagree.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import struct
 from array import array
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import InvalidIdError, InvalidStreamNameError
 
@@ -172,12 +174,29 @@ def decode_segments_idx(data: bytes) -> Optional[List[int]]:
     return starts
 
 
-def read_segments_idx(stream_dir: str) -> Optional[List[int]]:
+def read_hint_file(path: str) -> Optional[bytes]:
+    """A hint file's bytes, None if it is absent; OSError (EINVAL) if it is not a regular file
+    (a FIFO placed there would block an ordinary open until a writer came)."""
     try:
-        with open(os.path.join(stream_dir, SEGMENTS_IDX), "rb") as fh:
-            return decode_segments_idx(fh.read())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def read_segments_idx(stream_dir: str) -> Optional[List[int]]:
+    data = read_hint_file(os.path.join(stream_dir, SEGMENTS_IDX))
+    return None if data is None else decode_segments_idx(data)
 
 
 def write_segments_idx(stream_dir: str, starts: Sequence[int]) -> None:
@@ -213,11 +232,8 @@ def decode_head_state(data: bytes) -> Optional[int]:
 
 
 def read_head_state(stream_dir: str) -> Optional[int]:
-    try:
-        with open(os.path.join(stream_dir, HEAD_STATE), "rb") as fh:
-            return decode_head_state(fh.read())
-    except FileNotFoundError:
-        return None
+    data = read_hint_file(os.path.join(stream_dir, HEAD_STATE))
+    return None if data is None else decode_head_state(data)
 
 
 def write_head_state(stream_dir: str, active_start: int) -> None:
@@ -262,14 +278,32 @@ def stray_reason(end: int) -> str:
 
 
 def list_segments(stream_dir: str) -> List[int]:
-    """Start ids of the segment files present, ascending."""
-    starts = []
-    for name in os.listdir(stream_dir):
-        start = parse_segment_name(name)
-        if start is not None:
-            starts.append(start)
-    starts.sort()
-    return starts
+    """Start ids of the entries named like segment files, ascending (:func:`odd_segments`
+    tells which of them are not regular files)."""
+    return sorted(start for start, _ in _segment_entries(stream_dir))
+
+
+#: why an entry that :func:`odd_segments` names is refused
+NOT_REGULAR = ("named like a segment but not a regular file (a directory, FIFO, socket, device or "
+               "dangling link): remove or rename it")
+
+
+def odd_segments(stream_dir: str) -> List[str]:
+    """Paths of the entries named like segments that are not regular files (placed from
+    outside). Recovery refuses one it must read and the audit reports them all: opening a FIFO
+    to read it would wait for a writer that never comes."""
+    return sorted(os.path.join(stream_dir, segment_name(start))
+                  for start, regular in _segment_entries(stream_dir) if not regular)
+
+
+def _segment_entries(stream_dir: str) -> List[Tuple[int, bool]]:
+    out = []
+    with os.scandir(stream_dir) as entries:
+        for entry in entries:
+            start = parse_segment_name(entry.name)
+            if start is not None:
+                out.append((start, entry.is_file()))  # (follows a link: one to a file is a file)
+    return out
 
 
 def side_file_path(path: str) -> str:

@@ -15,6 +15,7 @@ copied to a ``<segment>.wal.broken`` side file and fsynced, so nothing is silent
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -95,6 +96,10 @@ def recover_stream(
     """
     report = RecoveryReport(stream_dir)
     segments = layout.list_segments(stream_dir)
+    # the newest two are the ones recovery reads; an older one fails only the reads of its ids
+    odd = [p for p in layout.odd_segments(stream_dir) if layout.parse_segment_name(os.path.basename(p)) in segments[-2:]]
+    if odd:  # (under every policy: nothing here may set it aside, and reading a FIFO would block)
+        raise OSError(errno.EINVAL, layout.NOT_REGULAR, odd[-1])
     listed = layout.read_segments_idx(stream_dir)
     head = layout.read_head_state(stream_dir)
     lost = layout.lost_segments(segments, listed, head)
