@@ -117,3 +117,30 @@ def scratch_base(tmp_path):
             shutil.rmtree(base, ignore_errors=True)
     else:
         yield str(tmp_path / "states")
+
+
+def close_twice(handle, holder, name: str, at_return):
+    """Close ``handle`` from two threads: the first is held inside ``holder.<name>`` (a step of
+    its close) until the second's close() has returned, or half a second has passed; return
+    what ``at_return()`` finds right after the second returned."""
+    import threading
+
+    inside, b_returned = threading.Event(), threading.Event()
+    step = getattr(holder, name)
+
+    def held(*args):
+        inside.set()
+        b_returned.wait(0.5)
+        return step(*args)
+
+    setattr(holder, name, held)
+    first = threading.Thread(target=handle.close)
+    first.start()
+    try:
+        assert inside.wait(30)
+        handle.close()
+        b_returned.set()
+        return at_return()
+    finally:
+        b_returned.set()
+        first.join(60)

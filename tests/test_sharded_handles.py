@@ -282,29 +282,11 @@ def test_a_second_close_returns_only_once_the_first_has_shut_the_wal_down(wal_ro
     used to return at once, with the coordinator, its workers and LOCK still there (an engine
     Wal or a repair opened on that return got WalLockedError). Thread A is held inside the
     shutdown until B has returned or half a second has passed."""
-    import threading
+    from conftest import close_twice
 
     wal = ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.ASYNC), 2, workers=1)
     wal.append(b"k", b"v")
-    inside, b_returned = threading.Event(), threading.Event()
-    shut_down = wal._finalizer
-
-    def held_shutdown():
-        inside.set()
-        b_returned.wait(0.5)
-        return shut_down()
-
-    wal._finalizer = held_shutdown
-    a = threading.Thread(target=wal.close)
-    a.start()
-    try:
-        assert inside.wait(30)
-        wal.close()
-        b_returned.set()
-        left_at_b = (processes_of(wal_root), Names(wal_root).leftovers())
-    finally:
-        b_returned.set()
-        a.join(60)
+    left_at_b = close_twice(wal, wal, "_finalizer", lambda: (processes_of(wal_root), Names(wal_root).leftovers()))
     assert left_at_b == ([], []), f"close() returned with the WAL still running: {left_at_b}"
     with pytest.raises(client.E.WalClosedError):
         wal.stats()

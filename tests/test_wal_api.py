@@ -630,27 +630,13 @@ def test_iter_with_ids_gives_each_entry_its_id_also_after_a_truncation(tmp_path)
 def test_a_second_close_returns_only_once_the_first_has_released_the_directory(tmp_path):
     """Two threads close one Wal: the one that found the other closing used to return at once,
     while the first was still syncing and held LOCK, so a reopen on its return was refused."""
-    import threading
+    from conftest import close_twice
 
     wal = Wal(WalOptions(root_path=str(tmp_path), sync_mode=SyncMode.ASYNC))
     wal.append("s", b"x")
-    inside, b_returned = threading.Event(), threading.Event()
-    sync = wal._syncer.sync
 
-    def held_sync(streams):
-        inside.set()
-        b_returned.wait(0.5)
-        return sync(streams)
-
-    wal._syncer.sync = held_sync
-    a = threading.Thread(target=wal.close)
-    a.start()
-    try:
-        assert inside.wait(30)
-        wal.close()
-        b_returned.set()
+    def reopen():
         with Wal(WalOptions(root_path=str(tmp_path))) as again:  # (WalLockedError before)
-            assert list(again.iter("s", 0)) == [b"x"]
-    finally:
-        b_returned.set()
-        a.join(30)
+            return list(again.iter("s", 0))
+
+    assert close_twice(wal, wal._syncer, "sync", reopen) == [b"x"]
