@@ -96,10 +96,13 @@ def recover_stream(
     """
     report = RecoveryReport(stream_dir)
     segments = layout.list_segments(stream_dir)
-    # the newest two are the ones recovery reads; an older one fails only the reads of its ids
-    odd = [p for p in layout.odd_segments(stream_dir) if layout.parse_segment_name(os.path.basename(p)) in segments[-2:]]
-    if odd:  # (under every policy: nothing here may set it aside, and reading a FIFO would block)
-        raise OSError(errno.EINVAL, layout.NOT_REGULAR, odd[-1])
+    # the newest two are the ones recovery reads; an older one that is not a regular file fails
+    # only the reads of its ids (under every policy: nothing here may set it aside, and reading
+    # a FIFO would block)
+    for start in reversed(segments[-2:]):
+        path = os.path.join(stream_dir, layout.segment_name(start))
+        if not os.path.isfile(path):
+            raise OSError(errno.EINVAL, layout.NOT_REGULAR, path)
     listed = layout.read_segments_idx(stream_dir)
     head = layout.read_head_state(stream_dir)
     lost = layout.lost_segments(segments, listed, head)
