@@ -1,18 +1,27 @@
 """Tests written from a mutation-testing audit of the sharded layer: each one kills a mutant that
-the ring, sharded and supervisor tests let survive. Pure logic where the code allows; rings are
-small, made and removed here."""
+the ring, sharded, supervisor, manifest and shard-reader tests let survive. Pure logic where the
+code allows; rings are small, made and removed here."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
 
+import crashfs
 import ringutil
 from coordinator.barrier import Barrier, Phase
 from coordinator.supervisor import assign_shards
+from ironwal_mp import ShardedWal, SyncMode, WalOptions
+from ironwal_mp.errors import ConfigError, ManifestError
 from ironwal_mp.ipc import messages as M
 from ironwal_mp.ipc import ring_layout as L
 from ironwal_mp.ipc.names import Names
 from ironwal_mp.ipc.ring import Ring
+from ironwal_mp.sharded.manifest import (check_shard_count, confirm_manifest, discard_unused_manifest,
+                                         open_manifest, read_manifest, recorded_shard_count)
 
 
 # --- coordinator/barrier.py ----------------------------------------------------------------------
@@ -573,3 +582,206 @@ def test_a_prune_whose_worker_cannot_be_asked_again_fails_naming_it(deaths, give
     with pytest.raises(E.WorkerFailedError, match="prune failed: " + why):
         _pruning(cluster).prune(b"c1")
     assert len([a for a in cluster.asked if a[0] == 1]) == asks
+
+
+# --- ironwal_mp/sharded/manifest.py ----------------------------------------------------------------
+
+
+def _write_manifest(root, **fields):
+    doc = {"format": "ironwal_mp.sharded", "version": 1, "shard_count": 4, "router": "crc32-v1"}
+    doc.update(fields)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "MANIFEST"), "w") as fh:
+        json.dump(doc, fh)
+
+
+def test_a_manifest_as_docs_describe_it_is_read_and_a_new_one_is_written_so(tmp_path):
+    """PROTOCOL.md §13: `version` = 1. A MANIFEST written as documented opens, and one this
+    library writes says version 1 (a version bump would refuse every existing directory)."""
+    old = str(tmp_path / "old")
+    _write_manifest(old)
+    manifest = read_manifest(old)
+    assert manifest is not None and manifest.shard_count == 4 and manifest.version == 1
+    new = str(tmp_path / "new")
+    open_manifest(new, 3)
+    with open(str(tmp_path / "new" / "MANIFEST")) as fh:
+        doc = json.load(fh)
+    assert doc["format"] == "ironwal_mp.sharded" and doc["version"] == 1 and doc["shard_count"] == 3
+
+
+def test_shard_counts_1_and_1000_are_taken_and_only_true_ints_are():
+    """PROTOCOL.md §13: shard_count is 1..1000, both ends included; a bool or a float is no
+    shard count (True would pass as 1, 4.0 as 4)."""
+    assert check_shard_count(1) == 1 and check_shard_count(1000) == 1000
+    for bad in (0, 1001):
+        with pytest.raises(ConfigError, match="shard_count"):
+            check_shard_count(bad)
+    for bad in (True, 4.0, "4", None):
+        with pytest.raises(TypeError, match="shard_count must be an int"):
+            check_shard_count(bad)
+
+
+def test_a_manifest_whose_shard_count_is_a_bool_or_float_is_refused(tmp_path):
+    for i, bad in enumerate((True, 4.0)):
+        root = str(tmp_path / f"r{i}")
+        _write_manifest(root, shard_count=bad)
+        with pytest.raises(ManifestError, match="unreadable"):
+            read_manifest(root)
+
+
+def test_open_manifest_checks_the_shard_count_and_writes_nothing_for_a_bad_one(tmp_path):
+    root = str(tmp_path / "wal")
+    for bad in (0, 1001):
+        for create in (True, False):
+            with pytest.raises(ConfigError, match="shard_count"):
+                open_manifest(root, bad, create=create)
+    assert not os.path.exists(root)
+
+
+def test_a_manifest_naming_an_unknown_router_is_refused(tmp_path):
+    """Clients route with the router MANIFEST names: one this library does not know is a
+    ManifestError when the MANIFEST is read, not a failure at the first append."""
+    root = str(tmp_path / "wal")
+    _write_manifest(root, router="crc64-v9")
+    with pytest.raises(ManifestError, match="unknown router 'crc64-v9'"):
+        read_manifest(root)
+
+
+def test_a_shard_directory_numbered_the_shard_count_is_one_too_many(tmp_path):
+    """PROTOCOL.md §13: a MANIFEST whose shard_count is *at most* the highest shard_NN is
+    refused; shard_04 beside a count of 4 is the first such (shard_03 is the last that fits)."""
+    root = str(tmp_path / "wal")
+    _write_manifest(root, shard_count=4)
+    os.mkdir(os.path.join(root, "shard_03"))
+    assert read_manifest(root).shard_count == 4
+    os.mkdir(os.path.join(root, "shard_04"))
+    with pytest.raises(ManifestError, match="4 shards.*shard_04"):
+        read_manifest(root)
+
+
+def test_confirm_manifest_without_a_manifest_does_nothing(tmp_path):
+    """(A root whose MANIFEST is gone: nothing to confirm, nothing written.)"""
+    confirm_manifest(str(tmp_path))
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_discarded_manifest_stays_gone_after_a_power_loss(tmp_path):
+    """discard_unused_manifest syncs the directory: a power loss after it returned must not
+    bring back a MANIFEST that binds the next start to the failed start's shard count."""
+    root = str(tmp_path / "wal")
+    open_manifest(root, 4)
+    rec = crashfs.Recorder(root)
+    with rec.recording():
+        assert discard_unused_manifest(root)
+        rec.crash_here("returned")
+    tree, data = rec.points[-1].power_loss()
+    dest = crashfs.scratch(str(tmp_path), "state")
+    crashfs.materialize(tree, data, dest)
+    assert recorded_shard_count(dest) is None and not os.path.exists(os.path.join(dest, "MANIFEST"))
+
+
+# --- ironwal_mp/sharded/reads.py -------------------------------------------------------------------
+
+
+def _segment_fds(root):
+    """Descriptors of this process open on segment files under ``root``."""
+    root = os.path.realpath(root)
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(root + os.sep) and target.endswith(".wal"):
+            out.append(target)
+    return out
+
+
+def test_a_get_in_the_active_segment_starts_from_its_index_not_from_the_segment_start(wal_root):
+    """The reader keeps a sparse index of each shard's active segment, extended as the segment
+    grows: a get in a large active segment reads from the index point before its entry, not
+    gave the right entries but rescanned the segment at every get). Counted in bytes read, not
+    timed."""
+    written = {}
+
+    def frame(wal):  # one frame of four incompressible 1000-byte entries
+        values = [os.urandom(1000) for _ in range(4)]
+        ids = wal.append_batch_for_key(b"k", values)
+        written.update(zip(ids, values))
+        return ids[-1]
+
+    # (reads go in read_buffer_size chunks: a small one makes the bytes read follow the index)
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, read_buffer_size=4096)
+    with ShardedWal(opts, 1) as wal:
+        first = [frame(wal) for _ in range(16)]
+        assert wal.get(*first[-1]) == written[first[-1]]  # (indexes the first 16 frames)
+        second = [frame(wal) for _ in range(32)]
+        assert wal.get(*second[-1]) == written[second[-1]]  # (extends the index over the next 32)
+        assert os.path.getsize(os.path.join(wal_root, "shard_00", "0" * 20 + ".wal")) > 190_000
+        segments = wal._att.reader.reader
+        read_fn, read = segments.read_fn, []
+
+        def counting(path):
+            inner = read_fn(path)
+
+            def counted(offset, size):
+                data = inner(offset, size)
+                read.append(len(data))
+                return data
+
+            return counted
+
+        segments.read_fn = counting
+        try:
+            for at in (second[-1], second[len(second) // 2], first[-1]):
+                read.clear()
+                assert wal.get(*at) == written[at]
+                assert sum(read) < 32 * 1024, (at, read)
+        finally:
+            del segments.read_fn
+
+
+def test_close_lets_go_of_the_segment_files_it_read(wal_root):
+    wal = ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2)
+    try:
+        ids = [wal.append(b"k%d" % i, b"v") for i in range(8)]
+        assert all(wal.get(shard, seq) == b"v" for shard, seq in ids)
+        assert _segment_fds(wal_root)  # (the reads opened them)
+    finally:
+        wal.close()
+    assert _segment_fds(wal_root) == []
+
+
+def test_a_forked_child_does_not_keep_the_parents_segment_descriptors(wal_root):
+    """After a fork the child's reader starts afresh and closes the descriptors it inherited
+    (O_CLOEXEC only covers an exec): a child that never reads holds no segment file open."""
+    with ShardedWal(WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT), 2) as wal:
+        shard, seq = wal.append(b"k", b"v")
+        assert wal.get(shard, seq) == b"v" and _segment_fds(wal_root)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(20)
+                code = 0 if _segment_fds(wal_root) == [] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert wal.get(shard, seq) == b"v"
+
+
+def test_gets_alone_follow_the_shard_into_each_new_segment(wal_root):
+    """A get (which, unlike an iteration, relists a shard's segments only when it has to) reads
+    an entry in a segment the worker rotated to since the last get: the reader relists when the
+    published active segment is not the last one it knows."""
+    opts = WalOptions(root_path=wal_root, sync_mode=SyncMode.STRICT, max_segment_size=4096)
+    with ShardedWal(opts, 1) as wal:
+        written = []
+        for _ in range(6):
+            value = os.urandom(3000)  # (incompressible: about one segment each)
+            at = wal.append(b"k", value)
+            assert wal.get(*at) == value
+            written.append((at, value))
+        assert all(wal.get(*at) == value for at, value in written)
+        assert len([n for n in os.listdir(os.path.join(wal_root, "shard_00")) if n.endswith(".wal")]) >= 3
