@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import threading
 
 import pytest
 
 from ironwal_mp import SyncMode, Wal, WalOptions
 from ironwal_mp.engine import layout
+from ironwal_mp.engine.fdcache import FdCache
+from ironwal_mp.engine.follow import advance
 from ironwal_mp.engine.frame import frame_for_entries
+from ironwal_mp.engine.recovery import StreamTail
+from ironwal_mp.engine.sparse_index import SparseIndex
+from ironwal_mp.errors import WalClosedError
 
 STREAM = "s"
 
@@ -462,3 +470,275 @@ def test_write_file_atomic_syncs_data_before_the_rename_and_the_directory_after(
     assert events == [("fsync", target + ".tmp"), ("rename", target), ("fsync", os.path.dirname(target))]
     with open(target, "rb") as fh:
         assert fh.read() == b"data"
+
+
+# --- engine/follow.py ----------------------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _add_frame(stream_dir: str, segment: int, first_id: int, *entries: bytes) -> None:
+    with open(os.path.join(stream_dir, layout.segment_name(segment)), "ab") as fh:
+        fh.write(frame_for_entries(first_id, list(entries)))
+
+
+def _look(stream_dir: str, tail: StreamTail):
+    """One follower's look; it must leave none of the descriptors it opened behind
+    (the newest segment, a new segment read for its first frame, the old active segment once
+    segment once sealed)."""
+    before = _open_fds()
+    got = advance(stream_dir, tail, 4096)
+    assert _open_fds() == before, "a look leaked a descriptor"
+    return got
+
+
+def test_a_follower_continues_its_view_across_quiet_looks_growth_rotation_and_truncation(tmp_path):
+    """``Followed.continued`` tells the caller whether to drop everything it cached; a view the
+    files do continue must say so (a needless rebuild throws away every cached descriptor,
+    index and block), and ``forget`` must name exactly the segments truncated away."""
+    d = str(tmp_path / STREAM)
+    os.makedirs(d)
+    _add_frame(d, 0, 0, b"a", b"b")
+    first = _look(d, StreamTail([], 0, 0, SparseIndex()))
+    assert first.tail.segments == [0] and first.tail.next_id == 2
+    assert first.tail.last_frame is not None and first.tail.last_frame[0] == 0  # (the scan's last frame)
+
+    # nothing new (the kept segments are the old view's suffix; a file as long as the view is no cut)
+    quiet = _look(d, first.tail)
+    assert quiet.continued is True and quiet.forget == []
+    assert (quiet.tail.next_id, quiet.tail.active_size) == (2, first.tail.active_size)
+    assert quiet.tail.last_frame == first.tail.last_frame  # (no new frame: the old one is kept)
+
+    _add_frame(d, 0, 2, b"c")
+    grown = _look(d, quiet.tail)
+    assert grown.continued is True and grown.forget == [] and grown.tail.next_id == 3
+    assert grown.tail.last_frame[0] == first.tail.active_size  # the new frame is the last seen
+
+    # the writer rotates right at the view's end: the sealed segment is exactly as long as the
+    # view saw it (rotated, and a sealed file as long as the view is no cut)
+    _add_frame(d, 3, 3, b"d")
+    rotated = _look(d, grown.tail)
+    assert rotated.continued is True and rotated.forget == []
+    assert rotated.tail.segments == [0, 3] and rotated.tail.next_id == 4
+
+    _add_frame(d, 3, 4, b"e")
+    _add_frame(d, 5, 5, b"f")
+    os.remove(os.path.join(d, layout.segment_name(0)))  # truncation: the oldest goes first
+    truncated = _look(d, rotated.tail)
+    assert truncated.continued is True and truncated.forget == [0]  # (not 3 too)
+    assert truncated.tail.segments == [3, 5] and truncated.tail.next_id == 6
+
+    shutil.rmtree(d)  # the stream removed: an empty view that continues nothing
+    gone = _look(d, truncated.tail)
+    assert not gone.continued and gone.forget == [3, 5]
+    assert (gone.tail.segments, gone.tail.active_size, gone.tail.next_id) == ([], 0, 0)
+    still_gone = _look(d, gone.tail)
+    assert still_gone.continued is True and still_gone.forget == [] and still_gone.tail.segments == []
+
+
+def test_a_stream_replaced_after_a_quiet_refresh_is_read_afresh(tmp_path):
+    """A refresh that finds nothing new must keep the view's last frame: it is
+    what the next look checks the file against, and without it a stream deleted and written
+    again, longer, would be taken for a continuation of the old one."""
+    with Wal(_opts(tmp_path)) as w:
+        for i in range(3):
+            w.append(STREAM, b"old-%d-" % i + b"x" * 40)
+    with Wal(_opts(tmp_path), read_only=True) as r:
+        assert list(r.iter(STREAM)) == [b"old-%d-" % i + b"x" * 40 for i in range(3)]
+        r.refresh(STREAM)  # nothing new
+        assert r.next_id(STREAM) == 3
+        shutil.rmtree(tmp_path / STREAM)
+        with Wal(_opts(tmp_path)) as w:
+            for i in range(10):
+                w.append(STREAM, b"new-%d-" % i + b"y" * 25)
+        r.refresh(STREAM)
+        assert list(r.iter(STREAM)) == [b"new-%d-" % i + b"y" * 25 for i in range(10)]
+        assert r.next_id(STREAM) == 10
+
+
+def test_a_follower_takes_in_a_new_segment_by_its_first_frame(tmp_path):
+    """A new segment that begins with a valid frame of its id is taken in even when the end of
+    the segment before cannot be confirmed from its tail: here that segment's last frame is
+    larger than the window ``tail_frame`` searches back: the new one is read from its offset 0."""
+    d = str(tmp_path / STREAM)
+    os.makedirs(d)
+    _add_frame(d, 0, 0, b"\x00" * (4 * 1024 * 1024 + 1))
+    _add_frame(d, 1, 1, b"next")
+    got = _look(d, StreamTail([], 0, 0, SparseIndex()))
+    assert got.tail.segments == [0, 1] and got.tail.next_id == 2
+
+
+# --- engine/fdcache.py ---------------------------------------------------------------------------
+
+
+def _cache_files(tmp_path, n: int, size: int = 1) -> list:
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"%d" % i * size)
+        paths.append(str(p))
+    return paths
+
+
+def _waits_announced(cache: FdCache) -> threading.Event:
+    """An event set by a thread that is about to block in ``cache`` for a free slot: whoever
+    next takes the cache's lock does so after that thread is waiting."""
+    waiting = threading.Event()
+    real_wait = cache._cond.wait
+
+    def wait(*args, **kw):
+        waiting.set()
+        return real_wait(*args, **kw)
+
+    cache._cond.wait = wait
+    return waiting
+
+
+def _in_thread(fn):
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # (handed to the test)
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_fdcache_closes_what_it_evicts_forgets_and_drops(tmp_path):
+    """Descriptors leave the process when the cache lets go of them, not only its table:
+    on eviction, forget of an unpinned file, close_all and abandon."""
+    paths = _cache_files(tmp_path, 6)
+    cache = FdCache(1)
+    base = _open_fds()
+    for p in paths:  # each one evicts the one before
+        cache.release(cache.acquire(p))
+        assert _open_fds() == base + 1
+    cache.forget(paths[-1])
+    assert _open_fds() == base and cache.open_paths() == {}
+    cache.release(cache.acquire(paths[0]))
+    cache.close_all()
+    assert _open_fds() == base
+
+    cache = FdCache(4)
+    cache.acquire(paths[0])  # left pinned
+    cache.release(cache.acquire(paths[1]))
+    assert _open_fds() == base + 2
+    cache.abandon()  # (a forked child: pinned or not, every descriptor goes)
+    assert _open_fds() == base
+
+
+def test_fdcache_counts_opens_and_a_hit_opens_nothing(tmp_path):
+    """``opens`` counts descriptors opened; a cached file is not reopened."""
+    a, b = _cache_files(tmp_path, 2)
+    cache = FdCache(1)
+    assert cache.opens == 0
+    e1 = cache.acquire(a)
+    e2 = cache.acquire(a)
+    assert e1 is e2 and cache.opens == 1
+    cache.release(e1)
+    cache.release(e2)
+    cache.release(cache.acquire(b))  # evicts a
+    cache.release(cache.acquire(a))
+    assert cache.opens == 3
+    cache.close_all()
+
+
+def test_fdcache_mapping_is_reused_until_the_file_must_be_remapped(tmp_path):
+    """A map long enough is handed out again, not made anew for every read;
+    an empty file gives EOFError like any file too short (mmap cannot map it), and the
+    message names the file."""
+    (a,) = _cache_files(tmp_path, 1, size=8)
+    cache = FdCache(2)
+    e = cache.acquire(a)
+    first = e.mapping(8)
+    assert e.mapping(8) is first and e.mapping(3) is first
+    with pytest.raises(EOFError, match="holds 8 bytes, 9 needed") as info:
+        e.mapping(9)
+    assert str(info.value).startswith(a)
+    cache.release(e)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    e = cache.acquire(str(empty))
+    with pytest.raises(EOFError):
+        e.mapping(0)
+    cache.release(e)
+    cache.close_all()
+
+
+def test_fdcache_a_map_keeps_a_second_descriptor_only_before_python_3_13(tmp_path):
+    """README: with MMAP a cached segment holds up to two descriptors, as a map keeps a
+    duplicate of its file's before Python 3.13; from 3.13 it is made without one
+    (a mutant of the version check shows only on 3.13 and later)."""
+    (a,) = _cache_files(tmp_path, 1, size=8)
+    cache = FdCache(1)
+    base = _open_fds()
+    e = cache.acquire(a)
+    m = e.mapping(8)
+    assert _open_fds() == base + (1 if sys.version_info >= (3, 13) else 2)
+    del m
+    cache.release(e)
+    cache.close_all()
+    assert _open_fds() == base
+
+
+def test_fdcache_a_second_wait_for_a_slot_is_woken_too(tmp_path):
+    """Each thread that waited for a slot stops counting as waiting once it has one, so a
+    release wakes the next one as well."""
+    a, b = _cache_files(tmp_path, 2)
+    cache = FdCache(1)
+    for _ in range(2):
+        held = cache.acquire(a)
+        waiting = _waits_announced(cache)
+        t, box = _in_thread(lambda: cache.acquire(b))
+        assert waiting.wait(60)
+        cache.release(held)  # (takes the lock only once the thread is waiting)
+        t.join(60)
+        assert not t.is_alive() and "value" in box, "the waiting thread was never woken"
+        cache.release(box["value"])
+        del cache._cond.wait
+    cache.close_all()
+
+
+def test_fdcache_forget_of_a_pinned_file_frees_its_slot_for_a_waiter(tmp_path):
+    """forget drops the file from the table at once, so a thread waiting for a slot gets one
+    while the forgotten file is still pinned and usable."""
+    a, b = _cache_files(tmp_path, 2)
+    cache = FdCache(1)
+    held = cache.acquire(a)
+    waiting = _waits_announced(cache)
+    t, box = _in_thread(lambda: cache.acquire(b))
+    try:
+        assert waiting.wait(60)
+        cache.forget(a)
+        t.join(60)
+        assert "value" in box, "the waiter did not get the slot forget freed"
+        assert os.pread(held.fd, 1, 0) == b"0"  # pinned: still open
+    finally:
+        cache.release(held)
+        t.join(60)
+    cache.release(box["value"])
+    cache.close_all()
+
+
+def test_fdcache_close_all_wakes_a_waiter_with_wal_closed_error(tmp_path):
+    """A thread waiting for a slot when the log closes is told so, not left
+    waiting for a release that may never come."""
+    a, b = _cache_files(tmp_path, 2)
+    cache = FdCache(1)
+    held = cache.acquire(a)
+    waiting = _waits_announced(cache)
+    t, box = _in_thread(lambda: cache.acquire(b))
+    try:
+        assert waiting.wait(60)
+        cache.close_all()
+        t.join(60)
+        assert isinstance(box.get("error"), WalClosedError)
+    finally:
+        cache.release(held)
+        t.join(60)
