@@ -363,6 +363,50 @@ def test_a_fifo_under_a_segment_name_fails_its_reads_without_waiting(tmp_path):
         assert info.value.path == segs[-1]
 
 
+
+class _Hung(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["new segment", "active segment", "old active segment"])
+def test_a_fifo_under_a_segment_name_fails_a_refresh_without_waiting(tmp_path, where):
+    """A read-only handle's refresh opened the segments it looks at with an ordinary open, so
+    a FIFO put in place of one (a new file, the one viewed as active, or that one after the
+    writer rotated past it) made refresh wait forever for a writer. Now it is a WalIOError
+    naming the file, as at open. (An alarm turns the old hang into a failure.)"""
+    import signal
+
+    opts = _opts(tmp_path, max_segment_size=300, compression="none")
+    stream = tmp_path / "s"
+    with Wal(opts) as wal:
+        wal.append("s", b"first")
+    with Wal(opts, read_only=True) as reader:
+        assert reader.next_id("s") == 1
+        if where == "new segment":
+            fifo = stream / layout.segment_name(100)
+        else:
+            fifo = stream / layout.segment_name(0)
+            if where == "old active segment":
+                with Wal(opts) as wal:
+                    for i in range(10):
+                        wal.append("s", b"e%04d-" % i + b"y" * 40)
+                assert len(layout.list_segments(str(stream))) > 1
+            os.unlink(fifo)
+        os.mkfifo(fifo)
+
+        def hung(signum, frame):
+            raise _Hung()
+
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(10)
+        try:
+            with pytest.raises(WalIOError, match="not a regular file") as info:
+                reader.refresh("s")
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert info.value.path == str(fifo)
+
 def test_a_middle_segment_lost_under_an_open_handle_is_corruption_not_truncation(tmp_path):
     from ironwal_mp.errors import CorruptionError
 

@@ -174,16 +174,27 @@ def decode_segments_idx(data: bytes) -> Optional[List[int]]:
     return starts
 
 
-def read_hint_file(path: str) -> Optional[bytes]:
-    """A hint file's bytes, None if it is absent; OSError (EINVAL) if it is not a regular file
-    (a FIFO placed there would block an ordinary open until a writer came)."""
+def open_regular(path: str, why: str = "not a regular file") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file: else OSError (EINVAL,
+    ``why``). Opened non-blocking, as a FIFO placed under a WAL file's name would make an
+    ordinary open wait for a writer; that flag changes nothing for a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, why, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_hint_file(path: str) -> Optional[bytes]:
+    """A hint file's bytes, None if it is absent; OSError (EINVAL) if it is not a regular file."""
+    try:
+        fd = open_regular(path)
     except FileNotFoundError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 16)
