@@ -1303,6 +1303,31 @@ def test_verify_reports_hint_files_and_segment_names_it_cannot_read_and_checks_t
     assert cli_json("verify", root, timeout=60)["ok"]
 
 
+
+@pytest.mark.parametrize("name", ["MANIFEST", "HEAD", "checkpoints.log"])
+def test_a_fifo_named_like_a_sharded_roots_file_is_an_error_not_a_wait(fixture_copy, name):
+    """A FIFO in the place of MANIFEST, HEAD or checkpoints.log made verify, and a ShardedWal's
+    start (the coordinator reads all three), wait forever for a writer. Now a read refuses a
+    file that is not a regular one, naming it."""
+    from ironwal_mp.engine.checkpoint_log import CheckpointLog
+    from ironwal_mp.errors import WalIOError
+    from ironwal_mp.sharded.manifest import read_manifest
+
+    root = fixture_copy("sharded")
+    path = os.path.join(root, name)
+    if os.path.exists(path):
+        os.unlink(path)
+    os.mkfifo(path)
+    err = cli("verify", root, expect=1, timeout=60).stderr_text
+    assert "not a regular file" in err and path in err, err
+    if name == "MANIFEST":
+        with pytest.raises(ManifestError, match="unreadable: not a regular file"):
+            read_manifest(root)
+    else:
+        with pytest.raises(WalIOError, match="not a regular file") as info:
+            CheckpointLog(root, repair=False)
+        assert info.value.path == path
+
 def test_verify_keeps_its_verdict_when_its_reader_stops_early(tmp_path):
     """`verify | head -1` printed a PROBLEM line and exited 0: the closed pipe was taken for
     success. The verdict, reached before the report is written, is the exit status."""

@@ -704,10 +704,7 @@ class CheckpointLog:
 
 def _read_file(path: str) -> Optional[bytes]:
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
+        return layout.read_regular_file(path)
     except OSError as exc:
         raise _io_error(exc, path, "reading") from exc
 

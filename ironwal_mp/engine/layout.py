@@ -188,8 +188,9 @@ def open_regular(path: str, why: str = "not a regular file") -> int:
     return fd
 
 
-def read_hint_file(path: str) -> Optional[bytes]:
-    """A hint file's bytes, None if it is absent; OSError (EINVAL) if it is not a regular file."""
+def read_regular_file(path: str) -> Optional[bytes]:
+    """A WAL file's whole bytes (a hint, HEAD, checkpoints.log), None if it is absent; OSError
+    (EINVAL) if it is not a regular file (see :func:`open_regular`)."""
     try:
         fd = open_regular(path)
     except FileNotFoundError:
@@ -206,7 +207,7 @@ def read_hint_file(path: str) -> Optional[bytes]:
 
 
 def read_segments_idx(stream_dir: str) -> Optional[List[int]]:
-    data = read_hint_file(os.path.join(stream_dir, SEGMENTS_IDX))
+    data = read_regular_file(os.path.join(stream_dir, SEGMENTS_IDX))
     return None if data is None else decode_segments_idx(data)
 
 
@@ -243,7 +244,7 @@ def decode_head_state(data: bytes) -> Optional[int]:
 
 
 def read_head_state(stream_dir: str) -> Optional[int]:
-    data = read_hint_file(os.path.join(stream_dir, HEAD_STATE))
+    data = read_regular_file(os.path.join(stream_dir, HEAD_STATE))
     return None if data is None else decode_head_state(data)
 
 

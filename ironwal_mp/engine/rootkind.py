@@ -80,10 +80,15 @@ def holds_wal(path: str) -> bool:
 
 def _ours(manifest_path: str) -> bool:
     try:
-        with open(manifest_path, "rb") as fh:
-            return f'"{MANIFEST_FORMAT}"'.encode() in fh.read(4096)
+        fd = layout.open_regular(manifest_path)
     except OSError:
         return False
+    try:
+        return f'"{MANIFEST_FORMAT}"'.encode() in os.read(fd, 4096)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def check_engine_root(root: str) -> None:

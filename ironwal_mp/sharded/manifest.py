@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from ..engine.checkpoint_log import CHECKPOINTS_LOG, HEAD
-from ..engine.layout import fsync_dir, make_dirs, write_file_atomic
+from ..engine.layout import fsync_dir, make_dirs, read_regular_file, write_file_atomic
 from ..engine.rootkind import MANIFEST, MANIFEST_FORMAT as FORMAT, SHARD_DIR_RE as _SHARD_DIR
 from ..errors import ConfigError, ManifestError, ShardCountMismatchError
 from .router import DEFAULT_ROUTER, get_router
@@ -57,9 +57,10 @@ def check_shard_count(value: object) -> int:
 def read_manifest(root: str) -> Optional[Manifest]:
     path = os.path.join(root, MANIFEST)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
+        raw = read_regular_file(path)
+    except OSError as exc:  # (a directory or FIFO put there, EIO, EACCES)
+        raise ManifestError(f"{path} is unreadable: {exc.strerror or exc}") from None
+    if raw is None:
         return None
     try:
         doc = json.loads(raw)
