@@ -144,3 +144,18 @@ def close_twice(handle, holder, name: str, at_return):
     finally:
         b_returned.set()
         first.join(60)
+
+
+def open_files_under(root: str, suffix: str) -> list:
+    """What this process's descriptors point at under ``root`` (real path), for those whose
+    target ends with ``suffix`` (``" (deleted)"`` for unlinked files)."""
+    root = os.path.realpath(root)
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(root + os.sep) and target.endswith(suffix):
+            out.append(target)
+    return out

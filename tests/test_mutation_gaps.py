@@ -705,16 +705,23 @@ def test_fdcache_a_second_wait_for_a_slot_is_woken_too(tmp_path):
     cache.close_all()
 
 
-def test_fdcache_forget_of_a_pinned_file_frees_its_slot_for_a_waiter(tmp_path):
-    """forget drops the file from the table at once, so a thread waiting for a slot gets one
-    while the forgotten file is still pinned and usable."""
+def _a_waiter(tmp_path):
+    """A one-slot cache whose slot is pinned, and a thread already waiting in it for another
+    file: (cache, the pinned entry, its path, the thread, the thread's result box)."""
     a, b = _cache_files(tmp_path, 2)
     cache = FdCache(1)
     held = cache.acquire(a)
     waiting = _waits_announced(cache)
     t, box = _in_thread(lambda: cache.acquire(b))
+    assert waiting.wait(60)
+    return cache, held, a, t, box
+
+
+def test_fdcache_forget_of_a_pinned_file_frees_its_slot_for_a_waiter(tmp_path):
+    """forget drops the file from the table at once, so a thread waiting for a slot gets one
+    while the forgotten file is still pinned and usable."""
+    cache, held, a, t, box = _a_waiter(tmp_path)
     try:
-        assert waiting.wait(60)
         cache.forget(a)
         t.join(60)
         assert "value" in box, "the waiter did not get the slot forget freed"
@@ -729,13 +736,8 @@ def test_fdcache_forget_of_a_pinned_file_frees_its_slot_for_a_waiter(tmp_path):
 def test_fdcache_close_all_wakes_a_waiter_with_wal_closed_error(tmp_path):
     """A thread waiting for a slot when the log closes is told so, not left
     waiting for a release that may never come."""
-    a, b = _cache_files(tmp_path, 2)
-    cache = FdCache(1)
-    held = cache.acquire(a)
-    waiting = _waits_announced(cache)
-    t, box = _in_thread(lambda: cache.acquire(b))
+    cache, held, _, t, box = _a_waiter(tmp_path)
     try:
-        assert waiting.wait(60)
         cache.close_all()
         t.join(60)
         assert isinstance(box.get("error"), WalClosedError)

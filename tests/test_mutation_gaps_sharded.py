@@ -12,6 +12,7 @@ import pytest
 
 import crashfs
 import ringutil
+from conftest import open_files_under
 from coordinator.barrier import Barrier, Phase
 from coordinator.supervisor import assign_shards
 from ironwal_mp import ShardedWal, SyncMode, WalOptions
@@ -685,16 +686,7 @@ def test_a_discarded_manifest_stays_gone_after_a_power_loss(tmp_path):
 
 def _segment_fds(root):
     """Descriptors of this process open on segment files under ``root``."""
-    root = os.path.realpath(root)
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(root + os.sep) and target.endswith(".wal"):
-            out.append(target)
-    return out
+    return open_files_under(root, ".wal")
 
 
 def test_a_get_in_the_active_segment_starts_from_its_index_not_from_the_segment_start(wal_root):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import open_files_under
 from ironwal_mp import (
     CheckpointAbortedError,
     CorruptionPolicy,
@@ -165,15 +166,7 @@ def test_an_exception_at_any_call_never_leaves_the_ring_lock_held_under_our_pid(
 
 def _deleted_files_open(root: str) -> list:
     """This process's descriptors of files under ``root`` that have been unlinked."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(root + os.sep) and target.endswith(" (deleted)"):
-            out.append(target)
-    return out
+    return open_files_under(root, " (deleted)")
 
 
 def test_a_reader_that_relists_during_a_prune_lets_go_of_the_deleted_segments(wal_root):
