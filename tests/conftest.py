@@ -147,8 +147,8 @@ def close_twice(handle, holder, name: str, at_return):
 
 
 def open_files_under(root: str, suffix: str) -> list:
-    """What this process's descriptors point at under ``root`` (real path), for those whose
-    target ends with ``suffix`` (``" (deleted)"`` for unlinked files)."""
+    """What this process's descriptors point at under ``root`` (real path; ``root`` itself
+    included), for those whose target ends with ``suffix`` (``" (deleted)"``: unlinked files)."""
     root = os.path.realpath(root)
     out = []
     for fd in os.listdir("/proc/self/fd"):
@@ -156,6 +156,6 @@ def open_files_under(root: str, suffix: str) -> list:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith(root + os.sep) and target.endswith(suffix):
+        if (target == root or target.startswith(root + os.sep)) and target.endswith(suffix):
             out.append(target)
     return out

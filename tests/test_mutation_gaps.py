@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -9,14 +10,17 @@ import threading
 
 import pytest
 
+import crashfs
+from conftest import open_files_under
 from ironwal_mp import SyncMode, Wal, WalOptions
+from ironwal_mp.engine import checkpoint_log as cl
 from ironwal_mp.engine import layout
 from ironwal_mp.engine.fdcache import FdCache
 from ironwal_mp.engine.follow import advance
 from ironwal_mp.engine.frame import frame_for_entries
 from ironwal_mp.engine.recovery import StreamTail
 from ironwal_mp.engine.sparse_index import SparseIndex
-from ironwal_mp.errors import WalClosedError
+from ironwal_mp.errors import CheckpointCorruptedError, WalClosedError, WalIOError
 
 STREAM = "s"
 
@@ -257,6 +261,284 @@ def test_checkpoint_append_rollback_is_fsynced(tmp_path, monkeypatch, fsynced):
         log.append(cl.CheckpointData(b"ck-2", 2, 1, (6,)))
     assert os.path.getsize(tmp_path / "checkpoints.log") == size
     assert os.path.realpath(str(tmp_path / "checkpoints.log")) in fsynced
+
+
+def _ck(i: int, shards: int = 2) -> "cl.CheckpointData":
+    return cl.CheckpointData(b"ck-%d" % i, 1_000 + i, shards, tuple(10 * i + s for s in range(shards)))
+
+
+def _open_fds_under(root) -> list:
+    """What this process holds open under ``root`` (the directory itself included)."""
+    return open_files_under(str(root), "")
+
+
+def test_checkpoint_data_refuses_a_shard_count_the_record_cannot_hold():
+    """shard_count is a u16 in the record, and an int: 65536
+    shards, or True for one shard, are refused when the value is made, not by struct at encode."""
+    with pytest.raises(ValueError, match="shard_count"):
+        cl.CheckpointData(b"a", 0, 65536, (0,) * 65536)
+    with pytest.raises(TypeError, match="shard_count"):
+        cl.CheckpointData(b"a", 0, True, (1,))
+    assert len(cl.encode_payload(cl.CheckpointData(b"a", 0, 65535, (0,) * 65535))) == 13 + 1 + 8 * 65535
+
+
+def test_the_largest_record_decodes_and_one_byte_more_is_not_a_tear():
+    """L = 13 + k + 8*s is at most 13 + 65535 + 8*65535 = 589828 (FORMAT.md §9): a record of
+    exactly that size is valid, and a stated length one above it is
+    corruption, not a torn payload."""
+    big = cl.CheckpointData(b"i" * 65535, 7, 65535, tuple(range(65535)))
+    rec = cl.encode_record(big)
+    assert len(rec) == 12 + 589828
+    assert cl.decode_records(rec) == ([big], len(rec), None)
+    _, end, problem = cl.decode_records(cl.RECORD_HEADER.pack(b"CKPT", 0, 589829))
+    assert end == 0 and problem == "payload length 589829 exceeds the maximum 589828"
+    _, end, problem = cl.decode_records(cl.RECORD_HEADER.pack(b"CKPT", 0, 589828))
+    assert end == 0 and problem == "torn record payload (0 of 589828 bytes)"
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"", "empty payload"),
+    (b"\x02", "unknown record version 2"),
+    (b"\x01", "payload too short for the id length"),
+    (b"\x01\x01", "payload too short for the id length"),
+    (b"\x01\x00\x00", "empty checkpoint id"),
+    (b"\x01\x01\x00a" + bytes(5), "payload too short for its id, timestamp and shard count"),
+    (b"\x01\x01\x00a" + bytes(9), "payload too short for its id, timestamp and shard count"),
+])
+def test_decode_payload_names_what_is_wrong(payload, reason):
+    """The reason becomes the report's cut_reason; a payload too short for its id must be a
+    ValueError (a record cut as invalid), not struct.error out of the open."""
+    with pytest.raises(ValueError) as info:
+        cl.decode_payload(payload)
+    assert type(info.value) is ValueError and str(info.value) == reason
+
+
+def test_decode_records_reasons_at_the_header_boundaries():
+    """Exactly a header left is a torn payload, fewer bytes a torn header, and a short
+    non-magic tail is reported as what it is."""
+    rec = cl.encode_record(_ck(1))
+    n = len(rec)
+    cases = {
+        cl.RECORD_HEADER.pack(b"CKPT", 0, 37): "torn record payload (0 of 37 bytes)",
+        cl.RECORD_HEADER.pack(b"CKPT", 0, 37) + b"\x01\x05": "torn record payload (2 of 37 bytes)",
+        b"CKP": "torn record header (3 of 12 bytes)",
+        b"CKPT\x00\x00": "torn record header (6 of 12 bytes)",
+        b"CKXX": "bad record magic b'CKXX'",
+    }
+    for tail, reason in cases.items():
+        assert cl.decode_records(rec + tail) == ([_ck(1)], n, reason), tail
+
+
+def test_decode_records_reads_any_buffer_by_bytes():
+    """A buffer whose items are wider than a byte is read as its bytes."""
+    data = cl.CheckpointData(b"abc", 5, 1, (9,))
+    rec = cl.encode_record(data)
+    assert len(rec) % 4 == 0
+    assert cl.decode_records(memoryview(rec).cast("I")) == ([data], len(rec), None)
+    assert cl.decode_records(bytearray(rec)) == ([data], len(rec), None)
+
+
+def test_a_clean_open_reports_nothing_cut(tmp_path):
+    """The report's defaults are what a clean open reports."""
+    cl.CheckpointLog(str(tmp_path)).append(_ck(1))
+    report = cl.CheckpointLog(str(tmp_path)).report
+    assert (report.cut_offset, report.cut_bytes, report.cut_reason, report.stranded_records) == (None, 0, None, 0)
+    assert report.records == 1 and report.head_status == "ok" and not report.changed
+
+
+def _damage_second_record(root: str) -> bytes:
+    log = cl.CheckpointLog(root)
+    for i in range(3):
+        log.append(_ck(i))
+    path = os.path.join(root, "checkpoints.log")
+    with open(path, "rb") as fh:
+        full = bytearray(fh.read())
+    full[len(cl.encode_record(_ck(0))) + 20] ^= 0x01
+    with open(path, "wb") as fh:
+        fh.write(full)
+    return bytes(full)
+
+
+def test_an_unrepaired_report_tells_of_a_head_past_the_damage(tmp_path):
+    """verify prints the actions: a HEAD naming a stranded record is one."""
+    _damage_second_record(str(tmp_path))
+    report = cl.CheckpointLog(str(tmp_path), repair=False).report
+    assert report.head_status == "dangling" and len(report.actions) == 2
+    assert "HEAD names b'ck-2', whose record lies past the damage" in report.actions[1]
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_the_report_tells_of_a_head_fallback(tmp_path, repair):
+    """A corrupt HEAD with records: the fallback is an action."""
+    log = cl.CheckpointLog(str(tmp_path))
+    log.append(_ck(1))
+    log.append(_ck(2))
+    with open(tmp_path / "HEAD", "wb") as fh:
+        fh.write(b"\x05\x00ab")
+    report = cl.CheckpointLog(str(tmp_path), repair=repair).report
+    assert report.head_status == "corrupt" and report.changed
+    assert report.actions == ["HEAD is corrupt; latest checkpoint falls back to the last record b'ck-2'"
+                              + ("; rewrote HEAD" if repair else "")]
+
+
+def test_stranded_records_are_found_one_byte_past_the_damage(tmp_path):
+    """A stray byte before an intact record: the record is counted as stranded and, unrepaired,
+    reported as lying past the damage, not as absent."""
+    with open(tmp_path / "checkpoints.log", "wb") as fh:
+        fh.write(cl.encode_record(_ck(0)) + b"X" + cl.encode_record(_ck(1)))
+    reader = cl.CheckpointLog(str(tmp_path), repair=False)
+    assert reader.report.stranded_records == 1 and len(reader) == 1
+    with pytest.raises(CheckpointCorruptedError):
+        reader.get(b"ck-1")
+    assert cl.CheckpointLog(str(tmp_path)).report.stranded_records == 1
+
+
+def test_damage_followed_by_a_torn_record_opens(tmp_path):
+    """A bit flip, then an append torn by a crash: the search for stranded records passes over
+    the torn one's magic and ends."""
+    full = _damage_second_record(str(tmp_path))
+    with open(tmp_path / "checkpoints.log", "wb") as fh:
+        fh.write(full + cl.encode_record(_ck(3))[:30])
+    reader = cl.CheckpointLog(str(tmp_path), repair=False)
+    assert reader.report.stranded_records == 1  # ck-2, whole; ck-3 is torn
+    repaired = cl.CheckpointLog(str(tmp_path))
+    assert repaired.report.stranded_records == 1 and repaired.latest() == _ck(0)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_checkpoint_files_are_created_0644(tmp_path, umask_022):
+    """checkpoints.log, HEAD (via HEAD.tmp) and the side file are rw-r--r--."""
+    cl.CheckpointLog(str(tmp_path)).append(_ck(1))
+    with open(tmp_path / "checkpoints.log", "ab") as fh:
+        fh.write(b"CKPT torn")
+    log = cl.CheckpointLog(str(tmp_path))
+    for path in (log.log_path, log.head_path, log.report.side_file):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_the_checkpoint_log_leaves_no_descriptor_open(tmp_path):
+    """A repairing open that cuts a tail, appends, a failed prepare and discards close every
+    descriptor they opened."""
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    log = cl.CheckpointLog(root)
+    log.append(_ck(1))
+    log.append(_ck(2), log.prepare_head(b"ck-2"))
+    assert _open_fds_under(root) == []
+    with open(os.path.join(root, "checkpoints.log"), "ab") as fh:
+        fh.write(b"CKPT torn")
+    log = cl.CheckpointLog(root)
+    assert log.report.side_file is not None and _open_fds_under(root) == []
+    os.mkdir(os.path.join(root, "HEAD.tmp"))  # HEAD.tmp cannot be opened for writing
+    with pytest.raises(WalIOError):
+        log.prepare_head(b"ck-3")
+    assert _open_fds_under(root) == []
+    os.rmdir(os.path.join(root, "HEAD.tmp"))
+    prepared = log.prepare_head(b"ck-3")
+    log.discard_head(prepared)
+    assert prepared.fd < 0 and prepared.dir_fd < 0 and _open_fds_under(root) == []
+
+
+def test_discard_head_abandons_the_prepared_head(tmp_path):
+    """discard_head removes HEAD.tmp, leaves HEAD alone, and frees the slot for the next
+    prepare_head."""
+    log = cl.CheckpointLog(str(tmp_path))
+    log.append(_ck(1))
+    log.discard_head(log.prepare_head(b"ck-2"))
+    assert sorted(os.listdir(tmp_path)) == ["HEAD", "checkpoints.log"]
+    assert cl.CheckpointLog(str(tmp_path)).latest() == _ck(1)
+    log.append(_ck(3), log.prepare_head(b"ck-3"))
+    assert cl.CheckpointLog(str(tmp_path)).latest() == _ck(3)
+
+
+def test_a_failed_head_rewrite_at_open_leaves_no_head_tmp(tmp_path, monkeypatch):
+    """Rewriting a corrupt HEAD fails at the rename: WalIOError, and the HEAD.tmp it wrote is
+    removed."""
+    cl.CheckpointLog(str(tmp_path)).append(_ck(1))
+    with open(tmp_path / "HEAD", "wb") as fh:
+        fh.write(b"\x00")
+
+    def failing_commit(tmp, path):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(layout, "commit_atomic", failing_commit)
+    with pytest.raises(WalIOError):
+        cl.CheckpointLog(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["HEAD", "checkpoints.log"]
+
+
+def test_compact_with_nothing_to_drop_leaves_the_log_alone(tmp_path):
+    """compact(n) with n records already is a no-op, not a rewrite of the same bytes
+   ."""
+    log = cl.CheckpointLog(str(tmp_path))
+    for i in range(3):
+        log.append(_ck(i))
+    ino = os.stat(tmp_path / "checkpoints.log").st_ino
+    assert log.compact(3) == (3, 3, 0)
+    assert os.stat(tmp_path / "checkpoints.log").st_ino == ino
+
+
+def _power_loss_states(point, base: str):
+    """The trees a power loss at ``point`` may leave: the durable names plus each prefix of the
+    pending ones (they reach the disk in order)."""
+    for k in range(len(point.pending) + 1):
+        tree, data = point.power_loss()
+        for op in point.pending[:k]:
+            crashfs.apply_meta(tree, op)
+        dest = crashfs.scratch(base, f"state-{point.index}-{k}")
+        crashfs.materialize(tree, data, dest)
+        yield dest
+
+
+def test_a_cut_tail_survives_a_power_loss_during_the_repair(tmp_path):
+    """The side file's name is made durable before the log is cut: at
+    every point of a repairing open, a power loss leaves the cut bytes in the log or in a side
+    file."""
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    cl.CheckpointLog(root).append(_ck(1))
+    tail = b"CKPT and then some torn bytes"
+    with open(os.path.join(root, "checkpoints.log"), "ab") as fh:
+        fh.write(tail)
+    rec = crashfs.Recorder(root)
+    with rec.recording():
+        assert cl.CheckpointLog(root).report.cut_bytes == len(tail)
+    for point in rec.points:
+        dest = crashfs.scratch(str(tmp_path), f"state-{point.index}")
+        crashfs.materialize(*point.power_loss(), dest)
+        kept = []
+        for name in os.listdir(dest):
+            if name.startswith("checkpoints.log"):
+                with open(os.path.join(dest, name), "rb") as fh:
+                    kept.append(fh.read())
+        assert any(b.endswith(tail) for b in kept), f"after {point.call}: the cut bytes are gone"
+
+
+def test_a_failed_first_append_leaves_no_head_after_a_power_loss(tmp_path, monkeypatch):
+    """A first append whose sync fails removes the HEAD its rename made, and makes the removal
+    durable: a power loss after the error must not bring HEAD back,
+    naming a record that was rolled back."""
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    log = cl.CheckpointLog(root)
+
+    def failing_sync(fds, dir_fd, use_syncfs):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(cl, "sync_files", failing_sync)
+    rec = crashfs.Recorder(root)
+    with rec.recording():
+        with pytest.raises(WalIOError):
+            log.append(_ck(1))
+        rec.crash_here("the append failed")
+    for dest in _power_loss_states(rec.points[-1], str(tmp_path)):
+        assert not os.path.exists(os.path.join(dest, "HEAD")), dest
 
 
 # --- coordinator/barrier.py ----------------------------------------------------------------------
