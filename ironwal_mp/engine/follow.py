@@ -59,8 +59,8 @@ def advance(stream_dir: str, tail: StreamTail, chunk: int) -> Followed:
     if not segments:
         return Followed(StreamTail([], 0, 0, SparseIndex()), list(old), not old)
     active = segments[-1]
-    try:
-        fd = _open_segment(stream_dir, active)
+    try:  # (a descriptor of its own: a cached one may belong to a file since replaced)
+        fd = layout.open_segment(stream_dir, active)
     except FileNotFoundError:  # removed since the listing: nothing to add this time
         return Followed(tail, [])
     try:
@@ -97,16 +97,10 @@ def _without_unproven(stream_dir: str, segments: List[int], viewed: List[int]) -
     return kept
 
 
-def _open_segment(stream_dir: str, start: int) -> int:
-    """A descriptor of its own for a segment file (a cached one may belong to a file since
-    replaced); OSError if the name is not a regular file, as recovery refuses one it reads."""
-    return layout.open_regular(os.path.join(stream_dir, layout.segment_name(start)), layout.NOT_REGULAR)
-
-
 def _holds_a_frame(stream_dir: str, start: int) -> bool:
     """Whether the segment file starting at ``start`` begins with a valid frame of that id
     (read a header at a time: every new segment is looked at)."""
-    fd = _open_segment(stream_dir, start)
+    fd = layout.open_segment(stream_dir, start)
     try:
         size = os.fstat(fd).st_size
         for _ in scan_frames(lambda off, n: os.pread(fd, n, off), 0, start, end=size, chunk=HEADER_SIZE):
@@ -134,7 +128,7 @@ def _continues(stream_dir: str, segments: List[int], tail: StreamTail, newest_fd
     if segments[-1] == last:
         return newest_size >= tail.active_size and _holds(newest_fd, tail)
     try:  # rotated since: the old active segment, now sealed, must be the file the view read
-        fd = _open_segment(stream_dir, last)
+        fd = layout.open_segment(stream_dir, last)
     except FileNotFoundError:
         return False
     try:

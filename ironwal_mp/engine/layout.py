@@ -300,6 +300,12 @@ NOT_REGULAR = ("named like a segment but not a regular file (a directory, FIFO, 
                "dangling link): remove or rename it")
 
 
+def open_segment(stream_dir: str, start: int) -> int:
+    """A read-only descriptor of its own for a segment file; OSError (EINVAL, naming it) if the
+    name is not a regular file, which must be refused, never waited on."""
+    return open_regular(os.path.join(stream_dir, segment_name(start)), NOT_REGULAR)
+
+
 def odd_segments(stream_dir: str) -> List[str]:
     """Paths of the entries named like segments that are not regular files (placed from
     outside). Recovery refuses one it must read and the audit reports them all: opening a FIFO

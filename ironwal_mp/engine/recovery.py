@@ -214,7 +214,7 @@ def last_frame_ends_at(stream_dir: str, start: int, end: Optional[int]) -> bool:
     below ``end`` (a guess that may miss, never a proof against: see ``tail_frame``)."""
     if end is None:
         return False
-    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY | os.O_CLOEXEC)
+    fd = layout.open_segment(stream_dir, start)
     try:
         header = tail_frame(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size)
     finally:
@@ -224,7 +224,7 @@ def last_frame_ends_at(stream_dir: str, start: int, end: Optional[int]) -> bool:
 
 def _scan_segment(stream_dir: str, start: int, chunk: int) -> Tuple[ActiveScan, SparseIndex, int]:
     """(scan, sparse index, file size) of one segment, scanned as an active segment is."""
-    fd = os.open(os.path.join(stream_dir, layout.segment_name(start)), os.O_RDONLY)
+    fd = layout.open_segment(stream_dir, start)
     try:
         size = os.fstat(fd).st_size
         index = SparseIndex()
