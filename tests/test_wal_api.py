@@ -164,6 +164,25 @@ def test_unsafe_stream_names_refused_everywhere(tmp_path, name):
     assert sorted(os.listdir(tmp_path)) == ["LOCK"]
 
 
+@pytest.mark.parametrize("name", [["s"], bytearray(b"s"), b"s", None, 7])
+def test_a_stream_name_that_is_not_a_str_is_named_as_such(tmp_path, name):
+    # an unhashable name (a list, a bytearray) used to fail the stream table's lookup with
+    # "unhashable type", which did not say what was wrong
+    with Wal(opts(tmp_path)) as wal:
+        wal.append("s", b"x")
+        for call in (
+            lambda: wal.append(name, b"x"),
+            lambda: wal.get(name, 0),
+            lambda: wal.next_id(name),
+            lambda: wal.durable_id(name),
+            lambda: wal.stream_stats(name),
+            lambda: wal.append_batch(name, [b"x"]),
+        ):
+            with pytest.raises(TypeError, match="stream name must be str"):
+                call()
+        assert wal.next_id("s") == 1
+
+
 def test_a_root_holding_a_directory_named_like_a_segment_still_opens(tmp_path):
     """Such a stream directory could be made before those names were refused; the root is not
     taken for a stream's directory because of it (every writing open was refused)."""

@@ -191,7 +191,8 @@ class Wal:
     # --- streams --------------------------------------------------------------------------
 
     def _stream(self, name: str, create: bool) -> Optional[Stream]:
-        stream = self._streams.get(name)
+        # (a name that is not a str, maybe not even hashable, gets check_stream_name's TypeError)
+        stream = self._streams.get(name) if type(name) is str else None
         if stream is not None:
             if self._closed:
                 raise self._closed_error()
@@ -261,7 +262,7 @@ class Wal:
         """Append one entry; return its id (ids start at 0 per stream and are contiguous)."""
         if type(data) is not bytes or len(data) > MAX_ENTRY:
             data = _check_data(data)
-        s = self._streams.get(stream) or self._stream(stream, True)
+        s = (type(stream) is str and self._streams.get(stream)) or self._stream(stream, True)
         if self._closed:
             raise self._closed_error()
         seq = s.append_payload(LENGTH.pack(len(data)) + data, 1, trusted=True)  # type: ignore[union-attr]
@@ -349,7 +350,7 @@ class Wal:
     # --- reads ----------------------------------------------------------------------------
 
     def _view(self, stream: str) -> tuple[StreamView, str]:
-        s = self._streams.get(stream) or self._stream(stream, False)
+        s = (type(stream) is str and self._streams.get(stream)) or self._stream(stream, False)
         if self._closed:
             raise self._closed_error()
         if s is None:
@@ -386,7 +387,7 @@ class Wal:
 
     def durable_id(self, stream: str) -> int:
         """Ids below this are known to be fsynced."""
-        s = self._streams.get(stream) or self._stream(stream, False)
+        s = (type(stream) is str and self._streams.get(stream)) or self._stream(stream, False)
         if self._closed:
             raise self._closed_error()
         return 0 if s is None else s.durable_id
