@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from ironwal_mp import CompressionType, ShardedWal, SyncMode, Wal, WalOptions
+from ironwal_mp.cli.main import main as cli_main
 from ironwal_mp.errors import ManifestError
 from ironwal_mp.engine import layout
 from ironwal_mp.engine.frame import HEADER_SIZE
@@ -1431,6 +1432,34 @@ def test_usage_errors_of_other_commands(wal_root, tmp_path):
     ingest_synthetic(wal_root, 10)
     assert "empty" in usage_error("checkpoint", "create", "", "--root", wal_root)
 
+
+
+@pytest.mark.parametrize("args, usage", [
+    (["replay", "{d}"], "usage: ironwal-mp replay "),
+    (["stats", "{d}"], "usage: ironwal-mp stats "),
+    (["checkpoint", "list", "{d}"], "usage: ironwal-mp checkpoint list "),
+    (["checkpoint", "show", "latest", "{d}"], "usage: ironwal-mp checkpoint show "),
+    (["ingest", "in.jsonl", "{d}"], "usage: ironwal-mp ingest "),
+])
+def test_a_directory_given_without_root_is_refused_with_the_commands_own_usage(tmp_path, capsys, args, usage):
+    # inspect, verify and repair take the directory as an argument, the others as --root: a
+    # directory given the first way to the others was refused with the top-level usage only
+    argv = [a.format(d=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert f"unrecognized arguments: {tmp_path} (the WAL directory is given with --root, as in --root {tmp_path})" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unknown_option_is_refused_with_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["checkpoint", "compact", "--frob"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ironwal-mp checkpoint compact ")
+    assert err.rstrip().endswith("unrecognized arguments: --frob")
 
 # --- review: what the commands refuse, and reads that never change files -----------------------
 

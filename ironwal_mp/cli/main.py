@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -81,7 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
     s.add_argument("--json", action="store_true", help=JSON_HELP)
+    for command in (sub, csub):  # (each names its own parser, for _refuse_extras)
+        for parser in command.choices.values():
+            parser.set_defaults(own_parser=parser)
     return p
+
+
+def _refuse_extras(args: argparse.Namespace, extras: List[str]) -> None:
+    """Exit with the command's own usage for arguments it does not take (argparse would show
+    the top-level usage, which does not say what the command takes)."""
+    hint = ""
+    dirs = [e for e in extras if not e.startswith("-") and os.path.isdir(e)]
+    if hasattr(args, "root") and dirs:
+        hint = f" (the WAL directory is given with --root, as in --root {dirs[0]})"
+    args.own_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 def _check_numbers(args) -> None:
@@ -108,7 +122,9 @@ def _check_numbers(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        _refuse_extras(args, extras)
     if sys.stdout is None:  # started with descriptor 1 closed (`>&-`): refused before anything is done
         print(f"ironwal-mp {args.command}: error: standard output is closed", file=sys.stderr)
         return EXIT_USAGE
