@@ -19,7 +19,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from ..errors import InvalidIdError, InvalidStreamNameError
 
 SEGMENT_SUFFIX = ".wal"
-SEGMENT_NAME_LEN = 24
 SEGMENTS_IDX = "segments.idx"
 HEAD_STATE = "head.state"
 HEAD_STATE_VERSION = 1
