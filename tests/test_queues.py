@@ -64,3 +64,26 @@ def test_a_long_start_error_of_a_worker_fits_the_unread_reply_queue(tmp_path):
     finally:
         replies.unlink()
         replies.close()
+
+
+def test_a_poll_never_reads_a_new_queue_that_took_the_name():
+    """A queue's name may be removed and given to a new queue (a later run's) before the first
+    poll of a handle opened earlier: that handle's polls must not take the new queue's messages,
+    and must still deliver its own."""
+    name = _name("replaced")
+    old = Queue(name, create=True)
+    new = None
+    try:
+        old.send(M.Message(M.OK, 1, 1, {}))
+        new = Queue(name, create=True)  # (unlinks the old name first)
+        new.send(M.Message(M.OK, 1, 2, {}))
+        got = old.receive(0)
+        assert got is not None and got.req_id == 1
+        assert old.receive(0) is None
+        got = new.receive(0)
+        assert got is not None and got.req_id == 2, "the old handle's poll took the new queue's message"
+    finally:
+        old.close()
+        if new is not None:
+            new.close()
+        Queue.unlink_name(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -11,6 +12,12 @@ from ..errors import SharedMemoryError, WalClosedError
 from .messages import MAX_MESSAGE, Assembler, Message, encode
 
 DEPTH = 10  # the Linux default limit without CAP_SYS_RESOURCE
+
+
+def _same_queue(a: posix_ipc.MessageQueue, b: posix_ipc.MessageQueue) -> bool:
+    """Whether two handles are of one queue (on Linux a queue descriptor is a file's)."""
+    sa, sb = os.fstat(a.mqd), os.fstat(b.mqd)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class Queue:
@@ -38,6 +45,7 @@ class Queue:
         # receive(0) with a zero timeout arms a kernel timer (~35 us); a second, non-blocking
         # descriptor makes a poll cost ~1 us, which matters once per worker pass
         self._poll: Optional[posix_ipc.MessageQueue] = None
+        self._no_poll = False  # the name no longer leads to this queue: polls take the timed path
 
     def send(self, msg: Message, timeout: float = 10.0, alive: Optional[Callable[[], None]] = None) -> None:
         """Send every part; ``alive`` is called while the queue is full, to give up on a dead peer."""
@@ -71,15 +79,22 @@ class Queue:
                 return msg
 
     def _poller(self) -> Optional[posix_ipc.MessageQueue]:
-        """The non-blocking handle, opened by name at the first poll; None once the name is gone
-        (removed by a clean-up: the queue and its messages live on while ``_q`` is open, so
-        polls then take the timed path)."""
-        if self._poll is None:
+        """The non-blocking handle, opened by name at the first poll; None if the name no longer
+        leads to ``_q``'s queue: removed by a clean-up (the queue and its messages live on while
+        ``_q`` is open), or since given to a new queue of a later run, whose messages are not
+        this handle's to take. Polls then take the timed path."""
+        if self._poll is None and not self._no_poll:
             try:
-                self._poll = posix_ipc.MessageQueue(self.name)
+                poll = posix_ipc.MessageQueue(self.name)
             except posix_ipc.ExistentialError:
+                self._no_poll = True
                 return None
-            self._poll.block = False
+            if not _same_queue(poll, self._q):
+                poll.close()
+                self._no_poll = True
+                return None
+            poll.block = False
+            self._poll = poll
         return self._poll
 
     def _poll_once(self) -> Optional[Message]:
