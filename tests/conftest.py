@@ -5,6 +5,8 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, settings
 
+from ironwal_mp.engine.rootkind import is_stream_dir
+
 # a shared 2-core VM stalls now and then: no hypothesis test may fail on its timing alone
 settings.register_profile("ironwal", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ironwal")
@@ -91,6 +93,18 @@ def settle_root(root: str):
             pass
     Names(root).remove_all()
     return procs, leftovers
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_holds_no_stream_files(request):
+    """A test that leaves a stream's files (a segment, segments.idx) straight in its tmp_path
+    makes the shared temp root above it look like an engine WAL, and every later test's WAL
+    there is refused as nested: fail that test instead, by name."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None and is_stream_dir(str(tmp)):
+        pytest.fail(f"the test left a stream's files straight in tmp_path ({tmp}): write them to a "
+                    "subdirectory, or later tests' WALs in the temp root are refused as nested")
 
 
 @pytest.fixture

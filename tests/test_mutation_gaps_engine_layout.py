@@ -56,7 +56,8 @@ def test_a_path_separator_is_named_as_the_reason(name):
 
 def test_append_segments_idx_fsyncs_and_closes_the_file(tmp_path, fsynced):
     """A rotation's append to segments.idx is synced and leaves no descriptor behind."""
-    stream_dir = str(tmp_path)
+    stream_dir = str(tmp_path / "s")  # (not tmp_path: the temp root would then hold a stream, and
+    os.mkdir(stream_dir)                # every later test's WAL there would be refused as nested)
     layout.append_segments_idx(stream_dir, 0)
     layout.append_segments_idx(stream_dir, 40)
     idx = os.path.realpath(os.path.join(stream_dir, layout.SEGMENTS_IDX))
