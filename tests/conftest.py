@@ -95,6 +95,20 @@ def settle_root(root: str):
     return procs, leftovers
 
 
+@pytest.fixture
+def fsynced(monkeypatch):
+    """Real paths of every descriptor passed to os.fsync from now on."""
+    seen: list = []
+    real = os.fsync
+
+    def spy(fd):
+        seen.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _tmp_path_holds_no_stream_files(request):
     """A test that leaves a stream's files (a segment, segments.idx) straight in its tmp_path

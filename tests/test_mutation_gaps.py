@@ -35,20 +35,6 @@ def _seg(root, start: int) -> str:
     return os.path.realpath(os.path.join(str(root), STREAM, layout.segment_name(start)))
 
 
-@pytest.fixture
-def fsynced(monkeypatch):
-    """Real paths of every descriptor passed to os.fsync from now on."""
-    seen: list = []
-    real = os.fsync
-
-    def spy(fd):
-        seen.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return seen
-
-
 # --- engine/recovery.py ------------------------------------------------------------------------
 
 

@@ -16,20 +16,6 @@ from ironwal_mp.engine.scanner import TAIL_WINDOWS, ScanError, scan_frames, tail
 
 
 @pytest.fixture
-def fsynced(monkeypatch):
-    """Real paths of every descriptor passed to os.fsync from now on."""
-    seen: list = []
-    real = os.fsync
-
-    def spy(fd):
-        seen.append(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return seen
-
-
-@pytest.fixture
 def umask_022():
     old = os.umask(0o022)
     yield
