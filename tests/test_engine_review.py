@@ -3,13 +3,15 @@ segment names, a failed open of the active segment."""
 
 import errno
 import os
+import threading
 
 import pytest
 
 from ironwal_mp import Wal, WalOptions
 from ironwal_mp.engine import layout
+from ironwal_mp.engine import wal as wal_mod
 from ironwal_mp.engine.fdcache import FdCache
-from ironwal_mp.errors import ConcurrentTruncationError, DiskFullError, RecordTooLargeError, StreamFailedError, WalError, WalIOError
+from ironwal_mp.errors import ConcurrentTruncationError, DiskFullError, RecordTooLargeError, StreamFailedError, WalClosedError, WalError, WalIOError, WalLockedError
 
 
 def _opts(path, **kw):
@@ -874,3 +876,52 @@ def test_a_lost_middle_and_newest_segment_say_which_ids_are_given_out_again(tmp_
         actions = [a for r in wal.recovery_reports for a in r.actions]
     assert any(f"ids {segs[1]} to {segs[2] - 1} were lost" in a and "stay a gap" in a
                and f"ids from {segs[-1]} on are given out again" in a for a in actions), actions
+
+
+# a close() in another thread while a stream is being recovered -------------------------------
+
+
+def test_close_waits_for_a_recovery_under_way_in_another_thread(tmp_path, monkeypatch):
+    """close() let go of LOCK while another thread was still recovering (and maybe repairing) a
+    stream, so a process that took LOCK next could repair the same files at the same time. Now
+    close waits for that recovery; the stream is then refused to the closed handle."""
+    with Wal(_opts(tmp_path)) as wal:
+        wal.append("s", b"x")
+    entered, release = threading.Event(), threading.Event()
+    real = wal_mod.recover_stream
+
+    def slow_recovery(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wal_mod, "recover_stream", slow_recovery)
+    wal = Wal(_opts(tmp_path))
+    outcome = {}
+
+    def first_use():
+        try:
+            wal.get("s", 0)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    user = threading.Thread(target=first_use)
+    closer = threading.Thread(target=wal.close)
+    user.start()
+    try:
+        assert entered.wait(30)
+        closer.start()
+        closer.join(0.5)
+        assert closer.is_alive(), "close() returned while a recovery was under way"
+        with pytest.raises(WalLockedError):
+            Wal(_opts(tmp_path))  # (LOCK is still held)
+    finally:
+        release.set()
+        user.join(30)
+        if closer.ident is not None:  # (started)
+            closer.join(30)
+    assert not closer.is_alive() and not user.is_alive()
+    assert isinstance(outcome.get("error"), WalClosedError)
+    monkeypatch.setattr(wal_mod, "recover_stream", real)
+    with Wal(_opts(tmp_path)) as again:  # (LOCK was let go once the recovery was done)
+        assert again.get("s", 0) == b"x"

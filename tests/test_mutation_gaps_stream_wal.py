@@ -545,7 +545,7 @@ def test_a_stream_recovered_while_the_handle_closes_is_not_handed_out(tmp_path, 
     real = wal_mod.recover_stream
 
     def recover_stream(*args, **kwargs):
-        wal.close()  # another thread's close, between the recovery and the registration
+        wal.close()  # a close in this thread (a signal handler's) between recovery and registration
         return real(*args, **kwargs)
 
     monkeypatch.setattr(wal_mod, "recover_stream", recover_stream)

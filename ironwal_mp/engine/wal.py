@@ -118,9 +118,11 @@ class Wal:
         self._reader = SegmentReader.for_options(self._fdcache, opts)
         self._streams: Dict[str, Stream] = {}
         self._syncer = GroupSyncer(opts.group_sync)
-        self._open_lock = threading.Lock()  # guards _streams membership only
+        self._open_lock = threading.Lock()  # guards _streams membership and _recovering
         self._close_lock = threading.RLock()  # a second close() returns once the first is done
         self._stream_locks: Dict[str, threading.Lock] = {}
+        self._recovering: List[int] = []  # threads recovering a stream now (see _recover)
+        self._recovery_done = threading.Condition(self._open_lock)
         self._closed = False
         self._pid = os.getpid()
         self._forked_from: Optional[int] = None  # the parent's pid, in a forked child
@@ -148,12 +150,17 @@ class Wal:
 
     def close(self) -> None:
         """Make everything durable, close files and release the directory. Idempotent: a
-        call that finds another thread closing returns once that one is done."""
+        call that finds another thread closing returns once that one is done. A stream being
+        recovered by another thread is finished first (and not handed out), so the directory is
+        never released while its files are being repaired."""
         with self._close_lock:
             with self._open_lock:
                 if self._closed:
                     return
                 self._closed = True
+                me = threading.get_ident()  # (a close called inside this thread's recovery: a signal handler)
+                while any(t != me for t in self._recovering):
+                    self._recovery_done.wait()
                 streams = list(self._streams.values())
             _open_wals.discard(self)
             try:
@@ -213,22 +220,36 @@ class Wal:
                     return None
                 tail = StreamTail([], 0, 0, SparseIndex())
             else:
-                try:
-                    tail, report = recover_stream(
-                        stream_dir,
-                        self.options.on_corruption,
-                        repair=not self.read_only,
-                        chunk=self.options.read_buffer_size,
-                    )
-                except OSError as exc:
-                    _raise_as_wal_error(exc, f"recovering stream {name!r} at", stream_dir)
-                if report.changed:
-                    self.recovery_reports.append(report)
+                tail = self._recover(name, stream_dir)
             stream = Stream(name, stream_dir, self.options, self._reader, tail, read_only=self.read_only)
             with self._open_lock:
                 self._check_open()
                 self._streams[name] = stream
             return stream
+
+    def _recover(self, name: str, stream_dir: str) -> StreamTail:
+        """Recover one stream (see recovery.py). A close() in another thread waits for this
+        before it lets go of LOCK: a process taking LOCK then would repair the same files."""
+        me = threading.get_ident()
+        with self._open_lock:
+            self._check_open()
+            self._recovering.append(me)
+        try:
+            tail, report = recover_stream(
+                stream_dir,
+                self.options.on_corruption,
+                repair=not self.read_only,
+                chunk=self.options.read_buffer_size,
+            )
+        except OSError as exc:
+            _raise_as_wal_error(exc, f"recovering stream {name!r} at", stream_dir)
+        finally:
+            with self._open_lock:
+                self._recovering.remove(me)
+                self._recovery_done.notify_all()
+        if report.changed:
+            self.recovery_reports.append(report)
+        return tail
 
     def open_stream(self, name: str) -> Stream:
         """The writer of stream ``name`` (recovered now if this handle has not used it yet).
