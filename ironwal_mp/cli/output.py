@@ -34,7 +34,10 @@ def rate(n: float) -> str:
     return f"{n:.0f}"
 
 
-def table(rows: Sequence[Sequence[Any]], header: Optional[Sequence[str]] = None, out: TextIO = sys.stdout) -> None:
+def table(rows: Sequence[Sequence[Any]], header: Optional[Sequence[str]] = None,
+          out: Optional[TextIO] = None) -> None:
+    """Rows under an optional header and rule, on ``out`` (the current ``sys.stdout``)."""
+    out = out or sys.stdout
     cells = [[str(c) for c in r] for r in ([header] if header else []) + list(rows)]
     if not cells:
         return
@@ -93,11 +96,11 @@ def _json_default(value: Any) -> Any:
 class Progress:
     """A live progress line on a terminal; plain periodic lines otherwise."""
 
-    def __init__(self, label: str, total: Optional[float] = None, out: TextIO = sys.stderr,
+    def __init__(self, label: str, total: Optional[float] = None, out: Optional[TextIO] = None,
                  unit: str = "records", every: float = 2.0) -> None:
         self.label = label
         self.total = total
-        self.out = out
+        self.out = out = out or sys.stderr  # (the current one: a caller may have redirected it)
         self.unit = unit
         self.tty = out.isatty()
         self.every = 0.1 if self.tty else every
@@ -140,6 +143,7 @@ class Progress:
         return time.monotonic() - self.start
 
 
-def lines(items: Iterable[str], out: TextIO = sys.stdout) -> None:
+def lines(items: Iterable[str], out: Optional[TextIO] = None) -> None:
+    out = out or sys.stdout
     for item in items:
         out.write(item + "\n")

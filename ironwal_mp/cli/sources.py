@@ -12,7 +12,7 @@ import io
 import json
 import os
 import random
-from typing import BinaryIO, Iterator, Optional, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 from .output import UsageError
 
@@ -56,9 +56,47 @@ def read_jsonl(stream: BinaryIO, key_field: str) -> Iterator[Record]:
         yield key, line
 
 
+class _Utf8Lines:
+    """The lines of a binary stream as text, decoded one at a time, so that bytes that are not
+    UTF-8 are reported at the line that holds them (a text wrapper decodes 8 KiB at once, and
+    the error then surfaced hundreds of lines early). Lines end as with ``newline=""``, which
+    csv expects: at \\n, \\r\\n or a lone \\r, the ending kept. A byte-order mark, as spreadsheets
+    write, is dropped: it is not part of the first column's name."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pending: List[str] = []  # (the rest of a binary line that held lone \r endings)
+        self._first = True
+        self.line_num = 0  # lines handed out so far (after a decode error: those before it)
+
+    def __iter__(self) -> "_Utf8Lines":
+        return self
+
+    def __next__(self) -> str:
+        if not self._pending:
+            raw = self._stream.readline()
+            if not raw:
+                raise StopIteration
+            if self._first:
+                self._first = False
+                if raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # (counted on to the bad byte's line, for the error)
+                self.line_num += len(io.StringIO(raw[:exc.start].decode("utf-8") + ".", newline="").readlines()) - 1
+                raise
+            body = text[:-2] if text.endswith("\r\n") else text[:-1]
+            if "\r" not in body:
+                self.line_num += 1
+                return text
+            self._pending = io.StringIO(text, newline="").readlines()[::-1]
+        self.line_num += 1
+        return self._pending.pop()
+
+
 def read_csv(stream: BinaryIO, key_field: str) -> Iterator[Record]:
-    # (utf-8-sig: a byte-order mark, as spreadsheets write, is not part of the first column's name)
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    text = _Utf8Lines(stream)
     reader = csv.DictReader(text)
     # a field may be as large as a record may be (the ring's limit says so at the append)
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
@@ -72,7 +110,7 @@ def read_csv(stream: BinaryIO, key_field: str) -> Iterator[Record]:
             raise UsageError(f"CSV header names column(s) {', '.join(map(repr, repeated))} more than once")
         yield from _csv_rows(reader, key_field)
     except UnicodeDecodeError:
-        raise UsageError(f"not UTF-8 text, near line {reader.line_num + 1} (CSV input must be UTF-8)") from None
+        raise UsageError(f"not UTF-8 text, near line {text.line_num + 1} (CSV input must be UTF-8)") from None
     except csv.Error as exc:
         raise UsageError(f"line {reader.line_num}: not valid CSV ({exc})") from None
 
