@@ -2,6 +2,7 @@ import os
 import shutil
 import tempfile
 
+import posix_ipc
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -107,6 +108,17 @@ def fsynced(monkeypatch):
 
     monkeypatch.setattr(os, "fsync", spy)
     return seen
+
+
+@pytest.fixture
+def sem_name():
+    """The name of a fresh named semaphore (value 1), removed afterwards."""
+    name = f"/ironwal_test_sem_{os.getpid()}"
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
+    yield name
+    sem.unlink()
+    sem.close()
+    assert not os.path.exists("/dev/shm/sem." + name[1:])
 
 
 @pytest.fixture(autouse=True)

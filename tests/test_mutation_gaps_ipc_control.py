@@ -579,15 +579,6 @@ def test_the_leftover_wait_is_15_seconds_unless_given(tmp_path):
 # --- ipc/trylock.py ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def sem_name():
-    name = f"/ironwal_test_mutgap_trylock_{os.getpid()}"
-    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
-    yield name
-    sem.unlink()
-    sem.close()
-
-
 def test_the_posix_ipc_try_acquire_never_waits(sem_name, monkeypatch):
     """The fallback's try-acquire passes a zero timeout every time, also on a held lock (the
     append path then takes its slow path at once)."""

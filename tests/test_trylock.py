@@ -11,16 +11,6 @@ import pytest
 from ironwal_mp.ipc import trylock
 
 
-@pytest.fixture
-def sem_name():
-    name = f"/ironwal_test_trylock_{os.getpid()}"
-    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, initial_value=1)
-    yield name
-    sem.unlink()
-    sem.close()
-    assert not os.path.exists("/dev/shm/sem." + name[1:])
-
-
 @pytest.fixture(params=["semlock", "posix_ipc"])
 def impl(request, monkeypatch):
     if request.param == "posix_ipc":
